@@ -1,0 +1,203 @@
+"""BiT configuration and the table of named BiT architectures.
+
+The architecture facts (stage depths, widths, head sizes, parameter counts) come from the BiT paper
+(Kolesnikov et al., "Big Transfer (BiT): General Visual Representation Learning") as summarised in
+BIT_RECIPE.md. The serialized form is the one stock `transformers.BitConfig` reads, so a folder we
+save loads in stock transformers too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
+
+IMAGENET21K_NUM_CLASSES = 21843  # BiT-M upstream head (ImageNet-21k)
+ILSVRC2012_NUM_CLASSES = 1000  # BiT-S upstream head and the -ILSVRC2012 fine-tuned variants
+
+# Depths of the four stages, per ResNet-v2 depth (BIT_RECIPE.md "Architecture").
+RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# Stage output channels at width 1: out = 4 * mid, mid = 64 * 2^(s-1).
+RESNET_HIDDEN_SIZES = (256, 512, 1024, 2048)
+RESNET_STEM_CHANNELS = 64
+# The published (depth, width) pairs; each exists as BiT-S (ILSVRC-2012) and BiT-M (ImageNet-21k).
+PUBLISHED_ARCHITECTURES = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+
+
+def _published_presets() -> dict[str, dict]:
+    presets = {}
+    for depth, width in PUBLISHED_ARCHITECTURES:
+        arch = {
+            "depths": RESNET_DEPTHS[depth],
+            "embedding_size": RESNET_STEM_CHANNELS,
+            "hidden_sizes": RESNET_HIDDEN_SIZES,
+            "width_factor": width,
+        }
+        presets[f"BiT-S-R{depth}x{width}"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
+        presets[f"BiT-M-R{depth}x{width}"] = {**arch, "num_labels": IMAGENET21K_NUM_CLASSES}
+        # BiT-M fine-tuned on ILSVRC-2012: same network, 1000-class head.
+        presets[f"BiT-M-R{depth}x{width}-ILSVRC2012"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
+    return presets
+
+
+# Small networks for CPU work, tests and demos. Same topology as BiT, fewer and narrower units;
+# group counts divide every channel count.
+SMALL_PRESETS = {
+    # ~0.13M parameters: runs a 96x96 batch in milliseconds.
+    "bit-tiny": {
+        "depths": (1, 1, 1, 1),
+        "embedding_size": 16,
+        "hidden_sizes": (32, 64, 128, 256),
+        "num_groups": 8,
+        "width_factor": 1,
+        "num_labels": 10,
+    },
+    # ~3.4M parameters: a ResNet-26-v2 at half width.
+    "bit-small": {
+        "depths": (2, 2, 2, 2),
+        "embedding_size": 32,
+        "hidden_sizes": (128, 256, 512, 1024),
+        "num_groups": 16,
+        "width_factor": 1,
+        "num_labels": 10,
+    },
+}
+
+PRESETS: dict[str, dict] = {**_published_presets(), **SMALL_PRESETS}
+_PRESETS_BY_LOWER_NAME = {name.lower(): name for name in PRESETS}
+
+
+def canonical_preset_name(name: str) -> str | None:
+    """The table spelling of a preset name (`bit-m-r101x3` -> `BiT-M-R101x3`), or None if unknown."""
+    return _PRESETS_BY_LOWER_NAME.get(name.strip().lower())
+
+
+class BitConfig(BackboneConfigMixin, PretrainedConfig):
+    r"""Configuration of a BiT (ResNet-v2 with Group Normalization and Weight Standardization) network.
+
+    The JSON it writes is the one stock `transformers.BitConfig` reads (`model_type = "bit"`, the format of
+    [google/bit-50](https://huggingface.co/google/bit-50)).
+
+    Args:
+        num_channels (`int`, defaults to 3): input image channels.
+        embedding_size (`int`, defaults to 64): output channels of the 7x7 stem convolution.
+        hidden_sizes (`list[int]`, defaults to `[256, 512, 1024, 2048]`): output channels of each stage;
+            the bottleneck width of a stage is a quarter of it. Each must be a multiple of 32 so the
+            bottleneck width is a multiple of 8 (stock transformers rounds it to one).
+        depths (`list[int]`, defaults to `[3, 4, 6, 3]`): units per stage.
+        width_factor (`int`, defaults to 1): multiplies every channel count, stem included. It is folded
+            into `embedding_size` and `hidden_sizes` at construction and then reads 1, so the saved
+            config describes the same network in stock transformers (whose own `width_factor` leaves
+            the stem and final norm narrow and crashes for values above 1).
+        num_groups (`int`, defaults to 32): Group Normalization groups; must divide every channel count.
+        weight_standardization_eps (`float`, defaults to 1e-10): added to each filter's variance.
+        global_padding (`str`, *optional*): `None` for BiT's symmetric padding, or `"SAME"` for
+            TensorFlow-style dynamic padding as in some stock-transformers checkpoints.
+        embedding_dynamic_padding (`bool`, defaults to `False`): TensorFlow-style dynamic padding before
+            the stem max-pool instead of BiT's fixed zero padding of 1 (used with `global_padding="SAME"`).
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth rate, increasing linearly over units.
+        out_features / out_indices: stages the backbone returns (`"stem"`, `"stage1"` ... `"stage4"`).
+    """
+
+    model_type = "bit"
+
+    num_channels: int = 3
+    embedding_size: int = RESNET_STEM_CHANNELS
+    hidden_sizes: list[int] | tuple[int, ...] = RESNET_HIDDEN_SIZES
+    depths: list[int] | tuple[int, ...] = RESNET_DEPTHS[50]
+    width_factor: int = 1
+    num_groups: int = 32
+    weight_standardization_eps: float = 1e-10
+    layer_type: str = "preactivation"
+    hidden_act: str = "relu"
+    global_padding: str | None = None
+    embedding_dynamic_padding: bool = False
+    drop_path_rate: float = 0.0
+    output_stride: int = 32
+
+    def __post_init__(self, **kwargs):
+        self.hidden_sizes = [int(size) * self.width_factor for size in self.hidden_sizes]
+        self.embedding_size = int(self.embedding_size) * self.width_factor
+        self.width_factor = 1
+        self.depths = [int(depth) for depth in self.depths]
+        if self.global_padding is not None:
+            self.global_padding = self.global_padding.upper()
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, len(self.depths) + 1)]
+        self.set_output_features_output_indices(
+            out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
+        )
+        kwargs.pop("stage_names", None)  # derived from depths, written for stock transformers' sake
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self) -> None:
+        """Raise `ValueError` if these values cannot build a BiT network."""
+        if self.layer_type != "preactivation":
+            raise ValueError(
+                f"layer_type={self.layer_type!r}: BiT is a pre-activation ResNet-v2, expected 'preactivation' "
+                "('bottleneck' is the ViT-hybrid backbone, which these classes do not implement)."
+            )
+        if self.hidden_act != "relu":
+            raise ValueError(f"hidden_act={self.hidden_act!r}: BiT uses 'relu'.")
+        if self.global_padding not in (None, "SAME"):
+            raise ValueError(f"global_padding={self.global_padding!r}: expected None (BiT) or 'SAME'.")
+        if self.output_stride != 32:
+            raise ValueError(f"output_stride={self.output_stride}: only 32 (no dilation) is supported.")
+        if self.num_channels < 1:
+            raise ValueError(f"num_channels={self.num_channels}: expected a positive channel count.")
+        if len(self.depths) != len(self.hidden_sizes) or not self.depths:
+            raise ValueError(
+                f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty and of equal length "
+                "(one entry per stage)."
+            )
+        if any(depth < 1 for depth in self.depths):
+            raise ValueError(f"depths {self.depths}: every stage needs at least one unit.")
+        if any(size < 32 or size % 32 for size in self.hidden_sizes):
+            raise ValueError(
+                f"hidden_sizes {self.hidden_sizes}: each must be a positive multiple of 32, so that the bottleneck "
+                "width (a quarter of it) is a multiple of 8."
+            )
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups={self.num_groups}: expected a positive group count.")
+        channel_counts = [self.embedding_size, *self.hidden_sizes, *(size // 4 for size in self.hidden_sizes)]
+        indivisible = sorted({count for count in channel_counts if count % self.num_groups})
+        if indivisible:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide every channel count of the network, but does not divide "
+                f"{indivisible}. Choose a group count that divides {math.gcd(*channel_counts)}."
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate}: expected a value in [0, 1).")
+        if self.weight_standardization_eps <= 0:
+            raise ValueError(f"weight_standardization_eps={self.weight_standardization_eps}: expected > 0.")
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the pooled pre-logits (the classifier's input)."""
+        return self.hidden_sizes[-1]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BitConfig":
+        """Build the configuration of a named BiT architecture.
+
+        `name` is one of `BitConfig.preset_names()` (case-insensitive: `"bit-m-r101x3"` works). `overrides`
+        are config fields applied on top of the preset, e.g.
+        `BitConfig.from_preset("bit-tiny", width_factor=3, num_labels=7)` is the tiny network three
+        times as wide with a 7-class head.
+        """
+        canonical = canonical_preset_name(name)
+        if canonical is None:
+            raise ValueError(f"Unknown BiT preset {name!r}. Valid names: {', '.join(PRESETS)}.")
+        fields = {**PRESETS[canonical], **overrides}
+        num_labels = fields.pop("num_labels")
+        if fields.get("id2label") is None:
+            fields["num_labels"] = num_labels
+        return cls(**fields)
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(PRESETS)
+
+
+__all__ = ["BitConfig", "PRESETS", "canonical_preset_name"]

@@ -1,0 +1,368 @@
+"""The BiT model family: architecture, presets, parity, interop with stock transformers, caching, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from reference_bit import reference_forward
+
+import modeling_bit
+from modeling_bit import BitBackbone, BitConfig, BitForImageClassification, BitModel, bit_image_processor
+from modeling_bit.modeling_bit import WeightStandardizedConv2d
+
+from conftest import randomize_, run_clean_python
+
+# BIT_RECIPE.md: backbone parameter counts (no head).
+PUBLISHED_BACKBONE_PARAMETERS = {
+    "R50x1": 23_500_352,
+    "R50x3": 211_174_080,
+    "R101x1": 42_492_480,
+    "R101x3": 381_789_888,
+    "R152x2": 232_238_208,
+    "R152x4": 928_340_224,
+}
+
+
+def tiny(**overrides) -> BitForImageClassification:
+    return randomize_(BitForImageClassification(BitConfig.from_preset("bit-tiny", **overrides))).eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upstream", ["S", "M"])
+@pytest.mark.parametrize("arch", list(PUBLISHED_BACKBONE_PARAMETERS))
+def test_published_presets_match_the_paper_without_allocating(upstream, arch):
+    config = BitConfig.from_preset(f"BiT-{upstream}-{arch}")
+    with torch.device("meta"):
+        model = BitForImageClassification(config)
+        output = model(torch.empty(2, 3, 224, 224), output_hidden_states=True)
+    assert sum(p.numel() for p in model.bit.parameters()) == PUBLISHED_BACKBONE_PARAMETERS[arch]
+    expected_labels = 1000 if upstream == "S" else 21843
+    assert config.num_labels == expected_labels
+    assert output.logits.shape == (2, expected_labels)
+    width = int(arch.split("x")[1])
+    assert [tuple(h.shape[1:]) for h in output.hidden_states] == [
+        (64 * width, 56, 56),
+        (256 * width, 56, 56),
+        (512 * width, 28, 28),
+        (1024 * width, 14, 14),
+        (2048 * width, 7, 7),
+    ]
+
+
+def test_preset_names_are_case_insensitive_and_overridable():
+    assert BitConfig.from_preset("bit-m-r101x3").to_dict() == BitConfig.from_preset("BiT-M-R101x3").to_dict()
+    base = BitConfig.from_preset("bit-tiny")
+    wide = BitConfig.from_preset("bit-tiny", width_factor=3, num_labels=7)
+    assert wide.embedding_size == 3 * base.embedding_size
+    assert wide.hidden_sizes == [3 * size for size in base.hidden_sizes]
+    assert wide.num_labels == 7
+    assert BitConfig.from_preset("BiT-M-R50x1-ILSVRC2012").num_labels == 1000
+
+
+def test_small_presets_are_small():
+    for name, limit in (("bit-tiny", 1_000_000), ("bit-small", 5_000_000)):
+        model = BitForImageClassification(BitConfig.from_preset(name))
+        assert sum(p.numel() for p in model.parameters()) < limit
+        assert model(torch.randn(4, 3, 96, 96)).logits.shape == (4, 10)
+
+
+def test_unknown_preset_lists_the_valid_names():
+    with pytest.raises(ValueError, match="BiT-M-R101x3") as error:
+        BitConfig.from_preset("BiT-X-R9000")
+    assert "bit-tiny" in str(error.value)
+
+
+# --- numerics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(96, 96), (97, 101)])  # odd sizes exercise the stem's border padding
+def test_logits_equal_an_independent_reference(size):
+    model = tiny(width_factor=2).double()
+    pixel_values = torch.randn(3, 3, *size, dtype=torch.float64)
+    expected = reference_forward(model.state_dict(), pixel_values, model.config.depths, model.config.num_groups)
+    with torch.no_grad():
+        assert relative_error(model(pixel_values).logits, expected) < 1e-10
+    model.train()  # the training path recomputes standardization in the graph
+    assert relative_error(model(pixel_values).logits.detach(), expected) < 1e-10
+
+
+def test_float32_inference_matches_reference_on_a_deeper_net():
+    model = randomize_(BitForImageClassification(BitConfig.from_preset("bit-small"))).eval()
+    pixel_values = torch.randn(2, 3, 128, 128)
+    expected = reference_forward(
+        {k: v.double() for k, v in model.state_dict().items()},
+        pixel_values.double(),
+        model.config.depths,
+        model.config.num_groups,
+    )
+    with torch.inference_mode():
+        assert relative_error(model(pixel_values).logits.double(), expected) < 1e-4
+
+
+def test_gradients_equal_the_straightforward_formulation():
+    model = tiny().double().train()
+    pixel_values = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 5, 9])
+    model(pixel_values, labels=labels).loss.backward()
+    ours = {name: p.grad for name, p in model.named_parameters()}
+
+    state = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    logits = reference_forward(state, pixel_values, model.config.depths, model.config.num_groups)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    for name, parameter in state.items():
+        assert relative_error(ours[name], parameter.grad) < 1e-9, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny().double().train()
+    pixel_values = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    model(pixel_values, labels=labels).loss.backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model(pixel_values, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, plain[name], rtol=1e-10, atol=1e-12), name
+
+
+# --- standardized-weight cache ---------------------------------------------------------------------
+
+
+def fresh_logits(model, pixel_values):
+    """Logits of an uncached copy with the same weights: what the model must compute."""
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        return clone(pixel_values).logits
+
+
+def test_cache_is_reused_while_weights_are_unchanged():
+    model = tiny()
+    conv = model.bit.encoder.stages[0].layers[0].conv2
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+        first = conv.standardized_weight()
+        assert conv.standardized_weight() is first
+    model.train()
+    model(torch.randn(1, 3, 64, 64)).logits.sum().backward()
+    assert conv._cached_weight is None  # training drops it
+
+
+def test_cache_invalidated_by_optimizer_step():
+    model = tiny()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(pixel_values).logits
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model.train()
+    model(pixel_values, labels=torch.tensor([1, 2])).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(pixel_values).logits
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, fresh_logits(model, pixel_values), atol=1e-5)
+
+
+def test_cache_invalidated_by_load_state_dict_in_place_edit_and_dtype_move():
+    model = tiny()
+    other = tiny(num_labels=10)
+    randomize_(other, seed=7)
+    with torch.no_grad():
+        other.bit.encoder.stages[1].layers[0].conv2.weight.mul_(-1.0).add_(0.1)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model(pixel_values)  # populate the caches
+    model.load_state_dict(other.state_dict())
+    expected = fresh_logits(other, pixel_values)
+    with torch.inference_mode():
+        assert torch.allclose(model(pixel_values).logits, expected, atol=1e-5)
+
+    with torch.no_grad():
+        model.bit.embedder.convolution.weight.mul_(0.5).add_(torch.randn_like(model.bit.embedder.convolution.weight))
+    with torch.inference_mode():
+        edited = model(pixel_values).logits
+    assert torch.allclose(edited, fresh_logits(model, pixel_values), atol=1e-5)
+
+    model.double()
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values.double()).logits.float(), edited, atol=1e-4)
+
+
+def test_copies_do_not_carry_the_cache_and_inference_mode_copies_work():
+    model = tiny()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(pixel_values).logits
+        clone = copy.deepcopy(model)  # parameters become inference tensors: no version counter to cache on
+        assert relative_error(clone(pixel_values).logits, expected) < 1e-5
+    assert all(m._cached_weight is None for m in clone.modules() if isinstance(m, WeightStandardizedConv2d))
+
+
+# --- heads, losses, outputs ----------------------------------------------------------------------
+
+
+def test_loss_follows_problem_type():
+    pixel_values = torch.randn(3, 3, 64, 64)
+    single = tiny(num_labels=4)
+    labels = torch.tensor([0, 3, 1])
+    output = single(pixel_values, labels=labels)
+    assert torch.allclose(output.loss, torch.nn.functional.cross_entropy(output.logits, labels))
+
+    multi = tiny(num_labels=4, problem_type="multi_label_classification")
+    targets = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]])
+    output = multi(pixel_values, labels=targets)
+    assert torch.allclose(output.loss, torch.nn.functional.binary_cross_entropy_with_logits(output.logits, targets))
+
+    regression = tiny(num_labels=1)
+    values = torch.tensor([0.5, -1.0, 2.0])
+    output = regression(pixel_values, labels=values)
+    assert torch.allclose(output.loss, torch.nn.functional.mse_loss(output.logits.squeeze(), values))
+
+
+def test_outputs_follow_transformers_conventions():
+    model = tiny()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        output = model(pixel_values, output_hidden_states=True)
+        as_tuple = model(pixel_values, output_hidden_states=True, return_dict=False)
+        base = model.bit(pixel_values)
+    assert torch.equal(as_tuple[0], output.logits)
+    assert len(output.hidden_states) == 5
+    assert base.pooler_output.shape == (2, 256, 1, 1)
+    assert base.last_hidden_state.shape == (2, 256, 2, 2)
+
+
+def test_backbone_returns_multiscale_features():
+    config = BitConfig.from_preset("bit-tiny", out_features=["stem", "stage2", "stage4"])
+    backbone = BitBackbone(config).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 128, 128)).feature_maps
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (64, 16, 16), (256, 4, 4)]
+    assert backbone.channels == [16, 64, 256]
+
+
+# --- interop with stock transformers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_our_folder_loads_in_stock_transformers(tmp_path, width, ant_image_path):
+    model = tiny(width_factor=width, num_labels=5, id2label={i: f"class_{i}" for i in range(5)})
+    model.save_pretrained(tmp_path)
+    bit_image_processor(96).save_pretrained(tmp_path)
+    pixel_values = torch.randn(2, 3, 96, 96)
+    torch.save(pixel_values, tmp_path / "input.pt")
+    processed = bit_image_processor(96)(Image.open(ant_image_path), return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        ours = model(pixel_values).logits
+        ours_image = model(processed).logits.softmax(-1)[0]
+
+    result = run_clean_python(
+        f"""
+        import torch, transformers
+        from transformers import AutoModelForImageClassification, BitForImageClassification, pipeline
+        folder = {str(tmp_path)!r}
+        x = torch.load(folder + "/input.pt", weights_only=True)
+        direct = BitForImageClassification.from_pretrained(folder).eval()
+        auto = AutoModelForImageClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            logits = [direct(x).logits.tolist(), auto(x).logits.tolist()]
+        classify = pipeline("image-classification", model=folder)
+        top = classify({str(ant_image_path)!r}, top_k=5)
+        result = {{"logits": logits, "auto_class": type(auto).__module__, "top": top}}
+        """
+    )
+    assert result["auto_class"].startswith("transformers.models.bit")
+    for logits in result["logits"]:
+        assert relative_error(torch.tensor(logits), ours) <= 1e-4
+    expected = sorted(((p.item(), f"class_{i}") for i, p in enumerate(ours_image)), reverse=True)
+    assert [entry["label"] for entry in result["top"]] == [label for _, label in expected]
+    assert [entry["score"] for entry in result["top"]] == pytest.approx([p for p, _ in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize("padding", [{}, {"global_padding": "SAME", "embedding_dynamic_padding": True}])
+def test_stock_folder_loads_in_ours(tmp_path, padding):
+    stock_config = transformers.BitConfig(
+        embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 1, 1], num_groups=8, num_labels=3, **padding
+    )
+    stock = randomize_(transformers.BitForImageClassification(stock_config)).eval()
+    stock.save_pretrained(tmp_path)
+    ours = BitForImageClassification.from_pretrained(tmp_path).eval()
+    assert set(ours.state_dict()) == set(stock.state_dict())
+    pixel_values = torch.randn(2, 3, 65, 80)
+    with torch.no_grad():
+        assert relative_error(ours(pixel_values).logits, stock(pixel_values).logits) <= 1e-4
+
+
+def test_auto_classes_return_ours_after_import(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    assert type(transformers.AutoModel.from_pretrained(str(tmp_path))) is BitModel
+    assert type(transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path))) is BitForImageClassification
+    assert type(transformers.AutoConfig.from_pretrained(str(tmp_path))) is BitConfig
+    # (AutoBackbone.from_pretrained asks the Hub whether the name exists, even for a local folder.)
+    assert type(transformers.AutoBackbone.from_config(BitConfig.from_preset("bit-tiny"))) is BitBackbone
+
+
+def test_parameter_names_are_stock_names():
+    config = BitConfig.from_preset("bit-tiny")
+    stock = transformers.BitForImageClassification(transformers.BitConfig(**config.to_dict()))
+    assert list(BitForImageClassification(config).state_dict()) == list(stock.state_dict())
+
+
+def test_saved_preprocessor_is_bit_preprocessing(tmp_path, ant_image_path):
+    bit_image_processor(160).save_pretrained(tmp_path)
+    loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    image = Image.open(ant_image_path)
+    pixel_values = loaded(image, return_tensors="pt")["pixel_values"]
+    resized = np.asarray(image.convert("RGB").resize((160, 160), Image.BILINEAR), dtype=np.float32)
+    expected = (torch.from_numpy(resized) / 255.0 - 0.5) / 0.5
+    assert pixel_values.shape == (1, 3, 160, 160)
+    assert torch.allclose(pixel_values[0].permute(1, 2, 0), expected, atol=1e-5)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), "dtype torch.uint8"),
+        (torch.randn(1, 1, 64, 64), "got 1 channels"),
+        (torch.randn(1, 3, 16, 64), "got 16x64"),
+        (torch.randn(3, 64, 64), "got shape"),
+        ([[0.0]], "got list"),
+    ],
+)
+def test_bad_pixel_values_are_refused_clearly(pixel_values, message):
+    with pytest.raises(ValueError, match=message):
+        tiny()(pixel_values)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_groups": 5}, "num_groups=5 must divide"),
+        ({"hidden_sizes": [30, 64, 128, 256]}, "multiple of 32"),
+        ({"depths": [1, 1, 1]}, "equal length"),
+        ({"layer_type": "bottleneck"}, "pre-activation"),
+    ],
+)
+def test_configs_that_cannot_build_a_network_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        BitConfig.from_preset("bit-tiny", **overrides)
+
+
+def test_package_registers_with_auto_config():
+    assert transformers.AutoConfig.for_model("bit").__class__ is modeling_bit.BitConfig
