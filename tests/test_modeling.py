@@ -366,3 +366,17 @@ def test_configs_that_cannot_build_a_network_are_refused(overrides, message):
 
 def test_package_registers_with_auto_config():
     assert transformers.AutoConfig.for_model("bit").__class__ is modeling_bit.BitConfig
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from modeling_bit.file_utils import atomic_directory
+
+    target = tmp_path / "folder"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "a.txt").write_text("second")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
