@@ -1,0 +1,366 @@
+"""BiT-HyperRule: the one fine-tuning setting of BiT, derived from the dataset itself.
+
+Every number of the rule lives here, named, with its source: BIT_RECIPE.md "BiT-HyperRule", which
+summarises the BiT paper (Kolesnikov et al.) §3.3 "Transfer to downstream tasks", Table 1 and §4 "Details
+of the BiT-HyperRule". `BitHyperRule.from_dataset(dataset_size, median_image_area, **overrides)` computes
+the rule from the training-set size and the median image area; any field can be overridden, and the
+record lists which were. `choose_micro_batch_size` picks the per-device micro-batch so that gradient
+accumulation keeps the effective batch at the rule's 512 on a device that cannot hold it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from modeling_bit.file_utils import atomic_write_json
+
+from .errors import FinetuneInputError
+
+logger = logging.getLogger(__name__)
+
+# --- The rule (BIT_RECIPE.md "BiT-HyperRule"; paper §3.3 and Table 1) ------------------------------
+# Optimizer: SGD, momentum 0.9, base learning rate 0.003, batch 512, no weight decay, no dropout.
+LEARNING_RATE = 0.003
+BATCH_SIZE = 512
+SGD_MOMENTUM = 0.9
+WEIGHT_DECAY = 0.0
+# Resolution from the task's images: area < 96x96 -> resize 160, random crop 128; otherwise resize 448,
+# crop 384 (BiT-S/M). The released code (and BiT-L) uses 512/480 for the large images.
+SMALL_IMAGE_AREA = 96 * 96
+SMALL_IMAGE_RESOLUTION = (160, 128)
+LARGE_IMAGE_RESOLUTION = (448, 384)
+LARGE_IMAGE_RESOLUTION_BIT_L = (512, 480)
+# Schedule by training-set size: < 20k examples -> 500 steps; < 500k -> 10k steps; else 20k steps.
+SMALL_TASK_EXAMPLES = 20_000
+MEDIUM_TASK_EXAMPLES = 500_000
+STEPS = {"small": 500, "medium": 10_000, "large": 20_000}
+# Linear warmup, released code: 100 steps for small tasks, 500 otherwise.
+WARMUP_STEPS = {"small": 100, "medium": 500, "large": 500}
+# Then the learning rate is multiplied by 0.1 at 30%, 60% and 90% of the steps.
+DECAY_FRACTIONS = (0.3, 0.6, 0.9)
+DECAY_FACTOR = 0.1
+# MixUp with alpha 0.1 for tasks with >= 20k examples (medium and large), none below.
+MIXUP_ALPHA = 0.1
+MIXUP_MIN_EXAMPLES = SMALL_TASK_EXAMPLES
+# Few-shot protocol: k examples per class drawn at random, balanced; 5 random subsets, report the median.
+FEW_SHOT_TRIALS = 5
+# Labels that random flips or crops would destroy (paper App. B, VTAB): no flip for dSprites
+# orientation, SmallNORB azimuth, dSprites location; no crop for Clevr count/distance, DMLab, KITTI
+# distance, dSprites location. Exposed as the `--no-flip` / `--no-crop` options.
+NO_FLIP_TASKS = ("dSprites/orientation", "SmallNORB/azimuth", "dSprites/location")
+NO_CROP_TASKS = ("Clevr/count", "Clevr/distance", "DMLab", "KITTI/distance", "dSprites/location")
+
+# When the batch is changed, the learning rate follows it linearly: the paper scales its upstream rate
+# "multiplicatively by batch size/256" (§3.3, after Goyal et al.); the HyperRule's 0.003 is its value
+# at batch 512. Same examples seen per unit of learning rate, so the schedule's meaning is kept.
+LEARNING_RATE_REFERENCE_BATCH = BATCH_SIZE
+
+# Images whose sizes are read (from the file headers, nothing decoded) to estimate the median area.
+IMAGE_SIZE_SAMPLE = 1000
+
+HYPERRULE_FILE_NAME = "bit_hyperrule.json"
+
+
+def task_regime(dataset_size: int) -> str:
+    """'small' (< 20k examples), 'medium' (< 500k) or 'large'."""
+    if dataset_size < SMALL_TASK_EXAMPLES:
+        return "small"
+    if dataset_size < MEDIUM_TASK_EXAMPLES:
+        return "medium"
+    return "large"
+
+
+def resolution_for_area(median_image_area: float, large_resolution: tuple[int, int] = LARGE_IMAGE_RESOLUTION):
+    """(precrop, crop): 160/128 for images smaller than 96x96 pixels, else `large_resolution`."""
+    return SMALL_IMAGE_RESOLUTION if median_image_area < SMALL_IMAGE_AREA else tuple(large_resolution)
+
+
+def learning_rate_multiplier(step: int, *, warmup_steps: int, decay_steps: Sequence[int], decay_factor: float) -> float:
+    """The HyperRule schedule as a multiple of the base rate at optimizer step `step` (0-based).
+
+    Linear warmup from 0 over `warmup_steps`, then constant, times `decay_factor` after each decay step.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    return decay_factor ** sum(step >= boundary for boundary in decay_steps)
+
+
+# Fields of the record, in the order `bit_hyperrule.json` lists them (the fine-tuning issue names them).
+RECORD_FIELDS = (
+    "dataset_size",
+    "median_image_area",
+    "precrop",
+    "crop",
+    "steps",
+    "warmup_steps",
+    "decay_steps",
+    "mixup_alpha",
+    "learning_rate",
+    "batch_size",
+    "micro_batch_size",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitHyperRule:
+    """The BiT-HyperRule fine-tuning setting for one dataset.
+
+    Build it with `from_dataset`; `overrides` names the fields that were given rather than derived.
+    `micro_batch_size` is None until a device is chosen (`with_micro_batch_size`).
+    """
+
+    dataset_size: int
+    median_image_area: float
+    precrop: int
+    crop: int
+    steps: int
+    warmup_steps: int
+    decay_steps: tuple[int, ...]
+    mixup_alpha: float
+    learning_rate: float
+    batch_size: int
+    micro_batch_size: int | None = None
+    momentum: float = SGD_MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+    decay_factor: float = DECAY_FACTOR
+    overrides: tuple[str, ...] = ()
+    learning_rate_reason: str = ""
+
+    @classmethod
+    def from_dataset(
+        cls,
+        num_examples: int,
+        median_area: float,
+        *,
+        large_resolution: tuple[int, int] = LARGE_IMAGE_RESOLUTION,
+        **overrides,
+    ) -> BitHyperRule:
+        """The rule for a training set of `num_examples` examples whose median image area is `median_area`.
+
+        `overrides` are fields of the rule (`steps=100`, `precrop=40`, `crop=32`, `batch_size=64`, ...);
+        None values are ignored. Derived fields follow the overridden ones: with `steps` overridden the
+        warmup keeps the rule's fraction of the schedule and the decays stay at 30/60/90%; with
+        `batch_size` overridden and no `learning_rate`, the rate is scaled linearly with the batch.
+        """
+        unknown = sorted(set(overrides) - set(RECORD_FIELDS))
+        if unknown:
+            raise FinetuneInputError(f"Unknown BiT-HyperRule fields {unknown}; the fields are {list(RECORD_FIELDS)}.")
+        given = {name: value for name, value in overrides.items() if value is not None}
+        dataset_size = int(given.get("dataset_size", num_examples))
+        median_image_area = float(given.get("median_image_area", median_area))
+        if dataset_size < 1:
+            raise FinetuneInputError(f"dataset_size={dataset_size}: the training set is empty.")
+        regime = task_regime(dataset_size)
+        precrop, crop = resolution_for_area(median_image_area, large_resolution)
+        steps = int(given.get("steps", STEPS[regime]))
+        # The released warmup is a fixed fraction of each regime's schedule (100/500, 500/10k, 500/20k).
+        warmup_steps = round(steps * WARMUP_STEPS[regime] / STEPS[regime])
+        batch_size = int(given.get("batch_size", BATCH_SIZE))
+        if "learning_rate" in given:
+            learning_rate = float(given["learning_rate"])
+            reason = f"{learning_rate:g}, given (the rule's is {LEARNING_RATE:g} at batch {BATCH_SIZE})"
+        elif batch_size != LEARNING_RATE_REFERENCE_BATCH:
+            learning_rate = LEARNING_RATE * batch_size / LEARNING_RATE_REFERENCE_BATCH
+            reason = (
+                f"{learning_rate:g} = {LEARNING_RATE:g} x {batch_size}/{LEARNING_RATE_REFERENCE_BATCH}: the rule's rate is "
+                f"for batch {LEARNING_RATE_REFERENCE_BATCH}; scaled linearly with the batch as the BiT paper scales "
+                "its learning rate with batch size (§3.3, after Goyal et al.)"
+            )
+        else:
+            learning_rate = LEARNING_RATE
+            reason = f"{LEARNING_RATE:g}, the rule's (BiT paper Table 1)"
+        rule = cls(
+            dataset_size=dataset_size,
+            median_image_area=median_image_area,
+            precrop=int(given.get("precrop", precrop)),
+            crop=int(given.get("crop", crop)),
+            steps=steps,
+            warmup_steps=int(given.get("warmup_steps", warmup_steps)),
+            decay_steps=tuple(int(s) for s in given.get("decay_steps", [round(f * steps) for f in DECAY_FRACTIONS])),
+            mixup_alpha=float(given.get("mixup_alpha", MIXUP_ALPHA if dataset_size >= MIXUP_MIN_EXAMPLES else 0.0)),
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            micro_batch_size=int(given["micro_batch_size"]) if "micro_batch_size" in given else None,
+            overrides=tuple(name for name in RECORD_FIELDS if name in given),
+            learning_rate_reason=reason,
+        )
+        rule.validate()
+        return rule
+
+    def validate(self) -> None:
+        """Raise `FinetuneInputError` naming the first field whose value cannot be trained with."""
+        for name in ("precrop", "crop", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FinetuneInputError(f"{name}={getattr(self, name)}: expected a positive integer.")
+        if self.crop > self.precrop:
+            raise FinetuneInputError(f"crop={self.crop} is larger than precrop={self.precrop}: the crop is taken from the resized image.")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise FinetuneInputError(f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps={self.steps}.")
+        if list(self.decay_steps) != sorted(self.decay_steps) or any(not 0 < s <= self.steps for s in self.decay_steps):
+            raise FinetuneInputError(f"decay_steps={list(self.decay_steps)}: expected increasing steps in (0, {self.steps}].")
+        if self.mixup_alpha < 0:
+            raise FinetuneInputError(f"mixup_alpha={self.mixup_alpha}: expected >= 0 (0 turns MixUp off).")
+        if not self.learning_rate > 0:
+            raise FinetuneInputError(f"learning_rate={self.learning_rate}: expected > 0.")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise FinetuneInputError(
+                f"micro_batch_size={self.micro_batch_size}: expected 1 <= micro_batch_size <= batch_size={self.batch_size}."
+            )
+
+    @property
+    def regime(self) -> str:
+        return task_regime(self.dataset_size)
+
+    def with_micro_batch_size(self, micro_batch_size: int) -> BitHyperRule:
+        """This rule with a chosen micro-batch (not an override: the effective batch is unchanged)."""
+        rule = dataclasses.replace(self, micro_batch_size=int(micro_batch_size))
+        rule.validate()
+        return rule
+
+    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each of `world_size` processes, so the batch is `batch_size`."""
+        if self.micro_batch_size is None:
+            raise FinetuneInputError("The micro-batch size is not chosen yet (BitHyperRule.with_micro_batch_size).")
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise FinetuneInputError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size} x "
+                f"{world_size} process(es); choose a micro-batch that divides {self.batch_size // math.gcd(self.batch_size, world_size)}."
+            )
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict:
+        """The `bit_hyperrule.json` record: the named fields, then SGD's constants and the overridden names."""
+        record = {name: getattr(self, name) for name in RECORD_FIELDS}
+        record["decay_steps"] = list(self.decay_steps)
+        record["momentum"] = self.momentum
+        record["weight_decay"] = self.weight_decay
+        record["overrides"] = list(self.overrides)
+        return record
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        return atomic_write_json(Path(folder) / HYPERRULE_FILE_NAME, self.to_dict())
+
+    def differences_from(self, reference: BitHyperRule) -> dict[str, tuple]:
+        """{field: (this value, reference value)} for the record fields that differ."""
+        mine, theirs = self.to_dict(), reference.to_dict()
+        return {name: (mine[name], theirs[name]) for name in RECORD_FIELDS if mine[name] != theirs[name]}
+
+    def describe(self, world_size: int = 1) -> str:
+        """Human-readable summary, one line per decision, overridden fields marked."""
+
+        def mark(*names):
+            return " (override)" if any(name in self.overrides for name in names) else ""
+
+        lines = [
+            f"BiT-HyperRule for {self.dataset_size:,} training examples ({self.regime} task), median image area "
+            f"{self.median_image_area:,.0f} px ({'<' if self.median_image_area < SMALL_IMAGE_AREA else '>='} 96x96):",
+            f"  resolution  resize {self.precrop}, random crop {self.crop}; test: resize {self.crop}"
+            + mark("precrop", "crop"),
+            f"  schedule    {self.steps} steps{mark('steps')}, linear warmup {self.warmup_steps}{mark('warmup_steps')}, "
+            f"lr x{self.decay_factor:g} at steps {list(self.decay_steps)}{mark('decay_steps')}",
+            f"  optimizer   SGD momentum {self.momentum:g}, no weight decay, learning rate {self.learning_rate_reason}",
+            f"  MixUp       " + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off") + mark("mixup_alpha"),
+        ]
+        batch = f"  batch       {self.batch_size}{mark('batch_size')}"
+        if self.micro_batch_size is not None:
+            accumulation = self.gradient_accumulation_steps(world_size)
+            processes = f" x {world_size} processes" if world_size > 1 else ""
+            batch += f" = micro-batch {self.micro_batch_size}{mark('micro_batch_size')}{processes} x {accumulation} accumulation step(s)"
+        lines.append(batch)
+        return "\n".join(lines)
+
+
+# --- Micro-batch: gradient accumulation keeps the batch when the device cannot hold it -------------
+
+# Share of the free device memory the training activations may use (the rest: data workers, allocator
+# slack, the evaluation pass).
+MEMORY_BUDGET_FRACTION = 0.5
+# Backward holds gradients of the activations next to the saved activations.
+BACKWARD_ACTIVATION_FACTOR = 2
+# Weights, their gradients and SGD's momentum buffer.
+OPTIMIZER_COPIES_OF_WEIGHTS = 3
+# Models whose training memory cannot be measured on the meta device get this micro-batch.
+FALLBACK_MICRO_BATCH_SIZE = 32
+
+
+def available_memory_bytes(device: torch.device | str) -> int:
+    """Free memory on `device`: CUDA's free memory, else the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def training_memory_per_example(model: torch.nn.Module, resolution: int) -> tuple[int, int]:
+    """(bytes per example, fixed bytes) that a training step of `model` at `resolution` saves for backward.
+
+    Measured on the meta device (nothing allocated): the tensors autograd saves for a batch of 1 and of
+    2 images; the difference is per example, the rest (e.g. standardized weights) is fixed.
+    """
+
+    def saved_bytes(batch: int) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.device("meta"):
+            probe = type(model)(model.config).train()
+            pixel_values = torch.empty(batch, 3, resolution, resolution)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            probe(pixel_values=pixel_values).logits.sum()
+        return total
+
+    one, two = saved_bytes(1), saved_bytes(2)
+    return two - one, max(one - (two - one), 0)
+
+
+def choose_micro_batch_size(
+    model: torch.nn.Module,
+    resolution: int,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    world_size: int = 1,
+    available_bytes: int | None = None,
+) -> int:
+    """The largest power-of-two divisor of the per-process batch whose training step fits the device.
+
+    `available_bytes` defaults to the device's free memory; `MEMORY_BUDGET_FRACTION` of it is used.
+    """
+    if batch_size % world_size:
+        raise FinetuneInputError(f"batch_size={batch_size} is not divisible by the {world_size} processes.")
+    per_process = batch_size // world_size
+    largest = per_process & -per_process  # largest power of two dividing it
+    try:
+        per_example, fixed = training_memory_per_example(model, resolution)
+    except Exception as error:  # a model that cannot be built on the meta device: measure nothing
+        logger.warning(
+            "Could not measure the training memory of %s (%s); micro-batch %d.", type(model).__name__, error, FALLBACK_MICRO_BATCH_SIZE
+        )
+        return math.gcd(per_process, FALLBACK_MICRO_BATCH_SIZE)
+    if available_bytes is None:
+        available_bytes = available_memory_bytes(device)
+    weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    budget = MEMORY_BUDGET_FRACTION * available_bytes - OPTIMIZER_COPIES_OF_WEIGHTS * weights - fixed
+    micro = largest
+    while micro > 1 and micro * per_example * BACKWARD_ACTIVATION_FACTOR > budget:
+        micro //= 2
+    return micro

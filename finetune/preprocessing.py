@@ -1,0 +1,229 @@
+"""Training and evaluation inputs, built on the one BiT preprocessing definition.
+
+Evaluation resizes to the crop size with `modeling_bit.bit_image_processor(crop)` — the processor that
+is saved as `preprocessor_config.json`. Training resizes with `bit_image_processor(precrop)` and then
+takes a random `crop` x `crop` square and a random horizontal flip of that tensor (BIT_RECIPE.md,
+"Train: resize to a square, random square crop, random horizontal flip"); without random cropping it
+resizes straight to the crop size, as evaluation does.
+
+Images are decoded with `modeling_bit.load_rgb_image` in DataLoader worker processes. An unreadable
+file never crashes a worker: the example comes back as `{"unreadable": name}`, `ImageBatchCollator`
+drops it from the batch and lists it under `unreadable_images`, and `BitTrainer` counts it.
+
+Small training sets are decoded and resized once (`preprocess`) and kept in memory: a few-shot run
+reads each image hundreds of times otherwise. `HyperRuleTrainingStream` then serves the whole run as
+one sequence of `steps x batch` positions: each epoch a seeded permutation of the examples, each
+position its own seeded crop and flip. The data order and augmentation are a function of the position,
+so a resumed run sees exactly what the uninterrupted run would have seen, with any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modeling_bit import bit_image_processor, load_rgb_image
+from modeling_bit.image_processing_bit import UnreadableImageError
+
+from .errors import FinetuneInputError
+from .data import IMAGE_COLUMN, LABEL_COLUMN, image_name, image_source
+
+logger = logging.getLogger(__name__)
+
+# Training sets whose resized float32 images fit this many bytes are preprocessed once and kept in memory.
+IN_MEMORY_BYTES = 2 * 1024**3
+# Images per preprocessing batch (decoding parallelises across workers, one batch per worker at a time).
+PREPROCESS_BATCH_SIZE = 64
+
+
+def resize_to_square(image, resolution: int, processor=None) -> torch.Tensor:
+    """(3, resolution, resolution) float tensor in [-1, 1]: the BiT processor applied to one image."""
+    processor = processor or bit_image_processor(resolution)
+    return processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def random_crop_and_flip(pixel_values: torch.Tensor, crop: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    """A random `crop` x `crop` square of a (3, H, W) tensor, mirrored left-right with probability 1/2."""
+    height, width = pixel_values.shape[-2:]
+    top = int(rng.integers(0, height - crop + 1))
+    left = int(rng.integers(0, width - crop + 1))
+    pixel_values = pixel_values[..., top : top + crop, left : left + crop]
+    if flip and rng.random() < 0.5:
+        pixel_values = pixel_values.flip(-1)
+    return pixel_values.contiguous()
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Example i of a map-style dataset, decoded and resized to `resolution` (in the calling worker)."""
+
+    def __init__(self, dataset: datasets.Dataset, resolution: int):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.processor = bit_image_processor(resolution)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[int(index)]
+        return decode_example(example, index, self.resolution, self.processor)
+
+
+def decode_example(example: dict, index: int, resolution: int, processor) -> dict:
+    entry = example[IMAGE_COLUMN]
+    try:
+        image = load_rgb_image(image_source(entry))
+    except UnreadableImageError as error:
+        logger.debug("Skipping unreadable image: %s", error)
+        return {"unreadable": image_name(entry, index)}
+    return {"pixel_values": resize_to_square(image, resolution, processor), "labels": example[LABEL_COLUMN]}
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Images already resized to `resolution`, in memory, with their labels; the unreadable ones left out."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, unreadable: list[str]):
+        self.pixel_values = pixel_values
+        self.labels = labels
+        self.unreadable = unreadable
+
+    @property
+    def resolution(self) -> int:
+        return self.pixel_values.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+    def select(self, indices) -> PreprocessedImages:
+        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return PreprocessedImages(self.pixel_values[indices], self.labels[indices], self.unreadable)
+
+
+def fits_in_memory(num_examples: int, resolution: int, budget: int = IN_MEMORY_BYTES) -> bool:
+    return num_examples * 3 * resolution * resolution * 4 <= budget
+
+
+def preprocess(dataset: datasets.Dataset, resolution: int, *, num_workers: int = 0, description: str = "Preprocessing") -> PreprocessedImages:
+    """Decode and resize every image once (in `num_workers` worker processes); unreadable ones skipped."""
+    loader = torch.utils.data.DataLoader(
+        DecodedImages(dataset, resolution),
+        batch_size=PREPROCESS_BATCH_SIZE,
+        num_workers=num_workers,
+        collate_fn=ImageBatchCollator(resolution),
+    )
+    pixel_values, labels, unreadable = [], [], []
+    with tqdm(total=len(dataset), desc=description, unit="img", leave=False) as progress:
+        for batch in loader:
+            pixel_values.append(batch["pixel_values"])
+            labels.append(batch["labels"])
+            unreadable.extend(batch["unreadable_images"])
+            progress.update(len(batch["labels"]) + len(batch["unreadable_images"]))
+    return PreprocessedImages(torch.cat(pixel_values), torch.cat(labels), unreadable)
+
+
+class ImageBatchCollator:
+    """Stack readable examples into `pixel_values`/`labels`; name the unreadable ones in `unreadable_images`."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, examples: list[dict]) -> dict:
+        readable = [example for example in examples if "unreadable" not in example]
+        if readable:
+            pixel_values = torch.stack([example["pixel_values"] for example in readable])
+        else:
+            pixel_values = torch.empty(0, 3, self.resolution, self.resolution)
+        labels = torch.as_tensor([int(example["labels"]) for example in readable], dtype=torch.long)
+        return {
+            "pixel_values": pixel_values,
+            "labels": labels,
+            "unreadable_images": [example["unreadable"] for example in examples if "unreadable" in example],
+        }
+
+
+class HyperRuleTrainingStream(torch.utils.data.Dataset):
+    """Position p of a training run of `length` images, as BiT's input pipeline repeats and shuffles.
+
+    Epoch e = p // n visits the n examples in the order of a permutation seeded by (seed, e); the crop
+    offset and flip of position p are drawn from a generator seeded by (seed, p). `source` yields
+    examples at the pre-crop resolution (in memory or decoded on access).
+    """
+
+    def __init__(
+        self,
+        source: PreprocessedImages | DecodedImages,
+        length: int,
+        *,
+        crop: int,
+        seed: int,
+        flip: bool = True,
+        random_crop: bool = True,
+    ):
+        if len(source) == 0:
+            raise FinetuneInputError("None of the training images is readable.")
+        self.source = source
+        self.length = length
+        self.crop = crop
+        self.seed = seed
+        self.flip = flip
+        self.random_crop = random_crop
+        self._permutations: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            self._permutations[epoch] = np.random.default_rng((self.seed, 0, epoch)).permutation(len(self.source))
+            if len(self._permutations) > 2:  # a worker reads within one or two epochs at a time
+                self._permutations.popitem(last=False)
+        return self._permutations[epoch]
+
+    def __getitem__(self, position: int) -> dict:
+        if not 0 <= position < self.length:
+            raise IndexError(position)
+        epoch, offset = divmod(int(position), len(self.source))
+        example = self.source[int(self._permutation(epoch)[offset])]
+        if "unreadable" in example:
+            return example
+        rng = np.random.default_rng((self.seed, 1, int(position)))
+        pixel_values = example["pixel_values"]
+        if self.random_crop:
+            pixel_values = random_crop_and_flip(pixel_values, self.crop, rng, self.flip)
+        elif self.flip and rng.random() < 0.5:
+            pixel_values = pixel_values.flip(-1).contiguous()
+        return {"pixel_values": pixel_values, "labels": example["labels"]}
+
+
+class StreamedImages(torch.utils.data.IterableDataset):
+    """A streamed `datasets.IterableDataset`, decoded (and for training randomly cropped and flipped).
+
+    Iterating the underlying stream inside a DataLoader worker gives each worker its own shards.
+    The augmentation uses the worker's torch-seeded generator, so a resumed stream is not bit-identical.
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, resolution: int, *, crop: int | None = None, flip: bool = False):
+        self.dataset = dataset
+        self.resolution = resolution
+        self.crop = crop
+        self.flip = flip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        processor = bit_image_processor(self.resolution)
+        rng = np.random.default_rng(torch.initial_seed())
+        for index, example in enumerate(self.dataset):
+            item = decode_example(example, index, self.resolution, processor)
+            if "unreadable" not in item and self.crop is not None:
+                item["pixel_values"] = random_crop_and_flip(item["pixel_values"], self.crop, rng, self.flip)
+            yield item
