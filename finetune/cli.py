@@ -91,8 +91,9 @@ class DataArguments:
     examples_per_class: int | None = dataclasses.field(
         default=None, metadata={"help": "Few-shot: train on K random examples of every class."}
     )
-    trials: int = dataclasses.field(
-        default=1, metadata={"help": "Repeat with N different random subsets/seeds; report median, min and max."}
+    trials: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Repeat with N random subsets/seeds; report median, min, max (default 1; main job 5)."},
     )
 
 
@@ -244,7 +245,7 @@ def check_arguments(model_args, data_args, rule_args, run_args) -> None:
         raise FinetuneInputError("--model is required with your own data (a folder, Hub id or published BiT name).")
     if run_args.output_dir is None:
         raise FinetuneInputError("--output-dir is required with your own data.")
-    if data_args.trials < 1:
+    if data_args.trials is not None and data_args.trials < 1:
         raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
     if run_args.hub_model_id is not None and not run_args.push_to_hub:
         raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
@@ -333,6 +334,7 @@ def run_finetuning(
 ) -> Path:
     """Fine-tune on the user's data with BiT-HyperRule; write and optionally upload the output folder."""
     check_arguments(model_args, data_args, rule_args, run_args)
+    trials = data_args.trials or 1
     output_dir = Path(run_args.output_dir)
     work_dir = output_dir / WORK_DIR_NAME
     run_record = {
@@ -361,9 +363,15 @@ def run_finetuning(
     state = PartialState()
     eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
 
+    # The first trial's model also sizes the micro-batch for this device.
+    model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
+    if rule.micro_batch_size is None:
+        micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
+        rule = rule.with_micro_batch_size(micro)
+    logger.info(rule.describe(world_size=state.num_processes))
+
     results: list[RunResult] = []
-    described = False
-    for trial in range(data_args.trials):
+    for trial in range(trials):
         trial_dir = work_dir / f"trial-{trial}"
         finished = load_trial_result(trial_dir)
         if finished is not None:
@@ -374,18 +382,13 @@ def run_finetuning(
         train = data.train
         if data_args.examples_per_class is not None:
             train = data_module.few_shot_subset(data, data_args.examples_per_class, seed).train
-        model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
-        if rule.micro_batch_size is None:
-            micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
-            rule = rule.with_micro_batch_size(micro)
-        if not described:
-            logger.info(rule.describe(world_size=state.num_processes))
-            described = True
+        if model is None:
+            model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
         train_dataset, train_unreadable = training_inputs(
             train, rule, seed=seed, flip=not rule_args.no_flip, random_crop=not rule_args.no_crop, num_workers=run_args.num_workers
         )
-        if data_args.trials > 1:
-            logger.info("Trial %d of %d (seed %d).", trial + 1, data_args.trials, seed)
+        if trials > 1:
+            logger.info("Trial %d of %d (seed %d).", trial + 1, trials, seed)
         extra = {"save_steps": run_args.save_steps} if run_args.save_steps else {}
         trainer, result = train_and_evaluate(
             model,
@@ -401,6 +404,7 @@ def run_finetuning(
             callbacks=callbacks,
             **extra,
         )
+        model = None
         result.unreadable_images = sorted(set(result.unreadable_images) | set(train_unreadable) | set(eval_unreadable))
         trainer.save_model(str(trial_dir / "model"))
         atomic_write_json(trial_dir / TRIAL_RESULT_FILE_NAME, dataclasses.asdict(result))
@@ -422,7 +426,7 @@ def run_finetuning(
         num_eval_examples=chosen.num_eval_examples,
         num_classes=data.num_classes,
         examples_per_class=data_args.examples_per_class,
-        trials=data_args.trials,
+        trials=trials,
     )
     finetune_args = {
         "command": ["bit-finetune", *argv],

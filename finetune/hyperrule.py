@@ -106,6 +106,8 @@ RECORD_FIELDS = (
     "batch_size",
     "micro_batch_size",
 )
+# Fields that can be overridden: the record's, and SGD's constants.
+OVERRIDABLE_FIELDS = (*RECORD_FIELDS, "momentum", "weight_decay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +151,9 @@ class BitHyperRule:
         warmup keeps the rule's fraction of the schedule and the decays stay at 30/60/90%; with
         `batch_size` overridden and no `learning_rate`, the rate is scaled linearly with the batch.
         """
-        unknown = sorted(set(overrides) - set(RECORD_FIELDS))
+        unknown = sorted(set(overrides) - set(OVERRIDABLE_FIELDS))
         if unknown:
-            raise FinetuneInputError(f"Unknown BiT-HyperRule fields {unknown}; the fields are {list(RECORD_FIELDS)}.")
+            raise FinetuneInputError(f"Unknown BiT-HyperRule fields {unknown}; the fields are {list(OVERRIDABLE_FIELDS)}.")
         given = {name: value for name, value in overrides.items() if value is not None}
         dataset_size = int(given.get("dataset_size", num_examples))
         median_image_area = float(given.get("median_image_area", median_area))
@@ -188,7 +190,9 @@ class BitHyperRule:
             learning_rate=learning_rate,
             batch_size=batch_size,
             micro_batch_size=int(given["micro_batch_size"]) if "micro_batch_size" in given else None,
-            overrides=tuple(name for name in RECORD_FIELDS if name in given),
+            momentum=float(given.get("momentum", SGD_MOMENTUM)),
+            weight_decay=float(given.get("weight_decay", WEIGHT_DECAY)),
+            overrides=tuple(name for name in OVERRIDABLE_FIELDS if name in given),
             learning_rate_reason=reason,
         )
         rule.validate()
@@ -205,6 +209,8 @@ class BitHyperRule:
             raise FinetuneInputError(f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps={self.steps}.")
         if list(self.decay_steps) != sorted(self.decay_steps) or any(not 0 < s <= self.steps for s in self.decay_steps):
             raise FinetuneInputError(f"decay_steps={list(self.decay_steps)}: expected increasing steps in (0, {self.steps}].")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise FinetuneInputError(f"momentum={self.momentum}, weight_decay={self.weight_decay}: expected 0 <= momentum < 1, weight_decay >= 0.")
         if self.mixup_alpha < 0:
             raise FinetuneInputError(f"mixup_alpha={self.mixup_alpha}: expected >= 0 (0 turns MixUp off).")
         if not self.learning_rate > 0:
@@ -266,7 +272,9 @@ class BitHyperRule:
             + mark("precrop", "crop"),
             f"  schedule    {self.steps} steps{mark('steps')}, linear warmup {self.warmup_steps}{mark('warmup_steps')}, "
             f"lr x{self.decay_factor:g} at steps {list(self.decay_steps)}{mark('decay_steps')}",
-            f"  optimizer   SGD momentum {self.momentum:g}, no weight decay, learning rate {self.learning_rate_reason}",
+            f"  optimizer   SGD momentum {self.momentum:g}{mark('momentum')}, "
+            + (f"weight decay {self.weight_decay:g}{mark('weight_decay')}" if self.weight_decay else "no weight decay")
+            + f", learning rate {self.learning_rate_reason}",
             f"  MixUp       " + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off") + mark("mixup_alpha"),
         ]
         batch = f"  batch       {self.batch_size}{mark('batch_size')}"

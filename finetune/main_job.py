@@ -36,6 +36,7 @@ from .preprocessing import HyperRuleTrainingStream, preprocess
 logger = logging.getLogger("finetune")
 
 FEW_SHOT_EXAMPLES_PER_CLASS = (1, 5, 10)
+ARMS = ("transfer", "scratch")
 # Held out from the 1,797 digits for evaluation (stratified): about 60 test images per class.
 DIGITS_EVAL_FRACTION = 1 / 3
 # The CPU-sized override (--paper-rule drops it). The crop is the checkpoint's pretraining resolution and
@@ -49,16 +50,14 @@ def embedded_checkpoint() -> Path:
     """The small upstream checkpoint shipped in the package (pretraining issue), or a clear error."""
     try:
         from pretraining import embedded_checkpoint_path
-    except ImportError as error:
+
+        path = Path(embedded_checkpoint_path())
+    except (ImportError, FileNotFoundError) as error:
         raise FinetuneInputError(
-            "The main job fine-tunes the package's embedded upstream checkpoint, but this installation has no "
-            f"pretraining.embedded_checkpoint_path ({error}). Pass --model FOLDER to use another checkpoint."
+            "The main job fine-tunes the package's embedded upstream checkpoint "
+            f"(pretraining.embedded_checkpoint_path()), which is not available: {error}. "
+            "Pass --model FOLDER to run it with another checkpoint."
         ) from error
-    path = Path(embedded_checkpoint_path())
-    if not (path / "config.json").is_file():
-        raise FinetuneInputError(
-            f"The embedded upstream checkpoint is missing from {path}; reinstall the package, or pass --model FOLDER."
-        )
     return path
 
 
@@ -134,9 +133,8 @@ def format_table(rows: list[tuple[str, list[float], list[float]]], checkpoint_na
     return "\n".join(lines)
 
 
-def run_main_job(model_args, data_args, rule_args, run_args, argv) -> dict:
-    """Transfer vs. scratch on digits; prints the table and returns {row: {"transfer": [...], "scratch": [...]}}."""
-    given_data_flags = [
+def check_main_job_arguments(model_args, data_args, rule_args, run_args) -> None:
+    unused = [
         flag
         for flag, value in (
             ("--validation-dir", data_args.validation_dir),
@@ -149,72 +147,75 @@ def run_main_job(model_args, data_args, rule_args, run_args, argv) -> dict:
         )
         if value is not None
     ]
-    if given_data_flags:
+    if unused:
         raise FinetuneInputError(
-            f"{', '.join(given_data_flags)}: not used by the main job (it runs when no --train-dir or --dataset is given)."
+            f"{', '.join(unused)}: not used by the main job (it runs when no --train-dir or --dataset is given)."
         )
+    if data_args.trials is not None and data_args.trials < 1:
+        raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
     if rule_args.paper_rule and rule_args.overrides():
         raise FinetuneInputError(f"--paper-rule runs the rule unmodified, but these are overridden: {sorted(rule_args.overrides())}.")
     if run_args.push_to_hub and run_args.output_dir is None:
         raise FinetuneInputError("--push-to-hub needs --output-dir to save the main job's full-set model first.")
-    trials = data_args.trials if data_args.trials > 1 else FEW_SHOT_TRIALS
+
+
+def run_main_job(model_args, data_args, rule_args, run_args, argv) -> dict:
+    """Transfer vs. scratch on digits; prints the table and returns {row: {"transfer": [...], "scratch": [...]}}."""
+    check_main_job_arguments(model_args, data_args, rule_args, run_args)
     started = time.perf_counter()
+    trials = data_args.trials or FEW_SHOT_TRIALS
     checkpoint = Path(model_args.model) if model_args.model else embedded_checkpoint()
-    transformers_logging.set_verbosity_error()  # the expected head replacement would be reported 32 times
+    transformers_logging.set_verbosity_error()  # the expected head replacement would be reported every run
     transformers_logging.disable_progress_bar()
 
     data = load_digits()
-    train_labels = data.train_labels()
     area, _ = data_module.median_image_area(data.train)
     overrides = main_job_overrides(checkpoint, rule_args)
+    paper_rule = BitHyperRule.from_dataset(len(data.train), area)
     full_rule = BitHyperRule.from_dataset(len(data.train), area, **overrides)
+    side = round(area**0.5)
     logger.info(
-        "Main job: BiT-HyperRule fine-tuning of %s on scikit-learn's digits (%d classes, %d training / %d test images, "
-        "%dx%d px), against the same network from random weights.",
-        checkpoint,
-        data.num_classes,
-        len(data.train),
-        len(data.eval),
-        round(area**0.5),
-        round(area**0.5),
+        "Main job: BiT-HyperRule fine-tuning of %s on scikit-learn's digits (%d classes, %d training / %d test "
+        "images of %dx%d px), against the same network from random weights.",
+        checkpoint, data.num_classes, len(data.train), len(data.eval), side, side,
     )
     for announcement in data.announcements:
         logger.info(announcement)
-    logger.info(describe_override(full_rule, BitHyperRule.from_dataset(len(data.train), area)))
+    logger.info(describe_override(full_rule, paper_rule))
 
-    train_images = preprocess(data.train, full_rule.precrop, description="Resizing the digits")
-    eval_images = preprocess(data.eval, full_rule.crop, description="Resizing the test digits")
-    plans = [(f"{k}", k, trials) for k in FEW_SHOT_EXAMPLES_PER_CLASS] + [(f"all ({len(data.train):,})", None, 1)]
-    total_runs = 2 * sum(plan_trials for _, _, plan_trials in plans)
-    results = {name: {"transfer": [], "scratch": []} for name, _, _ in plans}
+    workers = run_args.num_workers
+    train_images = preprocess(data.train, full_rule.precrop, num_workers=workers, description="Resizing the digits")
+    eval_images = preprocess(data.eval, full_rule.crop, num_workers=workers, description="Resizing the test digits")
+    train_labels = train_images.labels.numpy()
+    rows = [(str(k), k, trials) for k in FEW_SHOT_EXAMPLES_PER_CLASS] + [(f"all ({len(train_images):,})", None, 1)]
+    results = {name: {arm: [] for arm in ARMS} for name, _, _ in rows}
     micro_batch_size = overrides.get("micro_batch_size")
-    device = PartialState().device
-    kept = None
-    with tempfile.TemporaryDirectory(prefix="bit-finetune-main-job-") as scratch_dir, tqdm(
+    kept_model = None
+    total_runs = len(ARMS) * sum(row_trials for _, _, row_trials in rows)
+    with tempfile.TemporaryDirectory(prefix="bit-finetune-main-job-") as work_dir, tqdm(
         total=total_runs, desc="Fine-tuning runs", unit="run"
     ) as progress:
-        for name, examples_per_class, plan_trials in plans:
-            for trial in range(plan_trials):
+        for name, examples_per_class, row_trials in rows:
+            for trial in range(row_trials):
                 seed = run_args.seed + trial
-                if examples_per_class is None:
-                    subset = train_images
-                else:
-                    indices = data_module.few_shot_indices(train_labels, examples_per_class, seed, data.label_names)
-                    subset = train_images.select(indices)
-                rule = BitHyperRule.from_dataset(len(subset), area, **overrides)
-                for arm in ("transfer", "scratch"):
+                subset = train_images
+                if examples_per_class is not None:
+                    subset = train_images.select(
+                        data_module.few_shot_indices(train_labels, examples_per_class, seed, data.label_names)
+                    )
+                for arm in ARMS:
                     torch.manual_seed(seed)  # the scratch arm's random weights
                     model = load_model_for_labels(checkpoint, data.label_names, from_scratch=arm == "scratch")
-                    micro_batch_size = micro_batch_size or choose_micro_batch_size(model, rule.crop, rule.batch_size, device)
-                    rule = rule.with_micro_batch_size(micro_batch_size)
-                    stream = HyperRuleTrainingStream(subset, rule.steps * rule.batch_size, crop=rule.crop, seed=seed)
+                    if micro_batch_size is None:
+                        micro_batch_size = choose_micro_batch_size(model, full_rule.crop, full_rule.batch_size, PartialState().device)
+                    rule = BitHyperRule.from_dataset(len(subset), area, **overrides).with_micro_batch_size(micro_batch_size)
                     trainer, result = train_and_evaluate(
                         model,
                         rule,
-                        stream,
+                        HyperRuleTrainingStream(subset, rule.steps * rule.batch_size, crop=rule.crop, seed=seed),
                         eval_images,
                         data.label_names,
-                        output_dir=Path(scratch_dir) / f"{arm}-{name}-{trial}",
+                        output_dir=Path(work_dir) / f"{arm}-{name}-{trial}",
                         seed=seed,
                         save_checkpoints=False,
                         quiet=True,
@@ -222,25 +223,24 @@ def run_main_job(model_args, data_args, rule_args, run_args, argv) -> dict:
                     )
                     results[name][arm].append(result.accuracy)
                     if arm == "transfer" and examples_per_class is None and run_args.output_dir is not None:
-                        trainer.save_model(str(Path(scratch_dir) / "full-set-model"))
-                        kept = (rule, result)
+                        trainer.save_model(str(Path(work_dir) / "full-set-model"))
+                        kept_model = (rule, result)
                     progress.update()
-                    progress.set_postfix_str(f"{arm} k={name.split()[0]}: {result.accuracy:.3f}")
+                    progress.set_postfix_str(f"{arm}, {name} per class: {result.accuracy:.3f}")
 
-        elapsed = time.perf_counter() - started
-        table = format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in plans], "embedded checkpoint" if not model_args.model else checkpoint.name)
         logger.info("")
-        logger.info(describe_override(full_rule, BitHyperRule.from_dataset(len(data.train), area)))
+        logger.info(describe_override(full_rule, paper_rule))
         logger.info(
             "Top-1 accuracy on %d held-out digits; few-shot rows: median of %d random subsets (min-max).",
-            len(data.eval),
+            len(eval_images),
             trials,
         )
-        logger.info(table)
-        logger.info("%d runs in %.0f s.", total_runs, elapsed)
-        if kept is not None:
-            rule, result = kept
-            save_main_job_folder(Path(run_args.output_dir), Path(scratch_dir) / "full-set-model", rule, result, results, argv, checkpoint, data)
+        arm_name = "embedded checkpoint" if model_args.model is None else checkpoint.name
+        logger.info(format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name))
+        logger.info("%d runs in %.0f s.", total_runs, time.perf_counter() - started)
+        if kept_model is not None:
+            rule, result = kept_model
+            save_main_job_folder(run_args.output_dir, Path(work_dir) / "full-set-model", rule, result, results, argv, checkpoint, data)
     if run_args.push_to_hub:
         logger.info("Uploaded to %s", push_to_hub(run_args.output_dir, run_args.hub_model_id))
     return results

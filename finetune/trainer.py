@@ -149,6 +149,10 @@ class BitTrainer(Trainer):
         mixup_alpha: MixUp's alpha; default: `args.mixup_alpha` for `BitTrainingArguments`, else off.
         Other keyword arguments are the Trainer's (`train_dataset`, `eval_dataset`, `data_collator`,
         `compute_metrics`, `callbacks`, `optimizers`, ...).
+
+    After training, `trainer.hyperrule` is the rule it ran (with the chosen micro-batch),
+    `trainer.unreadable_images` the images skipped, and `trainer.evaluated_examples` the number of
+    examples the last `evaluate()` scored.
     """
 
     def __init__(
@@ -236,7 +240,7 @@ class BitTrainer(Trainer):
         labels = inputs.pop("labels", None)
         if pixel_values.shape[0] == 0:  # every image of this micro-batch was unreadable
             loss = sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad) * 0.0
-            return (loss, {"logits": pixel_values.new_zeros(0, 1)}) if return_outputs else loss
+            return (loss, None) if return_outputs else loss
         if model.training and self.mixup_alpha > 0 and labels is not None:
             lam, permutation = self.mixup_draw(pixel_values.shape[0])
             multi_label = is_multi_label(self.accelerator.unwrap_model(model), labels)

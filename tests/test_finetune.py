@@ -33,6 +33,7 @@ from finetune.data import (
 )
 from finetune.errors import FinetuneInputError
 from finetune.finetuning import HubUploadError, push_to_hub
+from finetune.main_job import run_main_job
 from finetune.hyperrule import (
     BitHyperRule,
     choose_micro_batch_size,
@@ -582,4 +583,4 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     assert sorted(path.name for path in output.iterdir()) == sorted(CONTRACT_FILES)
     assert json.loads((output / "config.json").read_text())["id2label"]["7"] == "7"
     with pytest.raises(FinetuneInputError, match="not used by the main job"):
-        cli.run_main_job(*cli.parse_arguments(["--examples-per-class", "3"]), [])
+        run_main_job(*cli.parse_arguments(["--examples-per-class", "3"]), [])
