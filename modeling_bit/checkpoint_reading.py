@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import re
 import string
 import zipfile
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .configuration_bit import RESNET_STEM_CHANNELS, BitConfig
 from .modeling_bit import BitModel
@@ -134,12 +135,12 @@ class NamingScheme:
                 return ours, rule.layout
         return None
 
-    def to_source(self, our_name: str) -> tuple[str, Layout]:
+    def to_source(self, our_name: str) -> str:
         for rule in self.rules:
             source = rule.translate(our_name, from_source=False)
             if source is not None:
-                return source, rule.layout
-        return our_name, SAME
+                return source
+        return our_name
 
 
 _LAYER = "bit.encoder.stages.{stage}.layers.{unit}"
@@ -195,7 +196,10 @@ def _transformers_scheme(prefix: str) -> NamingScheme:
         "bit.embedder.convolution.weight, bit.encoder.stages.0.layers.0.norm1.weight, classifier.1.weight",
         (
             NameRule(f"{prefix}embedder.convolution.weight", STEM),
-            *(NameRule(f"{prefix}encoder.stages.{{stage}}.layers.{{unit}}.{leaf}", f"{_LAYER}.{leaf}") for leaf in _UNIT_LEAVES),
+            *(
+                NameRule(f"{prefix}encoder.stages.{{stage}}.layers.{{unit}}.{leaf}", f"{_LAYER}.{leaf}")
+                for leaf in _UNIT_LEAVES
+            ),
             NameRule(f"{prefix}norm.weight", "bit.norm.weight"),
             NameRule(f"{prefix}norm.bias", "bit.norm.bias"),
             NameRule(HEAD_WEIGHT, HEAD_WEIGHT),
@@ -221,7 +225,8 @@ def detect_scheme(names: list[str]) -> NamingScheme:
     shown = ", ".join(repr(name) for name in names[:3]) or "no tensors at all"
     raise CheckpointError(
         f"The tensor names ({shown}) are not those of a BiT checkpoint. Expected the published layout "
-        f"({NPZ_SCHEME.example}), timm's ({TIMM_SCHEME.example}) or stock transformers' ({TRANSFORMERS_SCHEME.example})."
+        f"({NPZ_SCHEME.example}), timm's ({TIMM_SCHEME.example}) "
+        f"or stock transformers' ({TRANSFORMERS_SCHEME.example})."
     )
 
 
@@ -234,16 +239,12 @@ class TensorInfo:
     is_float: bool
 
 
+@dataclass(frozen=True)
 class TensorContainer:
     """Tensors of a file (or folder) by name: shapes known up front, data read one tensor at a time."""
 
-    def __init__(self, infos: dict[str, TensorInfo], reader: Callable[[str], torch.Tensor], path: Path):
-        self.infos = infos
-        self._reader = reader
-        self.path = path
-
-    def read(self, name: str) -> torch.Tensor:
-        return self._reader(name)
+    infos: dict[str, TensorInfo]
+    read: Callable[[str], torch.Tensor]
 
 
 def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
@@ -277,23 +278,22 @@ def open_npz(path: Path) -> TensorContainer:
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
             raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({error}); the file is corrupt.") from error
 
-    return TensorContainer(infos, read, path)
+    return TensorContainer(infos, read)
 
 
 def open_safetensors(paths: list[Path]) -> TensorContainer:
     """One or several (sharded) `.safetensors` files, memory-mapped."""
-    handles, infos, owner = [], {}, {}
+    infos, owner = {}, {}
     for path in paths:
         try:
             handle = safe_open(str(path), framework="pt")
-        except Exception as error:  # safetensors raises its own SafetensorError, not an OSError subclass
+        except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable .safetensors file: {error}") from error
-        handles.append(handle)
         for name in handle.keys():
             sliced = handle.get_slice(name)
             infos[name] = TensorInfo(tuple(sliced.get_shape()), sliced.get_dtype() in ("F16", "BF16", "F32", "F64"))
             owner[name] = handle
-    return TensorContainer(infos, lambda name: owner[name].get_tensor(name), paths[0])
+    return TensorContainer(infos, lambda name: owner[name].get_tensor(name))
 
 
 def open_torch_state_dict(path: Path) -> TensorContainer:
@@ -308,7 +308,7 @@ def open_torch_state_dict(path: Path) -> TensorContainer:
             if "mmap" not in str(error):
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for unusable files
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch state dict with weights_only=True ({type(error).__name__}: {error}). "
             "Only plain tensors are accepted; pickled code is never executed."
@@ -319,7 +319,7 @@ def open_torch_state_dict(path: Path) -> TensorContainer:
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors).")
     infos = {name: TensorInfo(tuple(value.shape), value.is_floating_point()) for name, value in loaded.items()}
-    return TensorContainer(infos, loaded.__getitem__, path)
+    return TensorContainer(infos, loaded.__getitem__)
 
 
 def open_transformers_folder(folder: Path) -> TensorContainer:
@@ -377,9 +377,10 @@ class BitCheckpoint:
         return self.shapes["bit.norm.weight"][0]
 
     def read(self, our_name: str) -> torch.Tensor:
-        """One tensor in our layout (contiguous, in the dtype it is stored in)."""
+        """One tensor in our layout, in the dtype it is stored in: a view of the tensor as read (a transposed
+        kernel is not contiguous), so that the caller can copy it piece by piece."""
         source_name, layout = self._sources[our_name]
-        return layout.to_ours(self._container.read(source_name)).contiguous()
+        return layout.to_ours(self._container.read(source_name))
 
 
 def open_checkpoint(path: str | os.PathLike, *, file_type: str | None = None) -> BitCheckpoint:
@@ -411,7 +412,7 @@ def _validate(path: Path, container: TensorContainer, scheme: NamingScheme) -> B
         shapes[our_name] = layout.our_shape(info.shape)
 
     def missing(our_name: str) -> CheckpointError:
-        return CheckpointError(f"{where}missing tensor {scheme.to_source(our_name)[0]!r} of a ResNetV2-BiT.")
+        return CheckpointError(f"{where}missing tensor {scheme.to_source(our_name)!r} of a ResNetV2-BiT.")
 
     if STEM not in shapes:
         raise missing(STEM)
@@ -433,7 +434,9 @@ def _validate(path: Path, container: TensorContainer, scheme: NamingScheme) -> B
     extra_stages = sorted(stage for stage in units if stage >= NUM_STAGES)
     if extra_stages:
         first = next(name for name in shapes if name.startswith(f"bit.encoder.stages.{extra_stages[0]}."))
-        raise CheckpointError(f"{where}unexpected tensor {sources[first][0]!r}: a ResNetV2-BiT has {NUM_STAGES} stages.")
+        raise CheckpointError(
+            f"{where}unexpected tensor {sources[first][0]!r}: a ResNetV2-BiT has {NUM_STAGES} stages."
+        )
     for stage in range(NUM_STAGES):
         if stage not in units:
             raise missing(f"bit.encoder.stages.{stage}.layers.0.norm1.weight")

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 CONVERSION_METADATA = "bit_conversion.json"
+WRITE_SLICE_BYTES = 64 << 20
 
 
 class ConversionError(ValueError):
@@ -165,22 +166,31 @@ def write_safetensors_streaming(
     header, offset = {"__metadata__": metadata}, 0
     for name, shape in shapes.items():
         size = tensor_bytes(shape, dtype)
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as stream, hf_tqdm(
-        total=offset, desc="Converting", unit="B", unit_scale=True, unit_divisor=1024
-    ) as progress:
+    with (
+        open(path, "wb") as stream,
+        hf_tqdm(total=offset, desc="Converting", unit="B", unit_scale=True, unit_divisor=1024) as progress,
+    ):
         stream.write(struct.pack("<Q", len(encoded)))
         stream.write(encoded)
         for name, shape in shapes.items():
-            tensor = read_tensor(name).to(dtype).contiguous()
+            tensor = read_tensor(name)
             if tuple(tensor.shape) != shape:
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}.")
-            stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            progress.update(tensor_bytes(shape, dtype))
-            del tensor
+            # Cast and lay out a slice of rows at a time: a transposed kernel never exists twice in full.
+            rows = max(1, WRITE_SLICE_BYTES // max(1, tensor_bytes(shape[1:], dtype)))
+            for start in range(0, shape[0], rows):
+                piece = tensor[start : start + rows].to(dtype).contiguous()
+                stream.write(piece.reshape(-1).view(torch.uint8).numpy().data)
+                progress.update(tensor_bytes(tuple(piece.shape), dtype))
+            del tensor, piece
         stream.flush()
         os.fsync(stream.fileno())
 
@@ -266,7 +276,7 @@ def convert_to_folder(
     if head_labels is None:
         if checkpoint.num_labels is None:
             raise CheckpointError(
-                f"{resolved.path}: missing tensor {checkpoint.scheme.to_source(HEAD_WEIGHT)[0]!r} (the checkpoint has "
+                f"{resolved.path}: missing tensor {checkpoint.scheme.to_source(HEAD_WEIGHT)!r} (the checkpoint has "
                 "no head); pass --num-labels or --labels to give it a new one."
             )
         head_labels = published_head_labels(checkpoint, resolved, source_config)
@@ -284,7 +294,9 @@ def convert_to_folder(
 
     with atomic_directory(output_dir) as staging:
         config.save_pretrained(staging)
-        write_safetensors_streaming(staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"})
+        write_safetensors_streaming(
+            staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
+        )
         bit_image_processor(image_size).save_pretrained(staging)
         atomic_write_json(staging / CONVERSION_METADATA, metadata)
     write_model_card(output_dir)  # the card describes the complete folder
@@ -292,7 +304,9 @@ def convert_to_folder(
     return output_dir
 
 
-def _output_config(checkpoint: BitCheckpoint, source_config: dict, head_labels: list[str], dtype_name: str) -> BitConfig:
+def _output_config(
+    checkpoint: BitCheckpoint, source_config: dict, head_labels: list[str], dtype_name: str
+) -> BitConfig:
     # GN groups and padding are not visible in the tensors: BiT's values, unless a transformers folder says otherwise.
     architecture_fields = ("num_groups", "global_padding", "embedding_dynamic_padding", "layer_type", "hidden_act")
     try:
@@ -306,7 +320,9 @@ def _output_config(checkpoint: BitCheckpoint, source_config: dict, head_labels: 
             **{key: source_config[key] for key in architecture_fields if key in source_config},
         )
     except ValueError as error:
-        raise CheckpointError(f"{checkpoint.path}/config.json describes no BiT network this package runs: {error}") from error
+        raise CheckpointError(
+            f"{checkpoint.path}/config.json describes no BiT network this package runs: {error}"
+        ) from error
 
 
 def _conversion_metadata(
@@ -322,7 +338,11 @@ def _conversion_metadata(
         head = label_lists.dataset_of_head(checkpoint.num_labels or 0)
         upstream, fine_tuned = (head, None) if head == label_lists.IMAGENET21K else (None, None)
     weights = next(
-        (path for path in (source.path, source.path / "model.safetensors", source.path / "pytorch_model.bin") if path.is_file()),
+        (
+            path
+            for path in (source.path, source.path / "model.safetensors", source.path / "pytorch_model.bin")
+            if path.is_file()
+        ),
         None,
     )  # a sharded folder has no single file to hash
     return {
@@ -348,18 +368,32 @@ def _conversion_metadata(
 class ConvertArguments:
     """Options of `bit-convert` (SOURCE is positional)."""
 
-    output: str = field(metadata={"help": "Folder to write (created; an earlier bit-convert output there is replaced)."})
+    output: str = field(
+        metadata={
+            "help": "Folder to write (created; an earlier bit-convert output there is replaced).",
+            "metavar": "DIR",
+        }
+    )
     num_labels: int | None = field(
-        default=None, metadata={"help": "Replace the head with a zero-initialised one of this many classes."}
+        default=None,
+        metadata={"help": "Replace the head with a zero-initialised one of this many classes.", "metavar": "N"},
     )
     labels: str | None = field(
-        default=None, metadata={"help": "Replace the head with a zero-initialised one; FILE has one class name per line."}
+        default=None,
+        metadata={
+            "help": "Replace the head with a zero-initialised one; FILE has one class name per line.",
+            "metavar": "FILE",
+        },
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Data type of the written weights."}
     )
     resolution: int | None = field(
-        default=None, metadata={"help": "Preprocessing size to record (default: the checkpoint's, e.g. 480 for -ILSVRC2012)."}
+        default=None,
+        metadata={
+            "help": "Preprocessing size to record (by default the checkpoint's: 224 upstream, 480 -ILSVRC2012).",
+            "metavar": "PIXELS",
+        },
     )
 
 
@@ -373,7 +407,8 @@ def build_parser() -> HfArgumentParser:
     parser.add_argument(
         "source",
         metavar="SOURCE",
-        help="Published BiT name, .npz file or http(s) URL, timm state dict (.safetensors/.bin/.pth), or transformers folder.",
+        help="Published BiT name, .npz file or http(s) URL, timm state dict (.safetensors/.bin/.pth), "
+        "or transformers folder.",
     )
     return parser
 

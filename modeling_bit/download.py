@@ -82,6 +82,8 @@ def download_to_cache(
             return target
         partial = target.with_name(target.name + ".incomplete")
         _download_resuming(url, partial, offline_hint)
+        with open(partial, "rb") as stream:  # on disk before it is renamed into the cache
+            os.fsync(stream.fileno())
         try:
             validate(partial)
         except ValueError as error:
@@ -135,14 +137,17 @@ def _transfer(url: str, partial: Path, offset: int) -> bool:
     with response:
         start, total = _content_range(response, offset)
         mode = "ab" if start else "wb"  # a 200 answer to a Range request restarts from byte 0
-        with open(partial, mode) as stream, hf_tqdm(
-            desc=Path(urllib.parse.urlparse(url).path).name,
-            total=total,
-            initial=start,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-        ) as progress:
+        with (
+            open(partial, mode) as stream,
+            hf_tqdm(
+                desc=Path(urllib.parse.urlparse(url).path).name,
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+            ) as progress,
+        ):
             while chunk := response.read(CHUNK_BYTES):
                 stream.write(chunk)
                 progress.update(len(chunk))
@@ -155,7 +160,10 @@ def _content_range(response: http.client.HTTPResponse, offset: int) -> tuple[int
     if response.status == 206:
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip())
         if match is None or int(match.group(1)) != offset:
-            raise ConnectionError(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+            raise DownloadError(
+                f"Cannot resume {response.url}: asked for bytes from {offset}, the server answered Content-Range "
+                f"{response.headers.get('Content-Range')!r}."
+            )
         total = match.group(3)
         return offset, int(total) if total != "*" else None
     return 0, int(length) if length is not None else None

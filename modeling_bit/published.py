@@ -30,8 +30,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -92,17 +92,45 @@ def _catalog() -> dict[str, PublishedCheckpoint]:
             (f"BiT-M-R{depth}x{width}-ILSVRC2012", in21k, in1k, ILSVRC2012_FINETUNED_RESOLUTION),
         ):
             classes = 1000 if (fine_tuned or upstream) == in1k else 21843
-            entries.append(PublishedCheckpoint(name, f"{name}.npz", **arch, num_labels=classes,
-                                               upstream_dataset=upstream, fine_tuned_on=fine_tuned,
-                                               resolution=resolution))
+            entries.append(
+                PublishedCheckpoint(
+                    name,
+                    f"{name}.npz",
+                    **arch,
+                    num_labels=classes,
+                    upstream_dataset=upstream,
+                    fine_tuned_on=fine_tuned,
+                    resolution=resolution,
+                )
+            )
     # The distilled students learned ILSVRC-2012 from a BiT-M teacher; the teachers are BiT-M fine-tuned on it.
     # Each was trained and evaluated at the resolution in its file name.
     for resolution in (224, 160):
-        entries.append(PublishedCheckpoint(f"BiT-R50x1-distilled-{resolution}", f"distill/R50x1_{resolution}.npz",
-                                           RESNET_DEPTHS[50], 1, 1000, in1k, None, resolution))
+        entries.append(
+            PublishedCheckpoint(
+                f"BiT-R50x1-distilled-{resolution}",
+                f"distill/R50x1_{resolution}.npz",
+                RESNET_DEPTHS[50],
+                1,
+                1000,
+                in1k,
+                None,
+                resolution,
+            )
+        )
     for resolution in (224, 384):
-        entries.append(PublishedCheckpoint(f"BiT-M-R152x2-teacher-{resolution}", f"distill/R152x2_T_{resolution}.npz",
-                                           RESNET_DEPTHS[152], 2, 1000, in21k, in1k, resolution))
+        entries.append(
+            PublishedCheckpoint(
+                f"BiT-M-R152x2-teacher-{resolution}",
+                f"distill/R152x2_T_{resolution}.npz",
+                RESNET_DEPTHS[152],
+                2,
+                1000,
+                in21k,
+                in1k,
+                resolution,
+            )
+        )
     return {entry.name: entry for entry in entries}
 
 
@@ -212,7 +240,11 @@ def resolve_pretrained_name(
 
 
 def _is_hub_model(name: str, cache_dir, revision, token, local_files_only: bool) -> bool:
-    """Whether the Hub has (or the Hub cache holds) a model repository `name`, asked once, without retries."""
+    """Whether the Hub has (or the Hub cache holds) a model repository `name`, asked once, without retries.
+
+    (Left to itself, transformers retries an unreachable Hub five times, about 25 s, and then raises an OSError
+    that does not tell "no such repository" from "no network"; one direct query tells them apart quickly.)
+    """
     try:
         if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision), str):
             return True

@@ -71,8 +71,12 @@ def reference_logits(arrays: dict[str, np.ndarray], pixel_values: torch.Tensor) 
             projection = arrays.get(f"{prefix}/a/proj/standardized_conv2d/kernel")
             shortcut = x if projection is None else _ws_conv(pre, projection, stride)
             h = _ws_conv(pre, arrays[f"{prefix}/a/standardized_conv2d/kernel"])
-            h = _ws_conv(_gn_relu(h, arrays, f"{prefix}/b/group_norm"), arrays[f"{prefix}/b/standardized_conv2d/kernel"], stride)
-            h = _ws_conv(_gn_relu(h, arrays, f"{prefix}/c/group_norm"), arrays[f"{prefix}/c/standardized_conv2d/kernel"])
+            h = _ws_conv(
+                _gn_relu(h, arrays, f"{prefix}/b/group_norm"), arrays[f"{prefix}/b/standardized_conv2d/kernel"], stride
+            )
+            h = _ws_conv(
+                _gn_relu(h, arrays, f"{prefix}/c/group_norm"), arrays[f"{prefix}/c/standardized_conv2d/kernel"]
+            )
             x = h + shortcut
             unit += 1
         block += 1
@@ -118,15 +122,24 @@ def r50_bytes(tmp_path_factory, r50_arrays) -> bytes:
 # --- local .npz ----------------------------------------------------------------------------------------------
 
 
-def test_cli_converts_npz_to_a_folder_ours_and_stock_transformers_agree_with_the_reference(tmp_path, small_npz, small_arrays):
+def test_cli_converts_npz_to_a_folder_ours_and_stock_transformers_agree_with_the_reference(
+    tmp_path, small_npz, small_arrays
+):
     output = tmp_path / "converted"
     completed = subprocess.run(
         [sys.executable, "-m", "modeling_bit.convert", str(small_npz), "--output", str(output)],
-        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert completed.returncode == 0, completed.stderr
     assert {p.name for p in output.iterdir()} == {
-        "config.json", "model.safetensors", "preprocessor_config.json", "bit_conversion.json", "README.md"
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "bit_conversion.json",
+        "README.md",
     }
     metadata = json.loads((output / "bit_conversion.json").read_text())
     assert metadata == {
@@ -170,7 +183,9 @@ def test_published_heads_get_wordnet_class_names(tmp_path):
     assert {id2label[134], id2label[517]} == {"crane (n02012849)", "crane (n03126707)"}  # bird and machine
 
     # A 21,843-class head can only be BiT-M's ImageNet-21k head.
-    m = convert_to_folder(write_npz(tmp_path / "m.npz", arrays_of(depths=(1, 1, 1, 1), num_classes=21843)), tmp_path / "m")
+    m = convert_to_folder(
+        write_npz(tmp_path / "m.npz", arrays_of(depths=(1, 1, 1, 1), num_classes=21843)), tmp_path / "m"
+    )
     config = transformers.AutoConfig.from_pretrained(m)
     assert len(config.id2label) == len(set(config.id2label.values())) == 21843
     assert (config.id2label[0], config.id2label[21842]) == ("organism", "knothole")
@@ -184,8 +199,10 @@ def test_new_head_is_zero_initialised_and_the_backbone_unchanged(tmp_path, small
     by_file = convert_to_folder(small_npz, tmp_path / "file", labels=tmp_path / "labels.txt", dtype="bfloat16")
 
     reference = load_file(published / "model.safetensors")
-    for folder, names, dtype in ((by_count, ["LABEL_0", "LABEL_1", "LABEL_2"], torch.float32),
-                                 (by_file, ["cat", "dog", "bird"], torch.bfloat16)):
+    for folder, names, dtype in (
+        (by_count, ["LABEL_0", "LABEL_1", "LABEL_2"], torch.float32),
+        (by_file, ["cat", "dog", "bird"], torch.bfloat16),
+    ):
         tensors = load_file(folder / "model.safetensors")
         assert torch.equal(tensors["classifier.1.weight"], torch.zeros(3, 2048, dtype=dtype))
         assert torch.equal(tensors["classifier.1.bias"], torch.zeros(3, dtype=dtype))
@@ -206,29 +223,42 @@ def test_new_head_is_zero_initialised_and_the_backbone_unchanged(tmp_path, small
     assert not (tmp_path / "bad").exists()
 
 
-def _renamed(arrays, old, new=None, value=None):
-    arrays = dict(arrays)
-    moved = arrays.pop(old)
-    if new is not None:
-        arrays[new] = moved if value is None else value
-    return arrays
+def _without(arrays: dict[str, np.ndarray], *names: str) -> dict[str, np.ndarray]:
+    return {name: array for name, array in arrays.items() if name not in names}
 
 
 BAD_CHECKPOINTS = {
-    "missing": (lambda a: _renamed(a, "resnet/block3/unit01/b/standardized_conv2d/kernel"),
-                "missing tensor 'resnet/block3/unit01/b/standardized_conv2d/kernel'"),
-    "extra": (lambda a: {**a, "resnet/block2/unit02/a/proj/standardized_conv2d/kernel": np.zeros((1, 1, 512, 512), np.float32)},
-              "unexpected tensor 'resnet/block2/unit02/a/proj/standardized_conv2d/kernel'"),
-    "unknown name": (lambda a: {**a, "resnet/block2/unit01/attention/kernel": np.zeros(3, np.float32)},
-                     "unexpected tensor 'resnet/block2/unit01/attention/kernel'"),
-    "wrong shape": (lambda a: {**a, "resnet/block2/unit02/b/standardized_conv2d/kernel": np.zeros((3, 3, 128, 64), np.float32)},
-                    r"'resnet/block2/unit02/b/standardized_conv2d/kernel' has shape \(3, 3, 128, 64\).*expects \(3, 3, 128, 128\)"),
-    "stem width": (lambda a: {**a, "resnet/root_block/standardized_conv2d/kernel": np.zeros((7, 7, 3, 48), np.float32)},
-                   r"'resnet/root_block/standardized_conv2d/kernel' has shape \(7, 7, 3, 48\)"),
-    "integer": (lambda a: {**a, "resnet/group_norm/beta": np.zeros(2048, np.int32)},
-                "'resnet/group_norm/beta' is not floating point"),
-    "no head": (lambda a: _renamed(_renamed(a, "resnet/head/conv2d/kernel"), "resnet/head/conv2d/bias"),
-                "missing tensor 'resnet/head/conv2d/kernel'.*--num-labels"),
+    "missing": (
+        lambda a: _without(a, "resnet/block3/unit01/b/standardized_conv2d/kernel"),
+        "missing tensor 'resnet/block3/unit01/b/standardized_conv2d/kernel'",
+    ),
+    "extra": (
+        lambda a: {
+            **a,
+            "resnet/block2/unit02/a/proj/standardized_conv2d/kernel": np.zeros((1, 1, 512, 512), np.float32),
+        },
+        "unexpected tensor 'resnet/block2/unit02/a/proj/standardized_conv2d/kernel'",
+    ),
+    "unknown name": (
+        lambda a: {**a, "resnet/block2/unit01/attention/kernel": np.zeros(3, np.float32)},
+        "unexpected tensor 'resnet/block2/unit01/attention/kernel'",
+    ),
+    "wrong shape": (
+        lambda a: {**a, "resnet/block2/unit02/b/standardized_conv2d/kernel": np.zeros((3, 3, 128, 64), np.float32)},
+        r"'resnet/block2/unit02/b/standardized_conv2d/kernel' has shape \(3, 3, 128, 64\).*expects \(3, 3, 128, 128\)",
+    ),
+    "stem width": (
+        lambda a: {**a, "resnet/root_block/standardized_conv2d/kernel": np.zeros((7, 7, 3, 48), np.float32)},
+        r"'resnet/root_block/standardized_conv2d/kernel' has shape \(7, 7, 3, 48\)",
+    ),
+    "integer": (
+        lambda a: {**a, "resnet/group_norm/beta": np.zeros(2048, np.int32)},
+        "'resnet/group_norm/beta' is not floating point",
+    ),
+    "no head": (
+        lambda a: _without(a, "resnet/head/conv2d/kernel", "resnet/head/conv2d/bias"),
+        "missing tensor 'resnet/head/conv2d/kernel'.*--num-labels",
+    ),
 }
 
 
@@ -257,7 +287,10 @@ def test_cli_reports_refusals_without_a_traceback(tmp_path, small_arrays):
     source = write_npz(tmp_path / "bad.npz", BAD_CHECKPOINTS["missing"][0](small_arrays))
     completed = subprocess.run(
         [sys.executable, "-m", "modeling_bit.convert", str(source), "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert completed.returncode == 1
     assert "missing tensor 'resnet/block3/unit01/b/standardized_conv2d/kernel'" in completed.stderr
@@ -340,12 +373,20 @@ def test_transformers_folders_round_trip(tmp_path, small_npz, small_arrays):
         assert torch.equal(value, load_file(again / "model.safetensors")[name])
     metadata = json.loads((again / "bit_conversion.json").read_text())
     assert (metadata["source_kind"], metadata["num_labels"]) == ("transformers", 10)
-    assert transformers.AutoConfig.from_pretrained(again).id2label == transformers.AutoConfig.from_pretrained(first).id2label
+    assert (
+        transformers.AutoConfig.from_pretrained(again).id2label
+        == transformers.AutoConfig.from_pretrained(first).id2label
+    )
 
     # A folder saved by stock transformers, with TensorFlow "SAME" padding as in google/bit-50.
     stock_config = transformers.BitConfig(
-        embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[1, 1, 2, 1], num_labels=3,
-        global_padding="SAME", embedding_dynamic_padding=True, id2label={0: "ant", 1: "bee", 2: "wasp"},
+        embedding_size=64,
+        hidden_sizes=[256, 512, 1024, 2048],
+        depths=[1, 1, 2, 1],
+        num_labels=3,
+        global_padding="SAME",
+        embedding_dynamic_padding=True,
+        id2label={0: "ant", 1: "bee", 2: "wasp"},
     )
     stock = randomize_(transformers.BitForImageClassification(stock_config)).eval()
     stock.save_pretrained(tmp_path / "stock")
@@ -450,14 +491,20 @@ def test_published_name_downloads_once_into_the_hf_cache(tmp_path, server, hf_ca
     assert cached_files(hf_cache) == ["BiT-S-R50x1.npz"]
 
     metadata = json.loads((first / "bit_conversion.json").read_text())
-    assert {key: metadata[key] for key in ("source", "source_kind", "published_name", "source_url", "source_sha256")} == {
+    assert {
+        key: metadata[key] for key in ("source", "source_kind", "published_name", "source_url", "source_sha256")
+    } == {
         "source": "bit-s-r50x1",
         "source_kind": "published",
         "published_name": "BiT-S-R50x1",
         "source_url": f"{server.url}/BiT-S-R50x1.npz",
         "source_sha256": hashlib.sha256(r50_bytes).hexdigest(),
     }
-    assert (metadata["upstream_dataset"], metadata["fine_tuned_on"], metadata["num_labels"]) == ("ilsvrc-2012", None, 1000)
+    assert (metadata["upstream_dataset"], metadata["fine_tuned_on"], metadata["num_labels"]) == (
+        "ilsvrc-2012",
+        None,
+        1000,
+    )
     assert metadata["architecture"] == {"depths": list(R50), "width_factor": 1}
     assert relative_error(our_logits(first, PIXELS), reference_logits(r50_arrays, PIXELS)) <= 1e-4
 
@@ -477,7 +524,9 @@ def test_unreachable_server_fails_fast_with_advice(tmp_path, hf_cache, monkeypat
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     monkeypatch.setenv("BIT_WEIGHTS_URL", f"http://127.0.0.1:{closed}")
-    with pytest.raises(DownloadError, match=r"Cannot download .*BiT-M-R101x3\.npz.*bit-convert /path/to/BiT-M-R101x3\.npz"):
+    with pytest.raises(
+        DownloadError, match=r"Cannot download .*BiT-M-R101x3\.npz.*bit-convert /path/to/BiT-M-R101x3\.npz"
+    ):
         convert_to_folder("BiT-M-R101x3", tmp_path / "out")
     assert cached_files(hf_cache) == [] and not (tmp_path / "out").exists()
 
@@ -488,7 +537,10 @@ def test_dropped_connection_resumes_with_a_range_request(tmp_path, server, hf_ca
     folder = convert_to_folder("BiT-S-R50x1", tmp_path / "out")
     half = len(r50_bytes) // 2
     assert server.gets("/BiT-S-R50x1.npz") == [None, f"bytes={half}-"]
-    assert json.loads((folder / "bit_conversion.json").read_text())["source_sha256"] == hashlib.sha256(r50_bytes).hexdigest()
+    assert (
+        json.loads((folder / "bit_conversion.json").read_text())["source_sha256"]
+        == hashlib.sha256(r50_bytes).hexdigest()
+    )
     assert relative_error(our_logits(folder, PIXELS), reference_logits(r50_arrays, PIXELS)) <= 1e-4
 
 
@@ -530,35 +582,50 @@ def test_from_pretrained_by_name_converts_once_and_local_or_hub_names_win(tmp_pa
     hf_home = tmp_path / "hf"
     # A cached Hub repository named like a published checkpoint (the Hub cache layout) must win over it.
     snapshot = hf_home / "hub" / "models--BiT-S-R50x3" / "snapshots" / ("0" * 40)
-    BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny", num_labels=7)).save_pretrained(snapshot)
+    BitForImageClassification(
+        BitForImageClassification.config_class.from_preset("bit-tiny", num_labels=7)
+    ).save_pretrained(snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     # So must a local folder.
-    BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny", num_labels=4)).save_pretrained(tmp_path / "BiT-S-R101x1")
+    BitForImageClassification(
+        BitForImageClassification.config_class.from_preset("bit-tiny", num_labels=4)
+    ).save_pretrained(tmp_path / "BiT-S-R101x1")
     torch.save(PIXELS, tmp_path / "pixels.pt")
-    code = f"""
+    code = """
 import json, torch, transformers
 import modeling_bit
-from modeling_bit import BitForImageClassification, BitModel
+from modeling_bit import BitBackbone, BitForImageClassification, BitModel
+from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
 x = torch.load("pixels.pt", weights_only=True)
+name = "BiT-S-R50x1"
 with torch.no_grad():
     logits = BitForImageClassification.from_pretrained("bit-s-r50x1")(x).logits
-    auto = transformers.AutoModelForImageClassification.from_pretrained("BiT-S-R50x1", num_labels=5, ignore_mismatched_sizes=True)
-    base = transformers.AutoModel.from_pretrained("BiT-S-R50x1", dtype=torch.bfloat16)
-    print("RESULT:" + json.dumps({{
+    auto = AutoModelForImageClassification.from_pretrained(name, num_labels=5, ignore_mismatched_sizes=True)
+    base = AutoModel.from_pretrained(name, dtype=torch.bfloat16)
+    size = AutoImageProcessor.from_pretrained(name).size
+    print("RESULT:" + json.dumps({
         "logits": logits.tolist(),
         "auto": [type(auto).__name__, auto.config.num_labels, auto(x).logits.abs().max().item()],
         "base": [type(base).__name__, str(base.dtype)],
-        "backbone": modeling_bit.BitBackbone.from_pretrained("BiT-S-R50x1").num_features,
-        "processor": [getattr(transformers.AutoImageProcessor.from_pretrained("BiT-S-R50x1").size, side) for side in ("height", "width")],
+        "backbone": BitBackbone.from_pretrained(name).num_features,
+        "processor": [size.height, size.width],
         "hub": BitForImageClassification.from_pretrained("BiT-S-R50x3").config.num_labels,
         "local": BitModel.from_pretrained("BiT-S-R101x1").config.num_labels,
-    }}))
+    }))
 """
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_ENDPOINT": server.url, "BIT_WEIGHTS_URL": server.url,
-           "PYTHONPATH": str(REPO_ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_ENDPOINT": server.url,
+        "BIT_WEIGHTS_URL": server.url,
+        "PYTHONPATH": str(REPO_ROOT),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout.split("RESULT:")[-1])
 
@@ -570,11 +637,21 @@ with torch.no_grad():
     assert (result["hub"], result["local"]) == (7, 4)
     assert server.gets("/BiT-S-R50x1.npz") == [None]  # downloaded and converted once for all those loads
     assert ("/api/models/bit-s-r50x1", None) in server.requests  # the Hub was asked first
-    assert (hf_home / "assets" / "bit-transfer" / "bit_models" / "converted" / "BiT-S-R50x1" / "model.safetensors").is_file()
+    assert (
+        hf_home / "assets" / "bit-transfer" / "bit_models" / "converted" / "BiT-S-R50x1" / "model.safetensors"
+    ).is_file()
 
     offline = subprocess.run(
-        [sys.executable, "-c", "import modeling_bit; print(modeling_bit.BitModel.from_pretrained('BiT-S-R50x1').config.hidden_sizes)"],
-        capture_output=True, text=True, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import modeling_bit; print(modeling_bit.BitModel.from_pretrained('BiT-S-R50x1').config.hidden_sizes)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
     assert offline.returncode == 0 and "[256, 512, 1024, 2048]" in offline.stdout, offline.stderr
     assert server.gets("/BiT-S-R50x1.npz") == [None]

@@ -37,7 +37,8 @@ def label_names(dataset: str) -> list[str]:
     first_lemmas = [lemmas.split(",")[0].strip() for _, lemmas in rows]
     counts = collections.Counter(first_lemmas)
     return [
-        lemma if counts[lemma] == 1 else f"{lemma} ({synset})" for (synset, _), lemma in zip(rows, first_lemmas)
+        lemma if counts[lemma] == 1 else f"{lemma} ({synset})"
+        for (synset, _), lemma in zip(rows, first_lemmas, strict=True)
     ]
 
 
