@@ -4,22 +4,26 @@ Importing this package registers our classes with transformers' Auto API for `mo
 `AutoModel.from_pretrained(...)` and `AutoModelForImageClassification.from_pretrained(...)` return them.
 """
 
-from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_bit import PRESETS, BitConfig, canonical_preset_name
 from .image_processing_bit import BIT_IMAGE_MEAN, BIT_IMAGE_STD, bit_image_processor, load_rgb_image
 from .modeling_bit import BitBackbone, BitForImageClassification, BitModel, BitPreTrainedModel
+from .published import PUBLISHED_CHECKPOINT_NAMES, route_auto_classes_through_published_names
 
 # "bit" is a built-in model type, hence exist_ok: ours replace stock transformers' for this process.
 AutoConfig.register("bit", BitConfig, exist_ok=True)
 AutoModel.register(BitConfig, BitModel, exist_ok=True)
 AutoModelForImageClassification.register(BitConfig, BitForImageClassification, exist_ok=True)
 AutoBackbone.register(BitConfig, BitBackbone, exist_ok=True)
+# `AutoModel.from_pretrained("BiT-M-R50x1")`: published BiT names resolve to converted checkpoints.
+route_auto_classes_through_published_names(AutoConfig, AutoModel, AutoModelForImageClassification, AutoImageProcessor)
 
 __all__ = [
     "BIT_IMAGE_MEAN",
     "BIT_IMAGE_STD",
     "PRESETS",
+    "PUBLISHED_CHECKPOINT_NAMES",
     "BitBackbone",
     "BitConfig",
     "BitForImageClassification",

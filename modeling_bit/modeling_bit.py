@@ -388,6 +388,16 @@ class BitPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BitEmbeddings", "BitPreActivationBottleneckLayer"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As in transformers, and by published BiT name (`"BiT-M-R101x3"`, case-insensitive): a local folder or
+        Hub repository of that name wins; otherwise the published checkpoint is downloaded, converted and cached
+        once, then loaded with the given keyword arguments (see `modeling_bit.published`)."""
+        from .published import resolve_pretrained_name  # the catalog and downloads, only where a name is loaded
+
+        resolved = resolve_pretrained_name(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(resolved, *model_args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

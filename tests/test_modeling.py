@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -369,7 +370,7 @@ def test_package_registers_with_auto_config():
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):
-    from modeling_bit.file_utils import atomic_directory
+    from modeling_bit.file_utils import atomic_directory, atomic_write_text
 
     target = tmp_path / "folder"
     with atomic_directory(target) as staging:
@@ -380,3 +381,8 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    written = atomic_write_text(tmp_path / "b.txt", "x")
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,438 @@
+"""`bit-convert`: any published BiT checkpoint as a folder that our classes and stock transformers load.
+
+    bit-convert SOURCE --output DIR [--num-labels N] [--labels FILE] [--dtype float32|bfloat16|float16]
+                                    [--resolution PIXELS]
+
+SOURCE is a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-R50x1-distilled-224`;
+case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the published layout, an
+http(s) URL of one, a timm ResNetV2-BiT state dict (`.safetensors`, or `.bin`/`.pth` read with
+`weights_only=True`), or a stock-transformers BiT folder. The architecture is inferred from the tensors; a
+checkpoint that is not a ResNetV2-BiT is refused, naming the first offending tensor, before anything is written.
+
+DIR receives config.json (with id2label), model.safetensors, preprocessor_config.json (BiT preprocessing at
+the checkpoint's resolution), bit_conversion.json (how it was produced) and README.md (the model card). The
+head is kept as published (with ImageNet-21k or ILSVRC-2012 class names) unless `--num-labels`/`--labels`
+replace it with a zero-initialised one, as the BiT fine-tuning protocol does.
+
+Weights are streamed: each tensor is read, converted and written before the next one is read, so converting
+R152x4 (0.93 B parameters) needs memory for its largest tensor, not for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import struct
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub.utils import tqdm as hf_tqdm
+from transformers import HfArgumentParser
+
+from model_cards import write_model_card
+
+from . import labels as label_lists
+from .checkpoint_reading import HEAD_BIAS, HEAD_WEIGHT, BitCheckpoint, CheckpointError, open_checkpoint, tensor_bytes
+from .configuration_bit import BitConfig
+from .download import DownloadError, sha256_of_file
+from .file_utils import atomic_directory, atomic_write_json
+from .image_processing_bit import bit_image_processor
+from .published import (
+    PUBLISHED_CHECKPOINT_NAMES,
+    UPSTREAM_RESOLUTION,
+    PublishedCheckpoint,
+    download_npz_url,
+    download_published,
+    find_published_checkpoint,
+    published_names_help,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+CONVERSION_METADATA = "bit_conversion.json"
+WRITE_SLICE_BYTES = 64 << 20
+
+
+class ConversionError(ValueError):
+    """Unusable conversion options (labels, output folder, dtype, resolution)."""
+
+
+# --- where the checkpoint comes from -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    given: str
+    kind: str | None  # "published" | "npz" | "url" | "timm" | "transformers"; None: decided by the tensor names
+    path: Path  # the local file or folder read
+    file_type: str | None = None  # for downloads, whose cached name may lack the .npz suffix
+    published: PublishedCheckpoint | None = None
+    url: str | None = None
+
+
+def resolve_source(source: str | os.PathLike) -> Source:
+    """Find (downloading if needed) the checkpoint `source` names; raise with the accepted forms if none."""
+    given = str(source)
+    if urllib.parse.urlparse(given).scheme in ("http", "https"):
+        return Source(given, "url", download_npz_url(given), file_type=".npz", url=given)
+    path = Path(given).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json: not a transformers BiT folder.")
+        kind = "transformers" if path.is_dir() else "npz" if path.suffix.lower() == ".npz" else None
+        return Source(given, kind, path)
+    published = find_published_checkpoint(given)
+    if published is not None:
+        path = download_published(published)
+        return Source(given, "published", path, file_type=".npz", published=published, url=published.url)
+    raise CheckpointError(
+        f"{given!r} is not a published BiT name, an existing file or folder, or an http(s) URL. Published names "
+        f"(case-insensitive): {published_names_help()}."
+    )
+
+
+# --- the new head's labels -----------------------------------------------------------------------------------
+
+
+def new_head_labels(num_labels: int | None, labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    """The class names of a replacement head, or None to keep the checkpoint's head.
+
+    `labels` is a file with one name per line, or the names themselves; `num_labels` alone gives LABEL_0, ...
+    """
+    if labels is None:
+        if num_labels is None:
+            return None
+        if num_labels < 1:
+            raise ConversionError(f"--num-labels must be a positive number of classes, got {num_labels}.")
+        return [f"LABEL_{index}" for index in range(num_labels)]
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels)
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConversionError(f"Cannot read the labels file {path} (one class name per line): {error}") from error
+        origin = f"the labels file {path}"
+    else:
+        names, origin = [str(name).strip() for name in labels], "labels"
+    if not names or not all(names):
+        raise ConversionError(f"{origin} must list one non-empty class name per line; got {len(names)} names.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConversionError(f"{origin} names some classes twice: {', '.join(duplicates[:5])}.")
+    if num_labels is not None and num_labels != len(names):
+        raise ConversionError(f"--num-labels {num_labels} disagrees with the {len(names)} names in {origin}.")
+    return names
+
+
+def published_head_labels(checkpoint: BitCheckpoint, source: Source, source_config: dict) -> list[str]:
+    """Class names of the head a checkpoint carries: a transformers folder's own, else the published list its
+    class count identifies (21,843: ImageNet-21k, 1,000: ILSVRC-2012, as timm also infers), else LABEL_i."""
+    num_labels = checkpoint.num_labels
+    own = source_config.get("id2label") or {}
+    if len(own) == num_labels:
+        return [str(own[key]) for key in sorted(own, key=int)]
+    dataset = source.published.head_dataset if source.published else label_lists.dataset_of_head(num_labels)
+    if dataset is not None:
+        return label_lists.label_names(dataset)
+    return [f"LABEL_{index}" for index in range(num_labels)]
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def write_safetensors_streaming(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    read_tensor,
+    metadata: dict[str, str],
+) -> None:
+    """Write a `.safetensors` file one tensor at a time: `read_tensor(name)` is called once per name, in order.
+
+    The format (github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON header
+    giving each tensor's dtype, shape and byte range, padded with spaces to a multiple of 8, then the data.
+    The header is known from the shapes alone, so no tensor needs to be held while writing.
+    """
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape in shapes.items():
+        size = tensor_bytes(shape, dtype)
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with (
+        open(path, "wb") as stream,
+        hf_tqdm(total=offset, desc="Converting", unit="B", unit_scale=True, unit_divisor=1024) as progress,
+    ):
+        stream.write(struct.pack("<Q", len(encoded)))
+        stream.write(encoded)
+        for name, shape in shapes.items():
+            tensor = read_tensor(name)
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}.")
+            # Cast and lay out a slice of rows at a time: a transposed kernel never exists twice in full.
+            rows = max(1, WRITE_SLICE_BYTES // max(1, tensor_bytes(shape[1:], dtype)))
+            for start in range(0, shape[0], rows):
+                piece = tensor[start : start + rows].to(dtype).contiguous()
+                stream.write(piece.reshape(-1).view(torch.uint8).numpy().data)
+                progress.update(tensor_bytes(tuple(piece.shape), dtype))
+            del tensor, piece
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _bit_transfer_version() -> str:
+    try:
+        return importlib.metadata.version("bit-transfer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse to replace anything but an earlier conversion."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"--output {output_dir} is a file; expected a folder to create.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONVERSION_METADATA).is_file():
+        raise ConversionError(
+            f"--output {output_dir} exists and is not an earlier bit-convert output ({CONVERSION_METADATA} is "
+            "missing); refusing to replace it. Choose a new or empty folder."
+        )
+
+
+def _source_config(source: Source) -> dict:
+    """config.json, bit_conversion.json and the square preprocessing size of a transformers source folder."""
+    if not source.path.is_dir():
+        return {}
+    try:
+        config = json.loads((source.path / "config.json").read_text())
+        for extra, key in ((CONVERSION_METADATA, "_conversion"), ("preprocessor_config.json", "_preprocessor")):
+            if (source.path / extra).is_file():
+                config[key] = json.loads((source.path / extra).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{source.path}: unreadable JSON ({error}).") from error
+    return config
+
+
+def _resolution(source: Source, source_config: dict, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    if source.published is not None:
+        return source.published.resolution
+    size = source_config.get("_preprocessor", {}).get("size") or {}
+    if isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width"):
+        return int(size["height"])
+    return UPSTREAM_RESOLUTION
+
+
+# --- conversion ----------------------------------------------------------------------------------------------
+
+
+def convert_to_folder(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    labels: str | os.PathLike | Sequence[str] | None = None,
+    dtype: str | None = None,
+    resolution: int | None = None,
+) -> Path:
+    """Convert the BiT checkpoint `source` into the transformers folder `output_dir` and return its path.
+
+    `source`: a published name, a `.npz`/`.safetensors`/`.bin`/`.pth` file, an http(s) URL or a transformers
+    folder (see the module docstring). `num_labels`/`labels` (a file with one name per line, or the names)
+    replace the head with a zero-initialised one; `dtype` is "float32" (default), "bfloat16" or "float16";
+    `resolution` overrides the checkpoint's preprocessing size. Everything is checked before anything is
+    written; the folder appears complete or not at all (an earlier conversion there is replaced).
+    """
+    output_dir = Path(output_dir)
+    dtype_name = dtype or "float32"
+    if dtype_name not in DTYPES:
+        raise ConversionError(f"--dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}.")
+    if resolution is not None and resolution < 1:
+        raise ConversionError(f"--resolution must be a positive number of pixels, got {resolution}.")
+    head_labels = new_head_labels(num_labels, labels)
+    _check_output_dir(output_dir)
+    resolved = resolve_source(source)
+    if resolved.path.is_dir() and output_dir.resolve() == resolved.path.resolve():
+        raise ConversionError(f"--output {output_dir} is the source folder; choose another folder.")
+    checkpoint = open_checkpoint(resolved.path, file_type=resolved.file_type)
+    if resolved.kind is None:  # a state dict is "timm" or "transformers" by its tensor names
+        resolved = dataclasses.replace(resolved, kind=checkpoint.scheme.name)
+    source_config = _source_config(resolved)
+    if head_labels is None:
+        if checkpoint.num_labels is None:
+            raise CheckpointError(
+                f"{resolved.path}: missing tensor {checkpoint.scheme.to_source(HEAD_WEIGHT)!r} (the checkpoint has "
+                "no head); pass --num-labels or --labels to give it a new one."
+            )
+        head_labels = published_head_labels(checkpoint, resolved, source_config)
+    config = _output_config(checkpoint, source_config, head_labels, dtype_name)
+    image_size = _resolution(resolved, source_config, resolution)
+    new_head = num_labels is not None or labels is not None
+    metadata = _conversion_metadata(resolved, checkpoint, source_config, dtype_name, len(head_labels), new_head)
+
+    shapes = dict(checkpoint.shapes)
+    if new_head:  # zeros: the BiT fine-tuning protocol starts a new head at zero
+        shapes.update({HEAD_WEIGHT: (len(head_labels), checkpoint.num_features), HEAD_BIAS: (len(head_labels),)})
+
+    def read_tensor(name: str) -> torch.Tensor:
+        return torch.zeros(shapes[name]) if new_head and name in (HEAD_WEIGHT, HEAD_BIAS) else checkpoint.read(name)
+
+    with atomic_directory(output_dir) as staging:
+        config.save_pretrained(staging)
+        write_safetensors_streaming(
+            staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
+        )
+        bit_image_processor(image_size).save_pretrained(staging)
+        atomic_write_json(staging / CONVERSION_METADATA, metadata)
+    write_model_card(output_dir)  # the card describes the complete folder
+    logger.info("Converted %s into %s", resolved.given, output_dir)
+    return output_dir
+
+
+def _output_config(
+    checkpoint: BitCheckpoint, source_config: dict, head_labels: list[str], dtype_name: str
+) -> BitConfig:
+    # GN groups and padding are not visible in the tensors: BiT's values, unless a transformers folder says otherwise.
+    architecture_fields = ("num_groups", "global_padding", "embedding_dynamic_padding", "layer_type", "hidden_act")
+    try:
+        return BitConfig(
+            depths=checkpoint.depths,
+            width_factor=checkpoint.width_factor,
+            id2label=dict(enumerate(head_labels)),
+            label2id={name: index for index, name in enumerate(head_labels)},
+            architectures=["BitForImageClassification"],
+            dtype=dtype_name,
+            **{key: source_config[key] for key in architecture_fields if key in source_config},
+        )
+    except ValueError as error:
+        raise CheckpointError(
+            f"{checkpoint.path}/config.json describes no BiT network this package runs: {error}"
+        ) from error
+
+
+def _conversion_metadata(
+    source: Source, checkpoint: BitCheckpoint, source_config: dict, dtype_name: str, num_labels: int, new_head: bool
+) -> dict:
+    published = source.published
+    earlier = source_config.get("_conversion", {})  # converting one of our own folders keeps its provenance
+    if published is not None:
+        upstream, fine_tuned = published.upstream_dataset, published.fine_tuned_on
+    elif earlier:
+        upstream, fine_tuned = earlier.get("upstream_dataset"), earlier.get("fine_tuned_on")
+    else:  # only a 21,843-class head says for sure where it comes from
+        head = label_lists.dataset_of_head(checkpoint.num_labels or 0)
+        upstream, fine_tuned = (head, None) if head == label_lists.IMAGENET21K else (None, None)
+    weights = next(
+        (
+            path
+            for path in (source.path, source.path / "model.safetensors", source.path / "pytorch_model.bin")
+            if path.is_file()
+        ),
+        None,
+    )  # a sharded folder has no single file to hash
+    return {
+        "source": source.given,
+        "source_kind": source.kind,
+        "published_name": published.name if published else None,
+        "source_url": source.url,
+        "source_sha256": sha256_of_file(weights) if weights else None,
+        "upstream_dataset": upstream,
+        "fine_tuned_on": fine_tuned,
+        "head": "replaced" if new_head else "published",
+        "num_labels": num_labels,
+        "dtype": dtype_name,
+        "architecture": {"depths": list(checkpoint.depths), "width_factor": checkpoint.width_factor},
+        "bit_transfer_version": _bit_transfer_version(),
+    }
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertArguments:
+    """Options of `bit-convert` (SOURCE is positional)."""
+
+    output: str = field(
+        metadata={
+            "help": "Folder to write (created; an earlier bit-convert output there is replaced).",
+            "metavar": "DIR",
+        }
+    )
+    num_labels: int | None = field(
+        default=None,
+        metadata={"help": "Replace the head with a zero-initialised one of this many classes.", "metavar": "N"},
+    )
+    labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "Replace the head with a zero-initialised one; FILE has one class name per line.",
+            "metavar": "FILE",
+        },
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Data type of the written weights."}
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Preprocessing size to record (by default the checkpoint's: 224 upstream, 480 -ILSVRC2012).",
+            "metavar": "PIXELS",
+        },
+    )
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        ConvertArguments,
+        prog="bit-convert",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Published names: {published_names_help()}.",
+    )
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="Published BiT name, .npz file or http(s) URL, timm state dict (.safetensors/.bin/.pth), "
+        "or transformers folder.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments, positional = build_parser().parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folder = convert_to_folder(
+            positional.source,
+            arguments.output,
+            num_labels=arguments.num_labels,
+            labels=arguments.labels,
+            dtype=arguments.dtype,
+            resolution=arguments.resolution,
+        )
+    except (ConversionError, CheckpointError, DownloadError) as error:
+        print(f"bit-convert: error: {error}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+__all__ = ["PUBLISHED_CHECKPOINT_NAMES", "ConvertArguments", "convert_to_folder", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
