@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from transformers import AutoConfig
 
 from modeling_bit import BitConfig, BitForImageClassification, canonical_preset_name
 
@@ -26,13 +27,13 @@ def label_maps(label_names: Sequence[str]) -> tuple[dict[int, str], dict[str, in
 
 
 def _checkpoint_labels(model_name_or_path: str) -> list[str] | None:
-    """The label names a checkpoint's config declares, when they can be read without loading it."""
+    """The label names a checkpoint's config declares (AutoConfig resolves published BiT names too)."""
     try:
-        config, _ = BitConfig.get_config_dict(str(model_name_or_path))
+        config = AutoConfig.from_pretrained(str(model_name_or_path))
     except (OSError, ValueError):
         return None
-    id2label = config.get("id2label") or {}
-    return [id2label[key] for key in sorted(id2label, key=int)] if id2label else None
+    id2label = config.id2label or {}
+    return [id2label[key] for key in sorted(id2label)] if id2label else None
 
 
 def zero_head_(model: BitForImageClassification) -> None:
