@@ -358,17 +358,17 @@ def run_finetuning(
         logger.info("Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
     rule = BitHyperRule.from_dataset(num_train, area, large_resolution=rule_args.large_resolution, **overrides)
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    prepare_work_dir(work_dir, run_args.resume, run_record)
     state = PartialState()
-    eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
-
-    # The first trial's model also sizes the micro-batch for this device.
+    # The first trial's model, loaded before anything is written; it also sizes the micro-batch.
     model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
     if rule.micro_batch_size is None:
         micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
         rule = rule.with_micro_batch_size(micro)
     logger.info(rule.describe(world_size=state.num_processes))
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    prepare_work_dir(work_dir, run_args.resume, run_record)
+    eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
 
     results: list[RunResult] = []
     for trial in range(trials):

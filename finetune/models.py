@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from modeling_bit import BitConfig, BitForImageClassification, canonical_preset_name
+from modeling_bit.published import find_published_checkpoint
 
 from .errors import FinetuneInputError
 
@@ -67,7 +68,8 @@ def load_model_for_labels(
     try:
         model = BitForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
     except OSError as error:
-        hint = " (a preset name: add --from-scratch to train it from random weights)" if canonical_preset_name(name) else ""
+        only_a_preset = canonical_preset_name(name) is not None and find_published_checkpoint(name) is None
+        hint = " (a preset name: add --from-scratch to train it from random weights)" if only_a_preset else ""
         raise FinetuneInputError(
             f"--model {name!r}: expected a folder saved with save_pretrained, a Hub model id or a published BiT "
             f"name{hint}. Loading failed: {error}"

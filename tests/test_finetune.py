@@ -378,8 +378,9 @@ def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpo
         (lambda root: write_image_folder(root, {"only": 4}), [], "found one class ('only')"),
         (lambda root: root.mkdir() or root, [], "no image files in"),
         (lambda root: write_image_folder(root, {"a": 6, "b": 3}), ["--examples-per-class", "4"], "'b' has 3"),
+        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--model", "/no/such/model"], "--model '/no/such/model'"),
     ],
-    ids=["single-class", "empty-folder", "k-larger-than-smallest-class"],
+    ids=["single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model"],
 )
 def test_bad_folders_are_refused_before_training(tmp_path, tiny_checkpoint, capsys, make_input, extra, message):
     folder = make_input(tmp_path / "data")
