@@ -1,7 +1,7 @@
 """Push a Hub-ready folder to a model repository: `create_repo(exist_ok=True)`, then `upload_folder`.
 
-- Idempotent: first, one `list_repo_tree` call lists the repository's files with their hashes; when every local
-  file is already there with the same content, nothing is created or sent.
+- Idempotent: first, one `model_info(files_metadata=True)` request lists the repository's files with their hashes;
+  when every local file is already there with the same content, nothing is created or sent.
 - Resumable: run the same push again. Files already committed are dropped from the new commit by `upload_folder`
   itself (huggingface_hub 2.4 compares each file with the Hub's oid before committing), and data hf_xet already
   sent is deduplicated.
@@ -16,14 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import httpx
 from huggingface_hub.utils.sha import git_hash
 
@@ -66,7 +60,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _same_content(path: Path, entry: RepoFile) -> bool:
+def _same_content(path: Path, entry: RepoSibling) -> bool:
     if entry.size != path.stat().st_size:
         return False
     if entry.lfs is not None:  # large files: the Hub keeps their SHA-256
@@ -77,11 +71,11 @@ def _same_content(path: Path, entry: RepoFile) -> bool:
 def files_differing_from_hub(api: HfApi, repo_id: str, folder: Path) -> list[str] | None:
     """Local files that the Hub repository lacks or holds with other content; None if there is no repository."""
     try:
-        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True) if isinstance(entry, RepoFile)}
+        # One request, which huggingface_hub does not retry: an unreachable Hub is reported at once.
+        info = api.model_info(repo_id, files_metadata=True)
     except RepositoryNotFoundError:
         return None
-    except (EntryNotFoundError, RevisionNotFoundError):  # a repository without any commit yet
-        remote = {}
+    remote = {sibling.rfilename: sibling for sibling in info.siblings or []}
     return [name for name, path in local_files(folder).items() if name not in remote or not _same_content(path, remote[name])]
 
 

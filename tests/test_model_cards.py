@@ -417,16 +417,14 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         path, hub = self._record(), self.server
-        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/main(/.*)?", path):
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/main)?", path):  # model_info
             if match[1] not in hub.repos:
                 return self._not_found("RepoNotFound")
-            return self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": git_hash(data)}
-                                    for name, data in sorted(hub.repos[match[1]].items())])
-        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/main)?", path):
-            if match[1] not in hub.repos:
-                return self._not_found("RepoNotFound")
-            return self._json(200, {"id": match[1], "sha": hub.revision(match[1]),
-                                    "siblings": [{"rfilename": name} for name in sorted(hub.repos[match[1]])]})
+            # With ?blobs=true the Hub adds each file's size and git blob id (and, for LFS files, their SHA-256;
+            # this fake stores every file as a regular git blob).
+            return self._json(200, {"id": match[1], "sha": hub.revision(match[1]), "siblings": [
+                {"rfilename": name, "size": len(data), "blobId": git_hash(data)}
+                for name, data in sorted(hub.repos[match[1]].items())]})
         if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):  # by branch or by commit
             repo = hub.repos.get(match[1])
             if repo is None:
@@ -508,7 +506,8 @@ def test_push_uploads_the_exact_folder_then_leaves_an_identical_repository_alone
 
     hub.requests.clear()
     second = push_folder(folder, "someone/bit-tiny-upstream", api=api)
-    assert not second.uploaded and hub.api_writes() == []  # one listing, nothing created or sent
+    assert not second.uploaded and hub.api_writes() == []  # one model_info, nothing created or sent
+    assert [(method, path) for method, path, _ in hub.requests] == [("GET", "/api/models/someone/bit-tiny-upstream")]
 
     del hub.repos["someone/bit-tiny-upstream"]["examples/rings.png"]  # an upload interrupted before this file
     hub.repos["someone/bit-tiny-upstream"]["README.md"] = b"an older card"
