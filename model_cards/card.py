@@ -67,7 +67,7 @@ class UpstreamDataset:
 
 UPSTREAM_DATASETS = {
     label_lists.IMAGENET21K: UpstreamDataset("imagenet-21k", "ImageNet-21k", "14.2M images, 21,843 classes"),
-    label_lists.ILSVRC2012: UpstreamDataset("imagenet-1k", "ILSVRC-2012 (ImageNet-1k)", "1.28M images, 1,000 classes"),
+    label_lists.ILSVRC2012: UpstreamDataset("imagenet-1k", "ILSVRC-2012", "ImageNet-1k: 1.28M images, 1,000 classes"),
 }
 
 
@@ -85,7 +85,6 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     title: str = ""
-    caption: str = ""
 
 
 @dataclass
@@ -184,12 +183,12 @@ def _table(headers, rows, **kwargs) -> Table | None:
     return Table([_cell(header) for header in headers], rows, **kwargs) if rows else None
 
 
-def _record_table(record: dict, labels: dict[str, str], title: str, skip=()) -> Table | None:
+def _record_table(record: dict, labels: dict[str, str], title: str) -> Table | None:
     """A metadata record as a two-column table, in the record's order, without empty values."""
     rows = [
         [labels.get(key, _code(key)), _value(value)]
         for key, value in record.items()
-        if key not in skip and value is not None and value != "" and value != [] and value != {}
+        if value is not None and value != "" and value != [] and value != {}
     ]
     return _table(["", "value"], rows, title=title)
 

@@ -1,7 +1,7 @@
 """What a saved BiT folder says about itself: its network, its preprocessing, and how it was produced.
 
 Every folder bit-transfer writes carries `config.json`, `model.safetensors`, `preprocessor_config.json` and one
-metadata file naming its kind (`/work/notes/contracts.md`, "Cross-team contracts"):
+metadata file naming its kind, as its producer writes it:
 
 - `bit_conversion.json`: converted by `bit-convert`;
 - `bit_hyperrule.json` / `bit_finetune_args.json` (+ `eval_results.json`, `all_results.json`,
