@@ -466,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _convert_all(parser, arguments: ConvertArguments, source: str | None) -> int:
-    from model_cards import hub_ready  # model_cards imports this module: import it only when used
+    # model_cards imports this module: import it only when used.
+    from model_cards.hub import HubPushError
+    from model_cards.hub_ready import HubReadyError, run
 
     single = [flag for flag, value in (("SOURCE", source), ("--output", arguments.output),
                                         ("--num-labels", arguments.num_labels), ("--labels", arguments.labels),
@@ -478,8 +480,8 @@ def _convert_all(parser, arguments: ConvertArguments, source: str | None) -> int
     if arguments.output_root is None:
         parser.error("--all needs --output-root R, the folder that receives one folder per checkpoint.")
     try:
-        return hub_ready.run(arguments.output_root, arguments.names, arguments.namespace, arguments.push)
-    except (hub_ready.HubReadyError, hub_ready.HubPushError) as error:
+        return run(arguments.output_root, arguments.names, arguments.namespace, arguments.push)
+    except (HubReadyError, HubPushError) as error:
         print(f"bit-convert: error: {error}", file=sys.stderr)
         return 1
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
-import io
 import json
 import os
 import re
@@ -390,7 +389,7 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
     server: FakeHub
 
     def log_message(self, *args):
-        pass
+        """Silent: pytest shows the recorded requests when an assertion needs them."""
 
     def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
         self.send_response(status)
