@@ -37,6 +37,12 @@ class Plot:
 
 def draw_plots(facts: FolderFacts) -> list[Plot]:
     """Draw the plots this folder's records support into the folder; return those drawn."""
+    curve, trials, by_step = logged_training_curve(facts), few_shot_trials(facts), probe_results_by_step(facts)
+    if trials is not None and trials.examples_per_class is None:
+        trials = None  # trials on the whole training set: nothing to plot against examples per class
+    if not (curve.steps or trials or by_step):  # e.g. a conversion: matplotlib is not even imported
+        _remove_stale(facts.folder, keep=())
+        return []
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -52,7 +58,6 @@ def draw_plots(facts: FolderFacts) -> list[Plot]:
         return figure, figure.subplots(rows, columns, squeeze=False, **kwargs)
 
     drawn = []
-    curve = logged_training_curve(facts)
     if curve.steps:
         figure, axes = new_figure(6.4, 4.8, rows=2, sharex=True)
         loss_axes, lr_axes = axes[0][0], axes[1][0]
@@ -70,8 +75,7 @@ def draw_plots(facts: FolderFacts) -> list[Plot]:
         drawn.append(_save(figure, facts.folder, TRAINING_CURVES_FILE, "Training loss and learning rate by step",
                            "Training loss and learning rate at every logged step."))
 
-    trials = few_shot_trials(facts)
-    if trials is not None and trials.examples_per_class is not None:
+    if trials is not None:
         figure, axes = new_figure(5.6, 4.0)
         plot_axes = axes[0][0]
         k = trials.examples_per_class
@@ -90,7 +94,6 @@ def draw_plots(facts: FolderFacts) -> list[Plot]:
         drawn.append(_save(figure, facts.folder, FEW_SHOT_FILE, "Few-shot accuracy versus examples per class",
                            "Accuracy of every trial at this number of examples per class, and their median."))
 
-    by_step = probe_results_by_step(facts)
     if by_step:
         figure, axes = new_figure(10.0, 4.0, columns=2)
         final_step = max(by_step)
