@@ -351,7 +351,20 @@ class Throughput:
         return rate
 
 
-def main(argv: list[str] | None = None) -> Path:
+@dataclasses.dataclass
+class PretrainingResult:
+    final: Path  # O/final
+    model: torch.nn.Module  # as prepared by accelerate (DDP/FSDP wrapped); `accelerator.unwrap_model` it
+    accelerator: Accelerator
+
+
+def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
+    """Run a pre-training job from command-line arguments.
+
+    `on_batch(step, batch)`, if given, sees every micro-batch of this process before it is trained on (for
+    inspecting the data stream; the script itself passes nothing). The caller ends the run with
+    `result.accelerator.end_training()` (trackers, process group), as `main` does.
+    """
     model_args, data_args, args = parse_arguments(argv)
     validate_arguments(model_args, data_args, args)
     output_dir = Path(args.output_dir)
@@ -383,6 +396,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     schedule = build_schedule(recipe, source.num_train_examples, args.max_steps)
     announce_run(accelerator, model_args, recipe, schedule, source, args, accumulation)
+    differences = differences_from_paper(recipe, schedule, args)
 
     model = build_model(model_args, source.labels, recipe)
     optimizer = torch.optim.SGD(
@@ -461,6 +475,8 @@ def main(argv: list[str] | None = None) -> Path:
             group["lr"] = learning_rate
         for _ in range(accumulation):
             batch = next(batches)
+            if on_batch is not None:
+                on_batch(step, batch)
             unreadable.add(batch["unreadable"])
             pixel_values = batch["pixel_values"]
             if model_args.channels_last:
@@ -504,12 +520,16 @@ def main(argv: list[str] | None = None) -> Path:
     progress_bar.close()
 
     final = save_final(
-        accelerator, model, output_dir, model_args, recipe, schedule, source, last_loss,
-        unreadable.gathered(accelerator), probe_results,
+        accelerator, model, output_dir, recipe, schedule, source, last_loss, unreadable.gathered(accelerator),
+        probe_results, differences,
     )
-    if trackers:
-        accelerator.end_training()
-    return final
+    return PretrainingResult(final, model, accelerator)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    result = train(argv)
+    result.accelerator.end_training()  # finish the trackers, then leave the process group cleanly
+    return result.final
 
 
 class UnreadableImages:
@@ -565,8 +585,19 @@ def check_resumable(progress: dict, schedule: LearningRateSchedule, recipe: Reci
         )
 
 
-def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRateSchedule, source, args, accumulation) -> None:
+def differences_from_paper(recipe: Recipe, schedule: LearningRateSchedule, args) -> list[str]:
+    """What this run changes in the paper's recipe, one line each."""
     differences = recipe.differences_from_paper()
+    if args.max_steps is not None:
+        differences.append(
+            f"length: {schedule.total_steps} steps from --max-steps (paper: {recipe.epochs:g} epochs), decays at "
+            f"the paper's fractions of it"
+        )
+    return differences
+
+
+def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRateSchedule, source, args, accumulation) -> None:
+    differences = differences_from_paper(recipe, schedule, args)
     lines = [
         f"BiT upstream pre-training: {model_args.model_preset} at {recipe.image_size} px, {source.labels.num_classes} classes"
         f" ({'multi-label, sigmoid loss' if source.labels.multi_label else 'softmax cross-entropy'}), "
@@ -583,8 +614,8 @@ def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRate
     accelerator.print("\n".join(lines))
 
 
-def save_final(accelerator, model, output_dir: Path, model_args, recipe: Recipe, schedule: LearningRateSchedule, source,
-               final_loss: float, unreadable: dict, probe_results: list) -> Path:
+def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: LearningRateSchedule, source,
+               final_loss: float, unreadable: dict, probe_results: list, differences: list[str]) -> Path:
     """`O/final`: save_pretrained folder + image processor + metadata + logs, then the model card."""
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     final = output_dir / "final"
@@ -598,7 +629,7 @@ def save_final(accelerator, model, output_dir: Path, model_args, recipe: Recipe,
                 "command": list(sys.argv),
                 "recipe": {**recipe.to_dict(), "total_steps": schedule.total_steps,
                            "decay_steps": list(schedule.decay_steps)},
-                "differences_from_paper": recipe.differences_from_paper(),
+                "differences_from_paper": differences,
                 "dataset": source.description,
                 "steps": schedule.total_steps,
                 "global_batch_size": recipe.global_batch_size,
