@@ -432,10 +432,11 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     )
 
     log_path, probe_path = output_dir / TRAINING_LOG_FILE, output_dir / PROBE_RESULTS_FILE
-    probe_results = []
+    probe_results, last_loss = [], float("nan")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        truncate_training_log(log_path, start_step)
+        logged_losses = [entry["loss"] for entry in truncate_training_log(log_path, start_step) if "loss" in entry]
+        last_loss = logged_losses[-1] if logged_losses else last_loss
         if probe_path.exists():
             probe_results = [r for r in json.loads(probe_path.read_text()) if r["step"] <= start_step]
 
@@ -467,7 +468,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     )
     throughput = Throughput()
     loss_sum = torch.zeros((), device=accelerator.device)
-    steps_since_log, last_loss = 0, float("nan")
+    steps_since_log = 0
     batches = iter(loader)
     for step in range(start_step, schedule.total_steps):
         learning_rate = schedule.learning_rate(step)

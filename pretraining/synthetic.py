@@ -44,9 +44,9 @@ class GlyphStyle:
     shear: float = 0.25
     scale: tuple[float, float] = (0.65, 1.05)
     shift: float = 0.12
-    pen_width: tuple[float, float] = (0.05, 0.14)
-    coarse_grid_probability: float = 0.35  # drawn at 8-16 px, then upsampled bilinearly
-    coarse_grid_sizes: tuple[int, int] = (8, 16)
+    pen_width: tuple[float, float] = (0.06, 0.2)
+    coarse_grid_probability: float = 0.5  # drawn at 7-16 px, then upsampled bilinearly
+    coarse_grid_sizes: tuple[int, int] = (7, 16)
     blur_probability: float = 0.3
     noise_probability: float = 0.5
     grey_probability: float = 0.6

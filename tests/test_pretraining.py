@@ -521,3 +521,18 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
     assert (folder / "README.md").read_text().startswith("---")
     probe = json.loads((folder / "probe_results.json").read_text())
     assert probe and {"step", "examples_per_class", "accuracy"} <= set(probe[-1])
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("multi_gpu.yaml", "MULTI_GPU"), ("fsdp_r152x4.yaml", "FSDP"), ("tpu.yaml", "XLA")],
+)
+def test_example_accelerate_configs_load_with_accelerate(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO_ROOT / "pretraining" / "configs" / name))
+    assert config.distributed_type.value == distributed_type and config.mixed_precision == "bf16"
+    if distributed_type == "FSDP":
+        from modeling_bit import BitPreTrainedModel
+
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in BitPreTrainedModel._no_split_modules

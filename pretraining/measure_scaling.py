@@ -1,0 +1,145 @@
+"""Measure what SCALING.md extrapolates from: training throughput per process, DDP overhead, memory.
+
+    # images/s per process (one process, then two under torchrun + gloo; one thread each)
+    OMP_NUM_THREADS=1 python pretraining/measure_scaling.py throughput --preset bit-tiny --image-size 64 --batch-size 64
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 pretraining/measure_scaling.py throughput \\
+        --preset bit-tiny --image-size 64 --batch-size 64
+    # training memory: peak resident memory at two batch sizes -> model state + memory per image
+    python pretraining/measure_scaling.py memory --preset BiT-M-R101x3 --image-size 224 --batch-sizes 1 2
+
+Throughput uses random inputs (the model's step, not data loading) through accelerate exactly as
+pretrain.py does (DDP under torchrun). Memory runs each batch size in a fresh process and reports peak
+RSS above the process's baseline after imports. Prints one JSON object per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+from accelerate import Accelerator
+
+from modeling_bit import BitConfig, BitForImageClassification
+from pretraining.recipe import BASE_LEARNING_RATE, MOMENTUM, WEIGHT_DECAY
+
+
+def _training_step(model, optimizer, accelerator, pixel_values, labels) -> None:
+    logits = model(pixel_values=pixel_values).logits
+    accelerator.backward(torch.nn.functional.cross_entropy(logits.float(), labels))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _prepared(preset: str, num_labels: int, gradient_checkpointing: bool, mixed_precision: str):
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    model = BitForImageClassification(BitConfig.from_preset(preset, num_labels=num_labels))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    return accelerator, model, optimizer
+
+
+def measure_throughput(args) -> None:
+    accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
+    generator = torch.Generator().manual_seed(accelerator.process_index)
+    pixel_values = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator) * 2 - 1
+    labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
+    pixel_values, labels = pixel_values.to(accelerator.device), labels.to(accelerator.device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        _training_step(model, optimizer, accelerator, pixel_values, labels)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    if accelerator.is_main_process:
+        print(json.dumps({
+            "measurement": "throughput", "preset": args.preset, "image_size": args.image_size,
+            "per_device_batch_size": args.batch_size, "processes": accelerator.num_processes,
+            "threads_per_process": torch.get_num_threads(), "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing, "median_step_seconds": median,
+            "images_per_second_per_process": args.batch_size / median,
+            "images_per_second_total": args.batch_size * accelerator.num_processes / median,
+            "steps": args.steps,
+        }))
+    accelerator.end_training()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(args) -> None:
+    """One batch size in this (fresh) process: peak RSS above the baseline after imports."""
+    baseline = _current_rss_bytes()
+    accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
+    parameters = sum(p.numel() for p in model.parameters())
+    pixel_values = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
+    labels = torch.randint(0, args.num_labels, (args.batch_size,))
+    start = time.perf_counter()
+    for _ in range(2):  # the second step has momentum buffers allocated
+        _training_step(model, optimizer, accelerator, pixel_values, labels)
+    print(json.dumps({
+        "batch_size": args.batch_size, "parameters": parameters, "peak_bytes": _peak_rss_bytes() - baseline,
+        "seconds_per_step": (time.perf_counter() - start) / 2,
+    }))
+
+
+def measure_memory(args) -> None:
+    rows = []
+    for batch_size in args.batch_sizes:
+        command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", "--preset", args.preset,
+                   "--image-size", str(args.image_size), "--batch-size", str(batch_size), "--num-labels", str(args.num_labels),
+                   "--mixed-precision", args.mixed_precision]
+        if args.gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    (small, large) = rows[0], rows[-1]
+    per_image = (large["peak_bytes"] - small["peak_bytes"]) / (large["batch_size"] - small["batch_size"])
+    print(json.dumps({
+        "measurement": "memory", "preset": args.preset, "image_size": args.image_size,
+        "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "parameters": small["parameters"], "rows": rows,
+        "bytes_per_image": per_image, "fixed_bytes": small["peak_bytes"] - small["batch_size"] * per_image,
+    }))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["throughput", "memory", "memory-probe"])
+    parser.add_argument("--preset", default="bit-tiny")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 2])
+    parser.add_argument("--num-labels", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    args = parser.parse_args(argv)
+    {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
