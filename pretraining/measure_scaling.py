@@ -6,6 +6,8 @@
         --preset bit-tiny --image-size 64 --batch-size 64
     # training memory: peak resident memory at two batch sizes -> model state + memory per image
     python pretraining/measure_scaling.py memory --preset BiT-M-R101x3 --image-size 224 --batch-sizes 1 2
+    # exact FLOPs of a training step per image (torch's FLOP counter on the meta device: nothing allocated)
+    python pretraining/measure_scaling.py flops --preset BiT-M-R101x3 --image-size 224
 
 Throughput uses random inputs (the model's step, not data loading) through accelerate exactly as
 pretrain.py does (DDP under torchrun). Memory runs each batch size in a fresh process and reports peak
@@ -125,9 +127,27 @@ def measure_memory(args) -> None:
     }))
 
 
+def count_flops(args) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = BitForImageClassification(BitConfig.from_preset(args.preset))
+        pixel_values = torch.empty(1, 3, args.image_size, args.image_size)
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(pixel_values=pixel_values)
+    with FlopCounterMode(display=False) as training:
+        model(pixel_values=pixel_values).logits.sum().backward()
+    print(json.dumps({
+        "measurement": "flops", "preset": args.preset, "image_size": args.image_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "forward_flops_per_image": forward.get_total_flops(), "training_flops_per_image": training.get_total_flops(),
+    }))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "memory", "memory-probe"])
+    parser.add_argument("what", choices=["throughput", "memory", "memory-probe", "flops"])
     parser.add_argument("--preset", default="bit-tiny")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -138,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
-    {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe}[args.what](args)
+    commands = {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe, "flops": count_flops}
+    commands[args.what](args)
 
 
 if __name__ == "__main__":
