@@ -1,13 +1,13 @@
 """Measure what SCALING.md extrapolates from: training throughput per process, DDP overhead, memory.
 
     # images/s per process (one process, then two under torchrun + gloo; one thread each)
-    OMP_NUM_THREADS=1 python pretraining/measure_scaling.py throughput --preset bit-tiny --image-size 64 --batch-size 64
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 pretraining/measure_scaling.py throughput \\
+    OMP_NUM_THREADS=1 python pretraining/measure_scaling.py --measure throughput --preset bit-tiny --image-size 64 --batch-size 64
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 pretraining/measure_scaling.py --measure throughput \\
         --preset bit-tiny --image-size 64 --batch-size 64
     # training memory: peak resident memory at two batch sizes -> model state + memory per image
-    python pretraining/measure_scaling.py memory --preset BiT-M-R101x3 --image-size 224 --batch-sizes 1 2
+    python pretraining/measure_scaling.py --measure memory --preset BiT-M-R101x3 --image-size 224 --batch-sizes 1 2
     # exact FLOPs of a training step per image (torch's FLOP counter on the meta device: nothing allocated)
-    python pretraining/measure_scaling.py flops --preset BiT-M-R101x3 --image-size 224
+    python pretraining/measure_scaling.py --measure flops --preset BiT-M-R101x3 --image-size 224
 
 Throughput uses random inputs (the model's step, not data loading) through accelerate exactly as
 pretrain.py does (DDP under torchrun). Memory runs each batch size in a fresh process and reports peak
@@ -16,7 +16,7 @@ RSS above the process's baseline after imports. Prints one JSON object per measu
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -25,12 +25,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from accelerate import Accelerator
+from transformers import HfArgumentParser
 
 from modeling_bit import BitConfig, BitForImageClassification
 from pretraining.recipe import BASE_LEARNING_RATE, MOMENTUM, WEIGHT_DECAY
@@ -110,7 +112,7 @@ def memory_probe(args) -> None:
 def measure_memory(args) -> None:
     rows = []
     for batch_size in args.batch_sizes:
-        command = [sys.executable, str(Path(__file__).resolve()), "memory-probe", "--preset", args.preset,
+        command = [sys.executable, str(Path(__file__).resolve()), "--measure", "memory-probe", "--preset", args.preset,
                    "--image-size", str(args.image_size), "--batch-size", str(batch_size), "--num-labels", str(args.num_labels),
                    "--mixed-precision", args.mixed_precision]
         if args.gradient_checkpointing:
@@ -145,22 +147,28 @@ def count_flops(args) -> None:
     }))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "memory", "memory-probe", "flops"])
-    parser.add_argument("--preset", default="bit-tiny")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 2])
-    parser.add_argument("--num-labels", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    args = parser.parse_args(argv)
-    commands = {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe, "flops": count_flops}
-    commands[args.what](args)
+@dataclasses.dataclass
+class MeasureArguments:
+    measure: Literal["throughput", "memory", "flops", "memory-probe"] = dataclasses.field(
+        metadata={"help": "What to measure (memory-probe: one batch size, run by `memory` in a fresh process)."}
+    )
+    preset: str = "bit-tiny"
+    image_size: int = 224
+    batch_size: int = 8
+    batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2], metadata={"help": "Two sizes, for memory."})
+    num_labels: int = 1000
+    steps: int = 10
+    warmup: int = 3
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
 
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(MeasureArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if args.measure == "memory" and (len(args.batch_sizes) != 2 or args.batch_sizes[0] >= args.batch_sizes[1]):
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: give two increasing batch sizes.")
+    commands = {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe, "flops": count_flops}
+    commands[args.measure](args)
 
 if __name__ == "__main__":
     main()

@@ -17,17 +17,18 @@ writes `DIR/<class>/<n>.png` for `--train-dir` instead.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from modeling_bit.file_utils import atomic_write_bytes
 
@@ -186,22 +187,25 @@ def write_dataset(output_dir: str | Path, num_classes: int = 1000, examples_per_
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--examples-per-class", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=8)
-    parser.add_argument("--format", choices=["parquet", "imagefolder"], default="parquet")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class SyntheticArguments:
+    output_dir: str = dataclasses.field(metadata={"help": "Where to write the shards (or class folders)."})
+    num_classes: int = 1000
+    examples_per_class: int = 64
+    image_size: int = 40
+    seed: int = 0
+    num_shards: int = 8
+    format: Literal["parquet", "imagefolder"] = "parquet"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = HfArgumentParser(SyntheticArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.num_classes < 2 or args.examples_per_class < 1 or args.image_size < 8 or args.num_shards < 1:
-        parser.error("need --num-classes >= 2, --examples-per-class >= 1, --image-size >= 8, --num-shards >= 1")
+        raise ValueError("Need --num-classes >= 2, --examples-per-class >= 1, --image-size >= 8 and --num-shards >= 1.")
     path = write_dataset(args.output_dir, args.num_classes, args.examples_per_class, args.image_size, args.seed,
                          args.num_shards, args.format)
     print(f"Wrote {args.num_classes * args.examples_per_class} examples of {args.num_classes} glyph classes to {path}")
-
+    return path
 
 if __name__ == "__main__":
     main()

@@ -502,6 +502,27 @@ def test_bad_arguments_are_refused_before_training(tmp_path, arguments, message)
         pretrain.train(argv)
 
 
+def test_synthetic_glyphs_are_deterministic_many_class_data_pretrain_reads(tmp_path):
+    from pretraining import synthetic
+
+    first = synthetic.main(["--output-dir", str(tmp_path / "a"), "--num-classes", "6", "--examples-per-class", "3",
+                            "--num-shards", "2"])
+    second = synthetic.write_dataset(tmp_path / "b", num_classes=6, examples_per_class=3, num_shards=2)
+    shards = sorted(p.name for p in first.iterdir())
+    assert shards == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in shards)
+    source = upstream_data.load_upstream_data(dataset=str(first), validation_examples=0)
+    assert source.num_train_examples == 18 and source.labels.names == [f"glyph-{i:04d}" for i in range(6)]
+    assert sorted(source.train["label"]) == sorted(list(range(6)) * 3)
+    batch = upstream_data.BatchBuilder("image", "label", source.labels, 32, 0, train=True)(
+        [(example, (index,)) for index, example in enumerate(source.train)]
+    )
+    assert batch["pixel_values"].shape == (18, 3, 32, 32) and not batch["unreadable"]
+    # Examples of one class differ (handwriting-like variation); the classes differ from each other.
+    pixels = batch["pixel_values"].flatten(1)
+    assert torch.cdist(pixels, pixels).triu(1)[torch.ones(18, 18).triu(1).bool()].min() > 1.0
+
+
 # --- the embedded upstream checkpoint ---------------------------------------------------------------------------
 
 
