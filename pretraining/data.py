@@ -37,6 +37,8 @@ from datasets.distributed import split_dataset_by_node
 from modeling_bit import bit_image_processor, load_rgb_image
 from modeling_bit.image_processing_bit import UnreadableImageError
 
+from .recipe import CROP_AREA_RANGE, CROP_ASPECT_RATIO_RANGE, CROP_ATTEMPTS, HORIZONTAL_FLIP_PROBABILITY
+
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid")
@@ -249,10 +251,10 @@ class BatchBuilder:
         image_size: int,
         seed: int,
         train: bool,
-        crop_area_range=(0.08, 1.0),
-        crop_aspect_ratio_range=(3 / 4, 4 / 3),
-        crop_attempts: int = 10,
-        flip_probability: float = 0.5,
+        crop_area_range=CROP_AREA_RANGE,
+        crop_aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
+        crop_attempts: int = CROP_ATTEMPTS,
+        flip_probability: float = HORIZONTAL_FLIP_PROBABILITY,
     ):
         self.image_column, self.label_column, self.labels = image_column, label_column, labels
         self.image_size, self.seed, self.train = int(image_size), int(seed), train

@@ -10,19 +10,21 @@
     python pretraining/measure_scaling.py --measure flops --preset BiT-M-R101x3 --image-size 224
 
 Throughput uses random inputs (the model's step, not data loading) through accelerate exactly as
-pretrain.py does (DDP under torchrun). Memory runs each batch size in a fresh process and reports peak
-RSS above the process's baseline after imports. Prints one JSON object per measurement.
+pretrain.py does (DDP under torchrun). Memory runs each batch size in a fresh process: resident memory
+after a first training step is the model state; the peak during a second step above it is the step's
+need; the slope over batch size is the memory per image. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -84,28 +86,52 @@ def measure_throughput(args) -> None:
     accelerator.end_training()
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _current_rss_bytes() -> int:
     with open("/proc/self/statm") as stream:
         return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class PeakMemorySampler:
+    """Highest resident memory seen while the `with` block runs (sampled every millisecond)."""
+
+    def __enter__(self):
+        self.peak, self._running = _current_rss_bytes(), True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, _current_rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_bytes())
+
+
 def memory_probe(args) -> None:
-    """One batch size in this (fresh) process: peak RSS above the baseline after imports."""
+    """One batch size in this (fresh) process.
+
+    A first step allocates everything that persists (weights, SGD momentum; initialisation transients are
+    over by then); the resident memory after it is the model state. The peak during a second step, above
+    that, is what the step needs on top: gradients, saved activations, temporaries.
+    """
     baseline = _current_rss_bytes()
     accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
     parameters = sum(p.numel() for p in model.parameters())
     pixel_values = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
     labels = torch.randint(0, args.num_labels, (args.batch_size,))
+    _training_step(model, optimizer, accelerator, pixel_values, labels)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed step memory back, so resident = live
+    state = _current_rss_bytes()
     start = time.perf_counter()
-    for _ in range(2):  # the second step has momentum buffers allocated
+    with PeakMemorySampler() as sampler:
         _training_step(model, optimizer, accelerator, pixel_values, labels)
     print(json.dumps({
-        "batch_size": args.batch_size, "parameters": parameters, "peak_bytes": _peak_rss_bytes() - baseline,
-        "seconds_per_step": (time.perf_counter() - start) / 2,
+        "batch_size": args.batch_size, "parameters": parameters, "state_bytes": state - baseline,
+        "step_bytes": sampler.peak - state, "seconds_per_step": time.perf_counter() - start,
     }))
 
 
@@ -117,15 +143,19 @@ def measure_memory(args) -> None:
                    "--mixed-precision", args.mixed_precision]
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        # Every large tensor gets its own mapping, returned to the system when freed: resident memory then
+        # follows live memory instead of glibc's cached arenas.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+        completed = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    (small, large) = rows[0], rows[-1]
-    per_image = (large["peak_bytes"] - small["peak_bytes"]) / (large["batch_size"] - small["batch_size"])
+    small, large = rows
+    per_image = (large["step_bytes"] - small["step_bytes"]) / (large["batch_size"] - small["batch_size"])
     print(json.dumps({
         "measurement": "memory", "preset": args.preset, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-        "parameters": small["parameters"], "rows": rows,
-        "bytes_per_image": per_image, "fixed_bytes": small["peak_bytes"] - small["batch_size"] * per_image,
+        "parameters": small["parameters"], "rows": rows, "bytes_per_image": per_image,
+        # model state (weights, momentum) + what a step needs whatever the batch (gradients, temporaries)
+        "fixed_bytes": small["state_bytes"] + small["step_bytes"] - small["batch_size"] * per_image,
     }))
 
 

@@ -48,7 +48,10 @@ from modeling_bit.modeling_bit import MIN_IMAGE_SIZE
 from pretraining import data as upstream_data
 from pretraining.probe import few_shot_probe
 from pretraining.recipe import (
+    DEFAULT_SCHEDULE,
     FEW_SHOT_EXAMPLES_PER_CLASS,
+    GLOBAL_BATCH_SIZE,
+    IMAGE_SIZE,
     SCHEDULES,
     LearningRateSchedule,
     Recipe,
@@ -77,7 +80,7 @@ class ModelArguments:
     model_preset: str = dataclasses.field(
         metadata={"help": "BiT architecture: BiT-{S,M}-R{50x1,...,152x4}, bit-tiny, bit-small (case-insensitive)."}
     )
-    image_size: int = dataclasses.field(default=224, metadata={"help": "Training resolution (paper: 224)."})
+    image_size: int = dataclasses.field(default=IMAGE_SIZE, metadata={"help": "Training resolution (paper: 224)."})
     multi_label: bool = dataclasses.field(
         default=False, metadata={"help": "Labels are lists of class ids: per-class sigmoid loss, head bias -10."}
     )
@@ -85,7 +88,7 @@ class ModelArguments:
         default=None, metadata={"help": "Autocast precision; default: the accelerate config's (else none)."}
     )
     gradient_checkpointing: bool = dataclasses.field(
-        default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% more compute."}
+        default=False, metadata={"help": "Recompute activations in backward: less memory, about a third more compute."}
     )
     channels_last: bool = dataclasses.field(default=False, metadata={"help": "NHWC memory layout (faster on GPUs)."})
 
@@ -106,7 +109,7 @@ class DataArguments:
         default=None, metadata={"help": "Held-out split; default: 'validation'/'val' if present, else a slice of train."}
     )
     validation_examples: int = dataclasses.field(
-        default=10000, metadata={"help": "Size of the held-out slice taken from train (at most 10%; 0: none)."}
+        default=10000, metadata={"help": "Size of the held-out slice taken from train (at most a tenth of it; 0: none)."}
     )
     image_column: str | None = None
     label_column: str | None = None
@@ -125,9 +128,11 @@ class PretrainingArguments:
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "Train for this many optimizer steps."})
     epochs: float | None = dataclasses.field(default=None, metadata={"help": "Train for this many epochs (paper: 90/40)."})
     schedule: Literal["bit-s", "bit-m", "bit-l"] = dataclasses.field(
-        default="bit-m", metadata={"help": "Paper schedule: bit-s/bit-m 90 epochs, decays 30/60/80; bit-l 40, 10/23/30/37."}
+        default=DEFAULT_SCHEDULE, metadata={"help": "Paper schedule: bit-s/bit-m 90 epochs, decays 30/60/80; bit-l 40, 10/23/30/37."}
     )
-    global_batch_size: int = 4096
+    global_batch_size: int = dataclasses.field(
+        default=GLOBAL_BATCH_SIZE, metadata={"help": "Images per optimizer step over all processes (paper: 4096)."}
+    )
     per_device_batch_size: int = 32
     base_learning_rate: float | None = dataclasses.field(default=None, metadata={"help": "At batch 256 (paper: 0.03)."})
     warmup_steps: int | None = dataclasses.field(default=None, metadata={"help": "Linear warmup (paper: 5000)."})

@@ -481,6 +481,14 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
     np.testing.assert_allclose(logits.numpy(), stock["logits"], rtol=1e-4, atol=1e-5)
 
 
+def test_the_script_runs_by_path_from_anywhere(tmp_path):
+    env = {key: value for key, value in subprocess_env(tmp_path).items() if key != "PYTHONPATH"}
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                               env=env, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "--resume-from-checkpoint" in completed.stdout and "--per-device-batch-size" in completed.stdout
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
