@@ -52,7 +52,7 @@ def _prepared(preset: str, num_labels: int, gradient_checkpointing: bool, mixed_
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     model = BitForImageClassification(BitConfig.from_preset(preset, num_labels=num_labels))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()

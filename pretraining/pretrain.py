@@ -215,7 +215,7 @@ def build_model(model_args: ModelArguments, labels: upstream_data.LabelSpace, re
     if labels.multi_label:
         init_multi_label_head(model, recipe.multi_label_head_bias)
     if model_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     if model_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
