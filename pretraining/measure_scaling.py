@@ -150,6 +150,13 @@ def measure_memory(args) -> None:
         rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
     small, large = rows
     per_image = (large["step_bytes"] - small["step_bytes"]) / (large["batch_size"] - small["batch_size"])
+    if large["step_bytes"] <= small["step_bytes"] * 1.02:
+        # At small batches the step's peak is the end of the backward pass (all gradients live), not the
+        # activations: the slope is then meaningless.
+        raise SystemExit(
+            f"Activations did not set the peak at batch sizes {args.batch_sizes} (step peaks {small['step_bytes']} and "
+            f"{large['step_bytes']} bytes): measure again with larger --batch-sizes."
+        )
     print(json.dumps({
         "measurement": "memory", "preset": args.preset, "image_size": args.image_size,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
