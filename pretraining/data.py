@@ -23,6 +23,7 @@ in the loss and counted; batch shapes stay fixed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -135,7 +136,9 @@ def load_upstream_data(
     if streaming:
         if validation is None and validation_examples > 0:
             validation = train.take(validation_examples)
-            train = train.skip(validation_examples)
+            # Not `train.skip(n)`: once the stream is split between processes and workers, datasets spreads the
+            # skip over the shards, which would leave held-out examples in training and drop others.
+            train = train.filter(WithoutExamples(image_column, validation))
         size = num_train_examples
     else:
         if len(train) == 0:
@@ -149,6 +152,22 @@ def load_upstream_data(
     labels = _label_space(train, label_column, multi_label, num_labels)
     description.update({"num_examples": size, "num_classes": labels.num_classes, "multi_label": labels.multi_label})
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
+
+
+class WithoutExamples:
+    """Filter predicate: False for the examples of `held_out` (matched by their image's bytes or path)."""
+
+    def __init__(self, image_column: str, held_out):
+        self.image_column = image_column
+        self.fingerprints = {self.fingerprint(example) for example in held_out}
+
+    def fingerprint(self, example) -> str:
+        source, name = _image_source(example[self.image_column])
+        data = source if isinstance(source, (bytes, bytearray)) else name.encode()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def __call__(self, example) -> bool:
+        return self.fingerprint(example) not in self.fingerprints
 
 
 def _pick_column(features, given: str | None, candidates, role: str, preferred_type) -> str:

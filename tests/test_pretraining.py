@@ -229,6 +229,17 @@ def test_worker_batch_counts_follow_the_dataloader_round_robin():
     assert upstream_data.worker_batch_count(0, 0, 1) == 0
 
 
+def test_a_streams_held_out_slice_never_reaches_any_process(identity_shards):
+    source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=5)
+    held_out = {example["label"] for example in source.validation}
+    trained = [
+        [example["label"] for example in upstream_data.shard_stream(source.train, 0, 8, rank, 2)] for rank in (0, 1)
+    ]
+    assert held_out == {0, 1, 2, 3, 4}  # the first examples of the stream
+    assert not held_out & (set(trained[0]) | set(trained[1]))
+    assert sorted(trained[0] + trained[1]) == list(range(5, 32))  # everything else, once
+
+
 # --- two processes under torchrun -------------------------------------------------------------------------
 
 DRIVER = textwrap.dedent(
@@ -557,6 +568,13 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
     assert (folder / "README.md").read_text().startswith("---")
     probe = json.loads((folder / "probe_results.json").read_text())
     assert probe and {"step", "examples_per_class", "accuracy"} <= set(probe[-1])
+    from modeling_bit import BitForImageClassification, bit_image_processor
+
+    model = BitForImageClassification.from_pretrained(folder).eval()
+    glyph = Image.new("RGB", (40, 40), "white")
+    with torch.no_grad():
+        logits = model(**bit_image_processor(48)(glyph, return_tensors="pt")).logits
+    assert logits.shape == (1, len(config["id2label"])) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize(
