@@ -32,7 +32,6 @@ if __name__ == "__main__" and not __package__:
     # checkout's packages, not whatever the script's own folder would shadow.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.data_loader import prepare_data_loader

@@ -393,7 +393,7 @@ def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, ide
                    on_batch=lambda step, batch: uninterrupted.append(batch["labels"].tolist()))
 
     class Crash(Exception):
-        pass
+        """Stands in for a failure in the middle of step 5."""
 
     def crash_at_step_five(step, batch):
         if step == 5:
