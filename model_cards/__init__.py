@@ -1,43 +1,50 @@
-"""Model cards for every folder bit-transfer produces.
+"""Model cards and Hub-ready folders for every BiT model bit-transfer produces.
 
-`write_model_card(folder)` is the one entry point producers call after saving a folder (conversion,
-fine-tuning, pretraining). This first version writes a basic card from `config.json`; the model-cards
-issue enriches it (template, results, plots, widget) behind the same call.
+`write_model_card(folder)` is the one entry point producers (`bit-convert`, `bit-finetune`, pretraining) call
+after saving a folder: it reads what the folder records about itself (`facts.py`), draws plots next to the card
+when matplotlib is installed (`plots.py`), and renders `README.md` from the one Jinja template with metadata built
+by huggingface_hub's `ModelCardData` and `EvalResult` (`card.py`).
+
+`write_card(folder, CardOptions(repo_id=..., license=..., base_model=...))` renders the card for a Hub repository
+(widget examples and usage code point at it); `prepare_hub_folder` adds the widget's example images first;
+`push_folder` uploads a folder (`hub.py`); `bit-convert --all` writes and pushes every published checkpoint
+(`hub_ready.py`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
-
 from modeling_bit.file_utils import atomic_write_text
 
-__all__ = ["write_model_card"]
+from .card import CardOptions, build_model_card
+from .examples import shipped_example_images, write_example_images
+from .facts import CardError, FolderKind, read_folder
+from .plots import draw_plots
+
+README = "README.md"
+
+
+def write_card(folder: str | os.PathLike, options: CardOptions = CardOptions()) -> Path:
+    """Render `README.md` (and its plots) for the saved BiT folder `folder`; return the card's path."""
+    folder = Path(folder)
+    facts = read_folder(folder)
+    card = build_model_card(facts, draw_plots(facts), shipped_example_images(folder), options)
+    path = folder / README
+    atomic_write_text(path, str(card))
+    return path
 
 
 def write_model_card(folder: str | os.PathLike) -> Path:
     """Write `README.md` (a Hub model card) into a saved BiT folder and return its path."""
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    num_labels = len(config.get("id2label") or {}) or None
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=["bit", "resnetv2", "image-classification", "vision"],
-    )
-    body = (
-        f"# {folder.name}\n\n"
-        "A BiT (Big Transfer, ResNet-v2 with Group Normalization and Weight Standardization) image "
-        f"classifier with stage widths {config.get('hidden_sizes')} and depths {config.get('depths')}"
-        + (f", {num_labels} classes" if num_labels else "")
-        + ".\n\n## Usage\n\n```python\nfrom transformers import pipeline\n\n"
-        f'classify = pipeline("image-classification", model="{folder.name}")\n'
-        'print(classify("image.jpg"))\n```\n'
-    )
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-    path = folder / "README.md"
-    atomic_write_text(path, str(card))
-    return path
+    return write_card(folder)
+
+
+def prepare_hub_folder(folder: str | os.PathLike, options: CardOptions = CardOptions()) -> Path:
+    """Make `folder` ready for `huggingface_hub.upload_folder`: widget example images, then the card."""
+    write_example_images(folder)
+    return write_card(folder, options)
+
+
+__all__ = ["CardError", "CardOptions", "FolderKind", "prepare_hub_folder", "write_card", "write_model_card"]

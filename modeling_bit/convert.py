@@ -2,6 +2,7 @@
 
     bit-convert SOURCE --output DIR [--num-labels N] [--labels FILE] [--dtype float32|bfloat16|float16]
                                     [--resolution PIXELS]
+    bit-convert --all --output-root R [--names NAME ...] [--namespace NS] [--push]
 
 SOURCE is a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-R50x1-distilled-224`;
 case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the published layout, an
@@ -16,6 +17,9 @@ replace it with a zero-initialised one, as the BiT fine-tuning protocol does.
 
 Weights are streamed: each tensor is read, converted and written before the next one is read, so converting
 R152x4 (0.93 B parameters) needs memory for its largest tensor, not for the model.
+
+`--all` writes one Hub-ready folder per published checkpoint into R (weights, configs, card, class names, widget
+examples) and with `--push --namespace NS` uploads them (`model_cards/hub_ready.py`).
 """
 
 from __future__ import annotations
@@ -368,11 +372,12 @@ def _conversion_metadata(
 class ConvertArguments:
     """Options of `bit-convert` (SOURCE is positional)."""
 
-    output: str = field(
+    output: str | None = field(
+        default=None,
         metadata={
             "help": "Folder to write (created; an earlier bit-convert output there is replaced).",
             "metavar": "DIR",
-        }
+        },
     )
     num_labels: int | None = field(
         default=None,
@@ -395,6 +400,24 @@ class ConvertArguments:
             "metavar": "PIXELS",
         },
     )
+    all: bool = field(
+        default=False,
+        metadata={"help": "Write a Hub-ready folder for every published checkpoint (or --names) into --output-root."},
+    )
+    output_root: str | None = field(
+        default=None, metadata={"help": "With --all: the folder that receives one folder per checkpoint.", "metavar": "R"}
+    )
+    names: list[str] | None = field(
+        default=None, metadata={"help": "With --all: only these published names (any case).", "metavar": "NAME"}
+    )
+    namespace: str | None = field(
+        default=None,
+        metadata={"help": "With --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
+    )
+    push: bool = field(
+        default=False,
+        metadata={"help": "With --all --namespace: upload each folder (create_repo + upload_folder; identical repos are left alone)."},
+    )
 
 
 def build_parser() -> HfArgumentParser:
@@ -406,6 +429,7 @@ def build_parser() -> HfArgumentParser:
     )
     parser.add_argument(
         "source",
+        nargs="?",
         metavar="SOURCE",
         help="Published BiT name, .npz file or http(s) URL, timm state dict (.safetensors/.bin/.pth), "
         "or transformers folder.",
@@ -414,8 +438,17 @@ def build_parser() -> HfArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments, positional = build_parser().parse_args_into_dataclasses(args=argv)
+    parser = build_parser()
+    arguments, positional = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if arguments.all:
+        return _convert_all(parser, arguments, positional.source)
+    all_only = [flag for flag, value in (("--output-root", arguments.output_root), ("--names", arguments.names),
+                                          ("--namespace", arguments.namespace), ("--push", arguments.push)) if value]
+    if all_only:
+        parser.error(f"{', '.join(all_only)} only go with --all.")
+    if positional.source is None or arguments.output is None:
+        parser.error("expected SOURCE and --output DIR (or --all --output-root R).")
     try:
         folder = convert_to_folder(
             positional.source,
@@ -430,6 +463,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(folder)
     return 0
+
+
+def _convert_all(parser, arguments: ConvertArguments, source: str | None) -> int:
+    # model_cards imports this module: import it only when used.
+    from model_cards.hub import HubPushError
+    from model_cards.hub_ready import HubReadyError, run
+
+    single = [flag for flag, value in (("SOURCE", source), ("--output", arguments.output),
+                                        ("--num-labels", arguments.num_labels), ("--labels", arguments.labels),
+                                        ("--resolution", arguments.resolution)) if value is not None]
+    if arguments.dtype != "float32":
+        single.append("--dtype")
+    if single:
+        parser.error(f"--all writes the published checkpoints as published (float32, published heads): drop {', '.join(single)}.")
+    if arguments.output_root is None:
+        parser.error("--all needs --output-root R, the folder that receives one folder per checkpoint.")
+    try:
+        return run(arguments.output_root, arguments.names, arguments.namespace, arguments.push)
+    except (HubReadyError, HubPushError) as error:
+        print(f"bit-convert: error: {error}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["PUBLISHED_CHECKPOINT_NAMES", "ConvertArguments", "convert_to_folder", "main"]

@@ -1,0 +1,292 @@
+"""What a saved BiT folder says about itself: its network, its preprocessing, and how it was produced.
+
+Every folder bit-transfer writes carries `config.json`, `model.safetensors`, `preprocessor_config.json` and one
+metadata file naming its kind, as its producer writes it:
+
+- `bit_conversion.json`: converted by `bit-convert`;
+- `bit_hyperrule.json` / `bit_finetune_args.json` (+ `eval_results.json`, `all_results.json`,
+  `training_log.json`): fine-tuned by `bit-finetune`;
+- `bit_pretraining.json` (+ `training_log.jsonl`, `probe_results.json`): pre-trained by `pretraining/pretrain.py`;
+- none: a model saved with `save_pretrained`, origin unrecorded.
+
+Only the files are read (the safetensors header, not the weights), so a card for R152x4 costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modeling_bit.configuration_bit import (
+    RESNET_DEPTHS,
+    RESNET_HIDDEN_SIZES,
+    RESNET_STEM_CHANNELS,
+    SMALL_PRESETS,
+)
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+CONVERSION_FILE = "bit_conversion.json"
+HYPERRULE_FILE = "bit_hyperrule.json"
+FINETUNE_ARGS_FILE = "bit_finetune_args.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+ALL_RESULTS_FILE = "all_results.json"
+FINETUNE_LOG_FILE = "training_log.json"
+PRETRAINING_FILE = "bit_pretraining.json"
+PRETRAINING_LOG_FILE = "training_log.jsonl"
+PROBE_RESULTS_FILE = "probe_results.json"
+
+HEAD_TENSORS = ("classifier.1.weight", "classifier.1.bias")
+_SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# PIL's resampling filter numbers, as image processors store them.
+_RESAMPLE_NAMES = {0: "nearest", 1: "Lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "Hamming"}
+
+
+class CardError(ValueError):
+    """A folder or a card input that cannot be described truthfully (missing or malformed files, invalid ids)."""
+
+
+class FolderKind(str, enum.Enum):
+    CONVERTED = "converted"
+    FINE_TUNED = "fine-tuned"
+    PRETRAINED = "pretrained"
+    SAVED = "saved"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    depths: tuple[int, ...]
+    stem_channels: int
+    stage_channels: tuple[int, ...]
+    num_groups: int | None
+    num_labels: int
+    parameters: int | None  # None: no readable safetensors header
+    head_parameters: int | None
+    weights_dtype: str | None
+
+    @property
+    def layers(self) -> int:
+        """Weight layers counted as ResNet names count them: the stem, three convolutions per unit, the head."""
+        return 2 + 3 * sum(self.depths)
+
+    @property
+    def standard_name(self) -> str | None:
+        """"R50x1"-style name when this is one of ResNet-v2 50/101/152 at an integer width, else None."""
+        for depth, stage_depths in RESNET_DEPTHS.items():
+            if tuple(self.depths) != tuple(stage_depths) or self.stem_channels % RESNET_STEM_CHANNELS:
+                continue
+            width = self.stem_channels // RESNET_STEM_CHANNELS
+            if tuple(self.stage_channels) == tuple(width * size for size in RESNET_HIDDEN_SIZES):
+                return f"R{depth}x{width}"
+        return None
+
+    @property
+    def preset_name(self) -> str | None:
+        """The small CPU preset (`bit-tiny`, `bit-small`) this network is, if any."""
+        for name, preset in SMALL_PRESETS.items():
+            width = preset.get("width_factor", 1)
+            if (
+                tuple(self.depths) == tuple(preset["depths"])
+                and self.stem_channels == preset["embedding_size"] * width
+                and tuple(self.stage_channels) == tuple(size * width for size in preset["hidden_sizes"])
+            ):
+                return name
+        return None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    height: int | None
+    width: int | None
+    shortest_edge: int | None
+    resample: str | None
+    center_crop: bool
+    convert_rgb: bool
+    rescale_factor: float | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @property
+    def resolution(self) -> str:
+        if self.height and self.width:
+            return f"{self.height}×{self.width}"
+        return f"shortest edge {self.shortest_edge}" if self.shortest_edge else "as given"
+
+    def describe(self) -> str:
+        """One sentence a user can reimplement from, built from the saved values (nothing assumed)."""
+        steps = ["RGB" if self.convert_rgb else "channels as given"]
+        if self.height and self.width:
+            steps.append(f"resized to {self.height}×{self.width} pixels ({self.resample or 'default'} resampling)")
+        elif self.shortest_edge:
+            steps.append(f"resized so the shorter edge is {self.shortest_edge} pixels ({self.resample or 'default'})")
+        steps.append("centre-cropped" if self.center_crop else "no centre crop")
+        if self.rescale_factor is not None:
+            steps.append("scaled to [0, 1]" if math.isclose(self.rescale_factor, 1 / 255) else f"multiplied by {self.rescale_factor:g}")
+        if self.mean is not None and self.std is not None:
+            if set(self.mean) == {0.5} and set(self.std) == {0.5} and self.rescale_factor and math.isclose(self.rescale_factor, 1 / 255):
+                steps.append("normalised with mean 0.5 and standard deviation 0.5 per channel, i.e. to [-1, 1]")
+            else:
+                steps.append(f"normalised with mean {list(self.mean)} and standard deviation {list(self.std)}")
+        return "; ".join(steps) + "."
+
+
+@dataclass(frozen=True)
+class FolderFacts:
+    folder: Path
+    kind: FolderKind
+    config: dict
+    architecture: Architecture
+    preprocessing: Preprocessing | None
+    conversion: dict | None = None
+    hyperrule: dict | None = None
+    finetune_args: dict | None = None
+    eval_results: dict | None = None
+    all_results: dict | None = None
+    pretraining: dict | None = None
+    # Logged training steps: HF Trainer's log_history (fine-tuned) or training_log.jsonl (pretrained).
+    training_log: list[dict] = field(default_factory=list)
+    probe_results: list[dict] = field(default_factory=list)
+
+    @property
+    def label_names(self) -> list[str]:
+        id2label = self.config.get("id2label") or {}
+        return [str(id2label[key]) for key in sorted(id2label, key=int)]
+
+    @property
+    def multi_label(self) -> bool:
+        return self.config.get("problem_type") == "multi_label_classification"
+
+
+def read_folder(folder) -> FolderFacts:
+    """Read a saved BiT folder; raise `CardError` if it is not one or a metadata file is unreadable."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CardError(f"{folder} is not a saved model folder: {CONFIG_FILE} is missing.")
+    config = _read_json(folder / CONFIG_FILE)
+    if config.get("model_type") != "bit":
+        raise CardError(f"{folder}/{CONFIG_FILE} has model_type {config.get('model_type')!r}; expected 'bit'.")
+    preprocessor = _read_json(folder / PREPROCESSOR_FILE) if (folder / PREPROCESSOR_FILE).is_file() else None
+    optional = {
+        name: _read_json(folder / name) if (folder / name).is_file() else None
+        for name in (
+            CONVERSION_FILE,
+            HYPERRULE_FILE,
+            FINETUNE_ARGS_FILE,
+            EVAL_RESULTS_FILE,
+            ALL_RESULTS_FILE,
+            PRETRAINING_FILE,
+            PROBE_RESULTS_FILE,
+        )
+    }
+    if optional[PRETRAINING_FILE] is not None:
+        kind, training_log = FolderKind.PRETRAINED, _read_json_lines(folder / PRETRAINING_LOG_FILE)
+    elif optional[HYPERRULE_FILE] is not None or optional[FINETUNE_ARGS_FILE] is not None:
+        log = _read_json(folder / FINETUNE_LOG_FILE) if (folder / FINETUNE_LOG_FILE).is_file() else {}
+        kind, training_log = FolderKind.FINE_TUNED, list(log.get("log_history") or [])
+    elif optional[CONVERSION_FILE] is not None:
+        kind, training_log = FolderKind.CONVERTED, []
+    else:
+        kind, training_log = FolderKind.SAVED, []
+    return FolderFacts(
+        folder=folder,
+        kind=kind,
+        config=config,
+        architecture=_architecture(folder, config),
+        preprocessing=_preprocessing(preprocessor) if preprocessor is not None else None,
+        conversion=optional[CONVERSION_FILE],
+        hyperrule=optional[HYPERRULE_FILE],
+        finetune_args=optional[FINETUNE_ARGS_FILE],
+        eval_results=optional[EVAL_RESULTS_FILE],
+        all_results=optional[ALL_RESULTS_FILE],
+        pretraining=optional[PRETRAINING_FILE],
+        training_log=training_log,
+        probe_results=list(optional[PROBE_RESULTS_FILE] or []),
+    )
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CardError(f"{path} is not readable JSON: {error}") from error
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise CardError(f"{path}, line {number}, is not JSON: {error}") from error
+    return entries
+
+
+def _architecture(folder: Path, config: dict) -> Architecture:
+    # Our configs fold the width into embedding_size/hidden_sizes and write width_factor 1; a stock
+    # transformers config may not, so the width factor multiplies what is stored.
+    width = int(config.get("width_factor") or 1)
+    shapes, dtypes = _weight_headers(folder)
+    parameters = sum(math.prod(shape) for shape in shapes.values()) if shapes else None
+    head = sum(math.prod(shapes[name]) for name in HEAD_TENSORS if name in shapes) if shapes else None
+    return Architecture(
+        depths=tuple(int(depth) for depth in config.get("depths", ())),
+        stem_channels=int(config.get("embedding_size", 0)) * width,
+        stage_channels=tuple(int(size) * width for size in config.get("hidden_sizes", ())),
+        num_groups=config.get("num_groups"),
+        num_labels=len(config.get("id2label") or {}),
+        parameters=parameters,
+        head_parameters=head,
+        weights_dtype="/".join(sorted(dtypes)) if dtypes else None,
+    )
+
+
+def _weight_headers(folder: Path) -> tuple[dict[str, list[int]], set[str]]:
+    """Tensor shapes and dtypes from the safetensors headers (single file or sharded); empty if there are none."""
+    index = folder / WEIGHTS_INDEX_FILE
+    files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else [WEIGHTS_FILE]
+    shapes, dtypes = {}, set()
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            return {}, set()
+        try:
+            with open(path, "rb") as stream:
+                (length,) = struct.unpack("<Q", stream.read(8))
+                header = json.loads(stream.read(length))
+        except (OSError, struct.error, ValueError) as error:
+            raise CardError(f"{path} has no readable safetensors header: {error}") from error
+        for tensor, entry in header.items():
+            if tensor != "__metadata__":
+                shapes[tensor] = entry["shape"]
+                dtypes.add(_SAFETENSORS_DTYPE_NAMES.get(entry["dtype"], entry["dtype"]))
+    return shapes, dtypes
+
+
+def _preprocessing(values: dict) -> Preprocessing:
+    size = values.get("size") or {}
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    normalize = values.get("do_normalize", True)
+    return Preprocessing(
+        height=size.get("height") if values.get("do_resize", True) else None,
+        width=size.get("width") if values.get("do_resize", True) else None,
+        shortest_edge=size.get("shortest_edge") if values.get("do_resize", True) else None,
+        resample=_RESAMPLE_NAMES.get(values.get("resample")),
+        center_crop=bool(values.get("do_center_crop", False)),
+        convert_rgb=bool(values.get("do_convert_rgb", True)),
+        rescale_factor=values.get("rescale_factor") if values.get("do_rescale", True) else None,
+        mean=tuple(values["image_mean"]) if normalize and values.get("image_mean") is not None else None,
+        std=tuple(values["image_std"]) if normalize and values.get("image_std") is not None else None,
+    )
+
+
+__all__ = ["Architecture", "CardError", "FolderFacts", "FolderKind", "Preprocessing", "read_folder"]

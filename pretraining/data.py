@@ -1,0 +1,443 @@
+"""Upstream data with `datasets`: image folders, sharded parquet/webdataset files (local or Hub), streaming.
+
+The data position of a run is a pure function of its optimizer step, which is what makes resuming exact:
+
+- Map-style data (image folders, non-streaming datasets) is read as one endless stream of positions;
+  epoch `e` visits the examples in a permutation seeded by (seed, e). The examples of optimizer step `s`
+  are positions `s * G ... (s + 1) * G - 1` (G = global batch); process `r` takes micro-batch `a` at
+  `s * G + a * b * P + r * b` (b = per-device batch, P = processes). So processes see disjoint examples,
+  and 2 processes x b see the same examples in a step as 1 process x 2b.
+- Streaming data is split between processes with `datasets.distributed.split_dataset_by_node`, shuffled
+  with a buffer (seeded, re-seeded each epoch) and its shards split between DataLoader workers by
+  `datasets`. The torch DataLoader takes batches from its workers in turn, so after `n` micro-batches
+  worker `w` has produced ceil((n - w) / W) of them; on resume each worker skips that many examples
+  before decoding anything.
+
+Decoding and augmentation run in the DataLoader workers (`BatchBuilder` is the collate function). The
+random crop and flip of an example are drawn from a generator seeded by (seed, the example's position), so
+they do not depend on the number of processes or workers, nor on where a run was resumed. Unreadable images
+(`modeling_bit.load_rgb_image` raises `UnreadableImageError`) are replaced by a blank image with weight 0
+in the loss and counted; batch shapes stay fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from datasets.distributed import split_dataset_by_node
+
+from modeling_bit import bit_image_processor, load_rgb_image
+from modeling_bit.image_processing_bit import UnreadableImageError
+
+from .recipe import CROP_AREA_RANGE, CROP_ASPECT_RATIO_RANGE, CROP_ATTEMPTS, HORIZONTAL_FLIP_PROBABILITY
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target")
+VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid")
+UNREADABLE_NAMES_KEPT = 20  # names of unreadable files reported per run; the count is exact
+
+
+@dataclasses.dataclass
+class LabelSpace:
+    num_classes: int
+    names: list[str]
+    multi_label: bool
+
+
+@dataclasses.dataclass
+class UpstreamData:
+    """The training stream and held-out examples of one run, with what the run needs to know about them."""
+
+    train: datasets.Dataset | datasets.IterableDataset
+    validation: datasets.Dataset | datasets.IterableDataset | None
+    image_column: str
+    label_column: str
+    labels: LabelSpace
+    num_train_examples: int | None  # None for a stream of unknown length
+    description: dict  # for bit_pretraining.json: "name" or "train_dir", ...
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, datasets.IterableDataset)
+
+
+def load_upstream_data(
+    *,
+    train_dir: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    data_files: list[str] | None = None,
+    streaming: bool = False,
+    train_split: str = "train",
+    validation_split: str | None = None,
+    validation_examples: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    multi_label: bool = False,
+    num_labels: int | None = None,
+    num_train_examples: int | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> UpstreamData:
+    """Load the training data and hold out a validation slice; raise a clear error on unusable input."""
+    if (train_dir is None) == (dataset is None):
+        raise ValueError("Give exactly one of --train-dir (an image folder) and --dataset (a dataset name or path).")
+    if train_dir is not None:
+        if not Path(train_dir).is_dir():
+            raise FileNotFoundError(f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class).")
+        splits = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
+        description = {"train_dir": str(Path(train_dir).resolve())}
+    else:
+        splits = datasets.load_dataset(
+            dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
+        )
+        description = {"name": dataset, **({"config": dataset_config} if dataset_config else {})}
+
+    if train_split not in splits:
+        raise ValueError(f"The data has no split {train_split!r} (it has {', '.join(splits)}): pass --train-split.")
+    train = splits[train_split]
+    if validation_split is None:
+        validation_split = next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
+    elif validation_split not in splits:
+        raise ValueError(f"The data has no split {validation_split!r} (it has {', '.join(splits)}).")
+    validation = splits[validation_split] if validation_split else None
+
+    features = train.features
+    if features is None:
+        raise ValueError("The dataset does not declare its features; pass --image-column and --label-column.")
+    image_column = _pick_column(features, image_column, IMAGE_COLUMN_CANDIDATES, "image", datasets.Image)
+    label_column = _pick_column(features, label_column, LABEL_COLUMN_CANDIDATES, "label", datasets.ClassLabel)
+    is_list = isinstance(features[label_column], (datasets.List, datasets.Sequence, datasets.LargeList))
+    if multi_label and not is_list:
+        raise ValueError(
+            f"--multi-label needs a label column holding lists of class ids; {label_column!r} holds single labels "
+            f"({features[label_column]})."
+        )
+    if is_list and not multi_label:
+        raise ValueError(
+            f"The label column {label_column!r} holds lists of labels: pass --multi-label to train with the "
+            "per-class sigmoid loss."
+        )
+    if isinstance(features[image_column], datasets.Image):
+        # Decoding happens in the DataLoader workers with load_rgb_image, which skips and counts bad files.
+        train = train.cast_column(image_column, datasets.Image(decode=False))
+        if validation is not None:
+            validation = validation.cast_column(image_column, datasets.Image(decode=False))
+
+    if streaming:
+        if validation is None and validation_examples > 0:
+            validation = train.take(validation_examples)
+            # Not `train.skip(n)`: once the stream is split between processes and workers, datasets spreads the
+            # skip over the shards, which would leave held-out examples in training and drop others.
+            train = train.filter(WithoutExamples(image_column, validation))
+        size = num_train_examples
+    else:
+        if len(train) == 0:
+            raise ValueError(f"The training data is empty ({description}).")
+        if validation is None and validation_examples > 0:
+            held_out = min(validation_examples, len(train) // 10)
+            if held_out > 0:
+                parts = train.train_test_split(test_size=held_out, seed=seed, shuffle=True)
+                train, validation = parts["train"], parts["test"]
+        size = len(train)
+    labels = _label_space(train, label_column, multi_label, num_labels)
+    description.update({"num_examples": size, "num_classes": labels.num_classes, "multi_label": labels.multi_label})
+    return UpstreamData(train, validation, image_column, label_column, labels, size, description)
+
+
+class WithoutExamples:
+    """Filter predicate: False for the examples of `held_out` (matched by their image's bytes or path)."""
+
+    def __init__(self, image_column: str, held_out):
+        self.image_column = image_column
+        self.fingerprints = {self.fingerprint(example) for example in held_out}
+
+    def fingerprint(self, example) -> str:
+        source, name = _image_source(example[self.image_column])
+        data = source if isinstance(source, (bytes, bytearray)) else name.encode()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+    def __call__(self, example) -> bool:
+        return self.fingerprint(example) not in self.fingerprints
+
+
+def _pick_column(features, given: str | None, candidates, role: str, preferred_type) -> str:
+    if given is not None:
+        if given not in features:
+            raise ValueError(f"No {role} column {given!r}: the data has {', '.join(features)}.")
+        return given
+    typed = [name for name, feature in features.items() if isinstance(_element(feature), preferred_type)]
+    named = [name for name in candidates if name in features]
+    found = typed or named
+    if not found:
+        raise ValueError(f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column.")
+    return found[0]
+
+
+def _element(feature):
+    return feature.feature if isinstance(feature, (datasets.List, datasets.Sequence, datasets.LargeList)) else feature
+
+
+def _label_space(train, label_column: str, multi_label: bool, num_labels: int | None) -> LabelSpace:
+    element = _element(train.features[label_column])
+    if isinstance(element, datasets.ClassLabel):
+        names = list(element.names)
+    elif num_labels is not None:
+        names = [str(index) for index in range(num_labels)]
+    elif isinstance(train, datasets.Dataset):
+        column = train.with_format("arrow")[label_column]
+        values = column.combine_chunks().flatten() if multi_label else column
+        names = [str(index) for index in range(int(np.max(np.asarray(values))) + 1)]
+    else:
+        raise ValueError(
+            f"The label column {label_column!r} does not name its classes and a stream cannot be counted: pass --num-labels."
+        )
+    if num_labels is not None and num_labels != len(names):
+        raise ValueError(f"--num-labels {num_labels} disagrees with the {len(names)} classes the data declares.")
+    if len(names) < 2 and not multi_label:
+        raise ValueError(f"Single-label training needs at least 2 classes; the data has {len(names)}.")
+    return LabelSpace(len(names), names, multi_label)
+
+
+# --- Augmentation and batching (run in the DataLoader workers) ---------------------------------------
+
+
+def inception_crop_box(
+    rng: np.random.Generator, width: int, height: int, area_range, aspect_ratio_range, attempts: int
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random box with area fraction and aspect ratio in the given ranges.
+
+    Aspect ratios are drawn log-uniformly. After `attempts` boxes that do not fit, the largest centred box
+    whose aspect ratio is within range.
+    """
+    area = width * height
+    log_low, log_high = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
+    for _ in range(attempts):
+        target_area = area * rng.uniform(*area_range)
+        aspect_ratio = math.exp(rng.uniform(log_low, log_high))
+        crop_width = round(math.sqrt(target_area * aspect_ratio))
+        crop_height = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(rng.integers(0, height - crop_height + 1))
+            return left, top, left + crop_width, top + crop_height
+    ratio = width / height
+    if ratio < aspect_ratio_range[0]:
+        crop_width, crop_height = width, round(width / aspect_ratio_range[0])
+    elif ratio > aspect_ratio_range[1]:
+        crop_width, crop_height = round(height * aspect_ratio_range[1]), height
+    else:
+        crop_width, crop_height = width, height
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    return left, top, left + crop_width, top + crop_height
+
+
+def _image_source(value):
+    """What load_rgb_image takes, and a name for reports, from a datasets image cell."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"], value.get("path") or "<image bytes>"
+        if value.get("path"):
+            return value["path"], value["path"]
+        return b"", "<empty image cell>"
+    if isinstance(value, (str, os.PathLike)):
+        return value, str(value)
+    return value, "<image>"
+
+
+class BatchBuilder:
+    """Collate function: decode, augment (training) or resize (evaluation), and batch examples.
+
+    Items are `(example, key)`; the key (a tuple of ints) seeds the example's crop and flip. Returns
+    `pixel_values` (B, 3, S, S) in [-1, 1], `labels` (B,) int64 or multi-hot (B, C) float32, `weights` (B,)
+    float32 (0 for unreadable images), `unreadable` (names).
+    """
+
+    def __init__(
+        self,
+        image_column: str,
+        label_column: str,
+        labels: LabelSpace,
+        image_size: int,
+        seed: int,
+        train: bool,
+        crop_area_range=CROP_AREA_RANGE,
+        crop_aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
+        crop_attempts: int = CROP_ATTEMPTS,
+        flip_probability: float = HORIZONTAL_FLIP_PROBABILITY,
+    ):
+        self.image_column, self.label_column, self.labels = image_column, label_column, labels
+        self.image_size, self.seed, self.train = int(image_size), int(seed), train
+        self.crop_area_range, self.crop_aspect_ratio_range = tuple(crop_area_range), tuple(crop_aspect_ratio_range)
+        self.crop_attempts, self.flip_probability = crop_attempts, flip_probability
+        # The project's preprocessing does the resize to the training size and the scaling to [-1, 1].
+        self.processor = bit_image_processor(self.image_size)
+
+    def augment(self, image: Image.Image, key: tuple[int, ...]) -> Image.Image:
+        rng = np.random.default_rng([self.seed, *key])
+        box = inception_crop_box(rng, *image.size, self.crop_area_range, self.crop_aspect_ratio_range, self.crop_attempts)
+        image = image.crop(box)
+        if rng.random() < self.flip_probability:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def __call__(self, items: list) -> dict:
+        images, weights, unreadable = [], [], []
+        for example, key in items:
+            source, name = _image_source(example[self.image_column])
+            try:
+                image = load_rgb_image(source)
+            except UnreadableImageError:
+                unreadable.append(name)
+                image, weight = Image.new("RGB", (self.image_size, self.image_size), (128, 128, 128)), 0.0
+            else:
+                weight = 1.0
+                if self.train:
+                    image = self.augment(image, key)
+            # Small crops are upsampled here by the processor (resize to image_size x image_size, bilinear).
+            images.append(image)
+            weights.append(weight)
+        pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
+        return {
+            "pixel_values": pixel_values,
+            "labels": self._labels([example[self.label_column] for example, _ in items]),
+            "weights": torch.tensor(weights, dtype=torch.float32),
+            "unreadable": unreadable,
+        }
+
+    def _labels(self, values: list) -> torch.Tensor:
+        num_classes = self.labels.num_classes
+        if not self.labels.multi_label:
+            labels = torch.tensor([int(value) for value in values], dtype=torch.int64)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"Label ids {labels.tolist()} outside 0..{num_classes - 1}.")
+            return labels
+        multi_hot = torch.zeros(len(values), num_classes, dtype=torch.float32)
+        for row, value in enumerate(values):
+            ids = [int(v) for v in (value or [])]
+            if any(v < 0 or v >= num_classes for v in ids):
+                raise ValueError(f"Label ids {ids} outside 0..{num_classes - 1}.")
+            multi_hot[row, ids] = 1.0
+        return multi_hot
+
+
+# --- Map-style data: positions of an endless stream of epochs -----------------------------------------
+
+
+class EpochStream(torch.utils.data.Dataset):
+    """Position p -> (example `perm_e[p mod N]` of epoch e = p div N, key (p,)); perm_e seeded by (seed, e)."""
+
+    def __init__(self, dataset: datasets.Dataset, seed: int):
+        self.dataset, self.seed, self.size = dataset, int(seed), len(dataset)
+        self._epoch, self._permutation = None, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            self._epoch = epoch
+        return self._permutation
+
+    def index_of(self, position: int) -> int:
+        epoch, offset = divmod(int(position), self.size)
+        return int(self.permutation(epoch)[offset])
+
+    def __getitem__(self, position: int):
+        return self.dataset[self.index_of(position)], (int(position),)
+
+    def __getitems__(self, positions: list[int]) -> list:
+        indices = [self.index_of(position) for position in positions]
+        columns = self.dataset[indices]  # one columnar read for the whole batch
+        return [
+            ({name: values[row] for name, values in columns.items()}, (int(position),))
+            for row, position in enumerate(positions)
+        ]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """One process's micro-batches of stream positions for optimizer steps `start_step` .. `total_steps - 1`."""
+
+    def __init__(self, per_device_batch_size: int, num_processes: int, process_index: int, accumulation_steps: int,
+                 start_step: int, total_steps: int):
+        self.batch, self.processes, self.rank = per_device_batch_size, num_processes, process_index
+        self.accumulation, self.start_step, self.total_steps = accumulation_steps, start_step, total_steps
+
+    def global_batch_size(self) -> int:
+        return self.batch * self.processes * self.accumulation
+
+    def positions(self, step: int, micro_batch: int) -> list[int]:
+        first = step * self.global_batch_size() + (micro_batch * self.processes + self.rank) * self.batch
+        return list(range(first, first + self.batch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            for micro_batch in range(self.accumulation):
+                yield self.positions(step, micro_batch)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.accumulation
+
+
+# --- Streaming data ------------------------------------------------------------------------------------
+
+
+def worker_batch_count(total_batches: int, worker: int, num_workers: int) -> int:
+    """How many of the first `total_batches` batches of a DataLoader come from `worker` (round robin)."""
+    return max(0, math.ceil((total_batches - worker) / num_workers))
+
+
+class ResumableStream(torch.utils.data.IterableDataset):
+    """This process's share of a streaming dataset, repeated over epochs, from a given micro-batch on.
+
+    Each DataLoader worker yields exactly the examples of its batches among micro-batches
+    `batches_done` .. `total_batches - 1` of this process, skipping (undecoded) the ones already trained on.
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, per_device_batch_size: int, batches_done: int,
+                 total_batches: int, process_index: int):
+        self.dataset, self.batch = dataset, per_device_batch_size
+        self.batches_done, self.total_batches, self.rank = batches_done, total_batches, process_index
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = worker_batch_count(self.batches_done, worker, workers) * self.batch
+        stop = worker_batch_count(self.total_batches, worker, workers) * self.batch
+        count, epoch = 0, 0
+        while count < stop:
+            self.dataset.set_epoch(epoch)
+            produced = False
+            for example in self.dataset:
+                produced = True
+                if count >= stop:
+                    return
+                if count >= skip:
+                    yield example, (self.rank, worker, count)
+                count += 1
+            if not produced:
+                raise RuntimeError(
+                    f"DataLoader worker {worker} of process {self.rank} received no data: the stream has fewer shards "
+                    "than processes x workers. Use fewer --dataloader-num-workers or more shards."
+                )
+            epoch += 1
+
+
+def shard_stream(stream: datasets.IterableDataset, seed: int, shuffle_buffer_size: int, process_index: int,
+                 num_processes: int) -> datasets.IterableDataset:
+    """Shuffle with a seeded buffer (the same shard order on every process), then keep this process's share."""
+    stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+
+
+def max_stream_workers(stream: datasets.IterableDataset, requested: int) -> int:
+    """`datasets` gives each DataLoader worker whole shards: more workers than shards would idle or hang."""
+    return max(0, min(requested, stream.num_shards))
+

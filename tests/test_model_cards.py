@@ -1,0 +1,613 @@
+"""Model cards and Hub-ready folders: every kind of folder bit-transfer produces, its card, and the Hub path.
+
+Cards are parsed back with huggingface_hub's `ModelCard.load`; plots are opened as images; the usage code in each
+card and the inference widget's `pipeline("image-classification")` run in a fresh interpreter that never imports
+bit-transfer, and must agree with our own classes on real photographs. The Hub is a loopback HTTP server that
+speaks the part of the Hub API that `huggingface_hub` uses to list, create, upload and download, and keeps what it
+receives, so pushes are checked byte for byte with the real client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.utils.sha import git_hash
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from model_cards import CardOptions, prepare_hub_folder, write_card, write_model_card
+from model_cards.card import checked_eval_result
+from model_cards.cli import main as bit_model_card
+from model_cards.facts import CardError
+from model_cards.hub import HubPushError, local_files, push_folder
+from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor, load_rgb_image
+from modeling_bit.convert import convert_to_folder
+from modeling_bit.convert import main as bit_convert
+
+from conftest import REPO_ROOT, randomize_, run_clean_python
+from published_layout import published_arrays, write_npz
+
+SMALL_DEPTHS = (1, 2, 1, 1)
+R50_DEPTHS = (3, 4, 6, 3)
+KINDS = ("converted", "fine-tuned", "pretrained", "saved")
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2))
+
+
+def save_tiny(folder: Path, labels: list[str], resolution: int, seed: int, **config) -> Path:
+    config = BitConfig.from_preset(
+        "bit-tiny", id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}, **config
+    )
+    randomize_(BitForImageClassification(config), seed).save_pretrained(folder)
+    bit_image_processor(resolution).save_pretrained(folder)
+    return folder
+
+
+def write_finetuned_records(folder: Path, hymenoptera: Path, *, validation: bool = True, dataset: dict | None = None):
+    """The fine-tuning issue's output records (contracts.md "Fine-tuned"): 5-shot, 3 trials."""
+    source = dataset or {
+        "train_dir": str(hymenoptera / "train"),
+        **({"validation_dir": str(hymenoptera / "val")} if validation else {}),
+    }
+    write_json(folder / "bit_hyperrule.json", {
+        "dataset_size": 10, "median_image_area": 187500.0, "precrop": 80, "crop": 64, "steps": 6, "warmup_steps": 1,
+        "decay_steps": [2, 4, 5], "mixup_alpha": 0.0, "learning_rate": 0.00017578125, "batch_size": 30,
+        "micro_batch_size": 10, "momentum": 0.9, "weight_decay": 0.0, "overrides": ["precrop", "crop", "steps", "batch_size"],
+    })
+    trials = [0.55, 0.6209, 0.7]
+    write_json(folder / "eval_results.json", {
+        "eval_loss": 0.6812, "eval_accuracy": 0.6209, "eval_accuracy_min": 0.55, "eval_accuracy_max": 0.7,
+        "eval_accuracy_trials": trials, "eval_top_5_accuracy": 1.0, "eval_runtime": 1.2,
+    })
+    write_json(folder / "all_results.json", {"train_loss": 0.69, "eval_accuracy": 0.6209, "unreadable_images": 0, "saved_trial": 1})
+    write_json(folder / "bit_finetune_args.json", {
+        "command": ["bit-finetune", "--model", "BiT-M-R50x1", "--train-dir", source.get("train_dir", "x"),
+                    "--output-dir", str(folder), "--examples-per-class", "5", "--trials", "3"],
+        "model": "BiT-M-R50x1",
+        "dataset": {**source, "num_train_examples": 10, "num_eval_examples": 153, "num_classes": 2,
+                    "examples_per_class": 5, "trials": 3},
+    })
+    write_json(folder / "training_log.json", {"log_history": [
+        {"loss": 0.6931, "learning_rate": 0.00017578125, "epoch": 0.5, "step": 2},
+        {"loss": 0.6502, "learning_rate": 1.7578125e-05, "epoch": 1.0, "step": 4},
+        {"train_runtime": 3.1, "train_loss": 0.67, "epoch": 1.5, "step": 6},
+    ]})
+
+
+def write_pretrained_records(folder: Path, train_dir: Path):
+    """The pretraining issue's output records (contracts.md "Pretrained"), multi-label."""
+    write_json(folder / "bit_pretraining.json", {
+        "command": ["pretraining/pretrain.py", "--model-preset", "bit-tiny", "--train-dir", str(train_dir),
+                    "--output-dir", "O", "--max-steps", "8"],
+        "recipe": {"schedule": "bit-s-m", "base_learning_rate": 0.03, "global_batch_size": 8, "weight_decay": 0.0001,
+                   "momentum": 0.9, "warmup_steps": 2, "image_size": 32},
+        "dataset": {"train_dir": str(train_dir), "num_examples": 245, "num_classes": 3, "multi_label": True},
+        "steps": 8, "global_batch_size": 8, "final_loss": 0.4123, "bit_transfer_version": "0.1.0",
+    })
+    (folder / "training_log.jsonl").write_text("".join(
+        json.dumps({"step": step, "loss": 0.7 - 0.03 * step, "learning_rate": 0.00094 * min(step, 2) / 2,
+                    "images_per_second": 40.0, "epoch": None}) + "\n"
+        for step in range(1, 9)
+    ))
+    write_json(folder / "probe_results.json", [
+        {"step": step, "examples_per_class": k, "accuracy": 0.4 + 0.02 * step + 0.03 * k, "num_classes": 3,
+         "num_test_examples": 30, "trials": 5}
+        for step in (4, 8) for k in (1, 5)
+    ])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
+    """One folder of every kind we produce, each with its card (written as its producer writes it)."""
+    root = tmp_path_factory.mktemp("kinds")
+    npz = write_npz(root / "small.npz", published_arrays(SMALL_DEPTHS, num_classes=10, seed=3))
+    converted = convert_to_folder(npz, root / "converted", resolution=64)
+
+    finetuned = save_tiny(root / "finetuned", ["ants", "bees"], 64, seed=1)
+    write_finetuned_records(finetuned, hymenoptera_dir)
+    write_model_card(finetuned)
+
+    pretrained = save_tiny(root / "pretrained", ["ant", "bee", "flower"], 32, seed=2,
+                           problem_type="multi_label_classification")
+    write_pretrained_records(pretrained, hymenoptera_dir / "train")
+    write_model_card(pretrained)
+
+    saved = save_tiny(root / "saved", ["a", "b", "c", "d", "e", "f", "g"], 48, seed=4)
+    write_model_card(saved)
+    return {"converted": converted, "fine-tuned": finetuned, "pretrained": pretrained, "saved": saved}
+
+
+def card_of(folder: Path) -> ModelCard:
+    return ModelCard.load(folder / "README.md")
+
+
+def python_blocks(card_text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card_text, flags=re.S)
+
+
+def assert_honest_text(text: str) -> None:
+    """No missing value shown as one, and no table without rows."""
+    assert not re.search(r"\b(None|nan|NaN|null|undefined)\b", text)
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if re.fullmatch(r"\|(---\|)+", line):
+            assert index + 1 < len(lines) and lines[index + 1].startswith("|"), f"empty table at line {index}"
+
+
+# --- metadata -------------------------------------------------------------------------------------------------
+
+
+def test_cards_of_every_kind_parse_back_with_their_metadata(folders, hymenoptera_dir):
+    for kind in KINDS:
+        data = card_of(folders[kind]).data
+        assert data.library_name == "transformers" and data.pipeline_tag == "image-classification", kind
+        assert {"bit", "resnetv2", "image-classification"} <= set(data.tags), kind
+        assert data.get("license") is None, kind  # nothing here is published BiT weights: no licence invented
+        assert data.get("base_model") is None, kind  # BiT-M-R50x1 is a published name, not a Hub repository
+
+    assert card_of(folders["converted"]).data.eval_results is None  # nothing was measured
+    assert card_of(folders["saved"]).data.eval_results is None
+
+    finetuned = card_of(folders["fine-tuned"]).data
+    assert "few-shot" in finetuned.tags
+    records = json.loads((folders["fine-tuned"] / "eval_results.json").read_text())
+    # Top-5 accuracy of a 2-class model is 100% by construction: recorded, but not reported.
+    [median] = finetuned.eval_results
+    assert (median.metric_type, median.metric_name, median.metric_value) == (
+        "accuracy", "Accuracy (median of 3 fine-tuning trials, 5 examples per class)", records["eval_accuracy"])
+    assert (median.task_type, median.dataset_type, median.dataset_name, median.dataset_split) == (
+        "image-classification", "imagefolder", "hymenoptera (image folder)", "validation")
+
+    pretrained = card_of(folders["pretrained"]).data
+    assert "multi-label" in pretrained.tags
+    final = {r["examples_per_class"]: r["accuracy"] for r in json.loads((folders["pretrained"] / "probe_results.json")
+                                                                         .read_text()) if r["step"] == 8}
+    assert {int(r.metric_name.split("-")[0]): r.metric_value for r in pretrained.eval_results} == final
+    assert {r.dataset_type for r in pretrained.eval_results} == {"imagefolder"}
+
+
+def test_card_sections_are_filled_from_the_records_and_say_nothing_missing(folders):
+    for kind in KINDS:
+        text = (folders[kind] / "README.md").read_text()
+        assert_honest_text(text)
+        for heading in ("## Architecture", "## How it was produced", "## Results", "## Usage",
+                        "## Limitations and biases", "## Citation", "@inproceedings{kolesnikov2020bit"):
+            assert heading in text, (kind, heading)
+
+    finetuned = (folders["fine-tuned"] / "README.md").read_text()
+    command = json.loads((folders["fine-tuned"] / "bit_finetune_args.json").read_text())["command"]
+    assert " ".join(command) in finetuned  # the exact command
+    assert "| optimizer steps | 6 | given |" in finetuned and "| SGD momentum | 0.9 | BiT-HyperRule |" in finetuned
+    assert "| 5 | 3 | 62.09% | 55.00% | 70.00% |" in finetuned  # examples per class, trials, median, min, max
+    assert "| 2 | 62.09% | yes |" in finetuned  # the saved trial
+
+    pretrained = (folders["pretrained"] / "README.md").read_text()
+    assert "pretraining/pretrain.py --model-preset bit-tiny" in pretrained
+    assert "| `weight_decay` | 0.0001 |" in pretrained and "final training loss 0.4123" in pretrained
+    assert "scores = logits.sigmoid()[0]" in pretrained  # multi-label: the usage code uses the right activation
+
+    converted = (folders["converted"] / "README.md").read_text()
+    assert "| source kind | npz |" in converted and "No evaluation results are recorded" in converted
+    assert "| Parameters | 8,308,810 (backbone 8,288,320 + head 20,490) |" in converted
+
+    saved = (folders["saved"] / "README.md").read_text()
+    assert "No evaluation results are recorded in this folder." in saved
+    results_section = saved.split("## Results")[1].split("## Usage")[0]
+    assert "|" not in results_section and "![" not in results_section
+
+
+def test_plots_are_valid_pngs_embedded_in_the_card(folders):
+    expected = {"fine-tuned": ["training_curves.png", "few_shot_accuracy.png"],
+                "pretrained": ["training_curves.png", "probe_accuracy.png"], "converted": [], "saved": []}
+    for kind, names in expected.items():
+        text = (folders[kind] / "README.md").read_text()
+        assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", text) == names, kind
+        for name in names:
+            with Image.open(folders[kind] / name) as image:
+                assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 300
+                image.verify()
+
+
+def test_without_matplotlib_the_card_has_no_plots_and_stale_ones_are_removed(folders, tmp_path):
+    folder = shutil.copytree(folders["fine-tuned"], tmp_path / "finetuned")
+    code = ("import sys; sys.modules['matplotlib'] = None\n"  # import matplotlib now raises ImportError
+            f"from model_cards import write_model_card; write_model_card({str(folder)!r})")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    text = (folder / "README.md").read_text()
+    assert "![" not in text and not list(folder.glob("*.png"))
+    assert "| 5 | 3 | 62.09% | 55.00% | 70.00% |" in text  # the numbers are all still there
+    assert_honest_text(text)
+
+
+# --- refusals and honesty ---------------------------------------------------------------------------------------
+
+
+def test_invalid_ids_and_licences_are_refused_before_anything_is_written(folders):
+    with pytest.raises(CardError, match="metric 'acc'"):
+        checked_eval_result(dataset_type="beans", dataset_name="Beans", metric_type="acc", metric_value=0.5)
+    with pytest.raises(CardError, match="dataset '../beans'"):
+        checked_eval_result(dataset_type="../beans", dataset_name="Beans", metric_type="accuracy", metric_value=0.5)
+    with pytest.raises(CardError, match="expected a fraction"):
+        checked_eval_result(dataset_type="beans", dataset_name="Beans", metric_type="accuracy", metric_value=62.1)
+    card = folders["fine-tuned"] / "README.md"
+    before = card.read_bytes()
+    for options, message in (
+        (CardOptions(repo_id="no-namespace"), "needs a namespace"),
+        (CardOptions(repo_id="a/b/c"), "not a Hub repository id"),
+        (CardOptions(license="Apache 2.0"), "expected a Hub licence id"),
+        (CardOptions(base_model="../model"), "not a Hub repository id"),
+    ):
+        with pytest.raises(CardError, match=message):
+            write_card(folders["fine-tuned"], options)
+    assert card.read_bytes() == before
+
+
+def test_results_that_cannot_be_named_or_were_measured_on_training_data_stay_out_of_the_metadata(tmp_path, hymenoptera_dir):
+    on_training_data = save_tiny(tmp_path / "on-training-data", ["ants", "bees"], 64, seed=1)
+    write_finetuned_records(on_training_data, hymenoptera_dir, validation=False)
+    text = write_model_card(on_training_data).read_text()
+    assert card_of(on_training_data).data.eval_results is None
+    assert "Measured on the training images themselves" in text and "62.09%" in text
+
+    local_dataset = save_tiny(tmp_path / "local-dataset", ["ants", "bees"], 64, seed=1)
+    write_finetuned_records(local_dataset, hymenoptera_dir,
+                            dataset={"name": str(hymenoptera_dir), "config": None, "validation_split": "validation"})
+    write_model_card(local_dataset)
+    data = card_of(local_dataset).data
+    assert data.eval_results is None and data.get("datasets") is None  # a local path is no Hub dataset id
+
+    hub_dataset = save_tiny(tmp_path / "hub-dataset", [f"class {i}" for i in range(7)], 64, seed=1)
+    write_finetuned_records(hub_dataset, hymenoptera_dir,
+                            dataset={"name": "someone/hymenoptera", "config": "full", "validation_split": "test"})
+    args = json.loads((hub_dataset / "bit_finetune_args.json").read_text())
+    write_json(hub_dataset / "bit_finetune_args.json", {**args, "model": "google/bit-50"})
+    write_model_card(hub_dataset)
+    data = card_of(hub_dataset).data
+    assert data.datasets == ["someone/hymenoptera"] and data.base_model == "google/bit-50"
+    assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in data.eval_results} == {("someone/hymenoptera", "full", "test")}
+    assert [(r.metric_name, r.metric_value) for r in data.eval_results][1:] == [("Top-5 accuracy", 1.0)]  # 7 classes
+
+
+def test_a_card_for_a_hub_repository_lists_the_shipped_widget_examples_and_uses_the_users_licence(folders, tmp_path):
+    folder = shutil.copytree(folders["fine-tuned"], tmp_path / "finetuned")
+    arguments = ["--repo-id", "someone/bit-ants", "--license", "mit", "--base-model", "someone/bit-m-r50x1"]
+    assert bit_model_card([str(folder), *arguments]) == 0
+    data = card_of(folder).data
+    assert (data.license, data.base_model) == ("mit", "someone/bit-m-r50x1")
+    examples = sorted(p.relative_to(folder).as_posix() for p in (folder / "examples").iterdir())
+    assert sorted(entry["src"] for entry in data.widget) == [
+        f"{constants.ENDPOINT}/someone/bit-ants/resolve/main/{name}" for name in examples]
+    assert all(entry["example_title"].startswith("Synthetic test pattern") for entry in data.widget)
+    text = (folder / "README.md").read_text()
+    assert 'pipeline("image-classification", model="someone/bit-ants")' in text and "not photographs" in text
+    first = {name: (folder / name).read_bytes() for name in examples}
+    prepare_hub_folder(folder, CardOptions(repo_id="someone/bit-ants", license="mit", base_model="someone/bit-m-r50x1"))
+    assert {name: (folder / name).read_bytes() for name in examples} == first and (folder / "README.md").read_text() == text
+
+
+# --- stock transformers: the widget's pipeline and the cards' usage code -----------------------------------------
+
+
+def our_predictions(folder: Path, image: Path) -> list[tuple[str, float]]:
+    """Top-5 labels and scores from our classes, scored as the pipeline scores (sigmoid for multi-label)."""
+    model = BitForImageClassification.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(**processor(load_rgb_image(image), return_tensors="pt")).logits[0]
+    scores = logits.sigmoid() if model.config.problem_type == "multi_label_classification" else logits.softmax(-1)
+    top = scores.topk(min(5, len(scores)))
+    return [(model.config.id2label[i], s) for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+
+def assert_same_predictions(stock: list[tuple[str, float]], ours: list[tuple[str, float]], tolerance: float) -> None:
+    assert [label for label, _ in stock] == [label for label, _ in ours]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(stock, ours, strict=True)) <= tolerance
+
+
+def printed_predictions(output: str) -> list[tuple[str, float]]:
+    return [(label, float(score)) for label, score in re.findall(r"^(.*): ([0-9.]+)$", output, flags=re.M)]
+
+
+def test_stock_pipeline_and_the_cards_usage_code_agree_with_our_classes(folders, ant_image_path, hymenoptera_dir):
+    bee = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
+    images = [str(ant_image_path), str(bee)]
+    snippets = {kind: python_blocks((folder / "README.md").read_text()) for kind, folder in folders.items()}
+    assert all(len(blocks) == 2 and all('"path/to/image.jpg"' in b for b in blocks) for blocks in snippets.values())
+    stock = run_clean_python(f"""
+        import contextlib, io, os
+        from transformers import pipeline
+        folders, images, snippets = {json.dumps({k: str(v) for k, v in folders.items()})}, {images!r}, {snippets!r}
+        result = {{}}
+        for kind, folder in folders.items():
+            classify = pipeline("image-classification", model=folder)
+            widget = [[(p["label"], p["score"]) for p in classify(image, top_k=5)] for image in images]
+            os.chdir(os.path.dirname(folder))  # the cards name their folder relative to its parent
+            printed = []
+            for block in snippets[kind]:
+                output = io.StringIO()
+                with contextlib.redirect_stdout(output):
+                    exec(block.replace("path/to/image.jpg", images[0]), {{}})
+                printed.append(output.getvalue())
+            result[kind] = {{"widget": widget, "printed": printed}}
+    """)
+    for kind, folder in folders.items():
+        ours = [our_predictions(folder, Path(image)) for image in images]
+        for stock_top5, our_top5 in zip(stock[kind]["widget"], ours, strict=True):
+            assert_same_predictions(stock_top5, our_top5, 1e-4)
+        for printed in stock[kind]["printed"]:  # both snippets, printed to 4 decimals
+            assert_same_predictions(printed_predictions(printed), ours[0], 1e-4 + 5e-5)
+
+
+# --- the Hub: a loopback server speaking the part of the API huggingface_hub uses --------------------------------
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Model repositories in memory (`repos[repo_id][path] = bytes`), plain files for downloads (`files`), and a
+    record of every request (method, path, Authorization header) and every commit (repo id, paths)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        self.files: dict[str, bytes] = {}
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.created: list[dict] = []
+        self.commits: list[tuple[str, list[str]]] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def revision(self, repo_id: str) -> str:
+        files = self.repos[repo_id]
+        return hashlib.sha1(b"".join(p.encode() + git_hash(d).encode() for p, d in sorted(files.items()))).hexdigest()
+
+    def api_writes(self) -> list[tuple[str, str]]:
+        return [(method, path) for method, path, _ in self.requests if method == "POST"]
+
+
+class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args):
+        """Silent: pytest shows the recorded requests when an assertion needs them."""
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value, headers: dict | None = None):
+        self._reply(status, json.dumps(value).encode(), headers)
+
+    def _not_found(self, code: str):
+        self._json(404, {"error": code}, {"X-Error-Code": code})
+
+    def _record(self) -> str:
+        path = self.path.split("?")[0]
+        with self.server.lock:
+            self.server.requests.append((self.command, path, self.headers.get("Authorization")))
+        return path
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        path, hub = self._record(), self.server
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/main)?", path):  # model_info
+            if match[1] not in hub.repos:
+                return self._not_found("RepoNotFound")
+            # With ?blobs=true the Hub adds each file's size and git blob id (and, for LFS files, their SHA-256;
+            # this fake stores every file as a regular git blob).
+            return self._json(200, {"id": match[1], "sha": hub.revision(match[1]), "siblings": [
+                {"rfilename": name, "size": len(data), "blobId": git_hash(data)}
+                for name, data in sorted(hub.repos[match[1]].items())]})
+        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):  # by branch or by commit
+            repo = hub.repos.get(match[1])
+            if repo is None:
+                return self._not_found("RepoNotFound")
+            if match[2] not in repo:
+                return self._not_found("EntryNotFound")
+            data = repo[match[2]]
+            return self._reply(200, data, {"X-Repo-Commit": hub.revision(match[1]), "ETag": f'"{git_hash(data)}"'},
+                               content_type="application/octet-stream")
+        if path in hub.files:
+            return self._reply(200, hub.files[path], content_type="application/octet-stream")
+        self._not_found("EntryNotFound")
+
+    def do_POST(self):
+        path, hub = self._record(), self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            with hub.lock:
+                hub.created.append(payload)
+                if repo_id in hub.repos:
+                    return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                hub.repos[repo_id] = {}
+            return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+        if path == "/api/validate-yaml":  # what the Hub checks of a README before an upload starts
+            try:
+                ModelCard(json.loads(body)["content"])
+            except ValueError as error:
+                return self._json(400, {"errors": [{"message": str(error)}]})
+            return self._json(200, {"errors": [], "warnings": []})
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/main", path):
+            remote = hub.repos.get(match[1])
+            if remote is None:
+                return self._not_found("RepoNotFound")
+            return self._json(200, {"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                 "oid": git_hash(remote[f["path"]]) if f["path"] in remote else None}
+                for f in json.loads(body)["files"]]})
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            added = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                     for line in lines if line["key"] == "file"}
+            with hub.lock:
+                hub.repos[match[1]].update(added)
+                hub.commits.append((match[1], sorted(added)))
+            return self._json(200, {"commitUrl": f"{hub.url}/{match[1]}/commit/{hub.revision(match[1])}",
+                                    "commitOid": hub.revision(match[1])})
+        self._json(500, {"error": f"the fake Hub does not implement POST {path}"})
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {name: path.read_bytes() for name, path in local_files(folder).items()}
+
+
+def test_push_uploads_the_exact_folder_then_leaves_an_identical_repository_alone(hub, folders, tmp_path, monkeypatch):
+    folder = shutil.copytree(folders["pretrained"], tmp_path / "pretrained")
+    prepare_hub_folder(folder, CardOptions(repo_id="someone/bit-tiny-upstream"))
+    (folder / ".README.md.123.tmp").write_text("a crashed write's leftover")  # hidden: never uploaded
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    api = HfApi(endpoint=hub.url, token="hf_write_token")
+
+    first = push_folder(folder, "someone/bit-tiny-upstream", api=api)
+    assert first.uploaded and hub.created == [{"name": "bit-tiny-upstream", "organization": "someone", "type": "model"}]
+    assert hub.repos["someone/bit-tiny-upstream"] == folder_bytes(folder)
+    assert ".README.md.123.tmp" not in hub.repos["someone/bit-tiny-upstream"]
+    assert {auth for _, _, auth in hub.requests} == {"Bearer hf_write_token"}
+
+    hub.requests.clear()
+    second = push_folder(folder, "someone/bit-tiny-upstream", api=api)
+    assert not second.uploaded and hub.api_writes() == []  # one model_info, nothing created or sent
+    assert [(method, path) for method, path, _ in hub.requests] == [("GET", "/api/models/someone/bit-tiny-upstream")]
+
+    del hub.repos["someone/bit-tiny-upstream"]["examples/rings.png"]  # an upload interrupted before this file
+    hub.repos["someone/bit-tiny-upstream"]["README.md"] = b"an older card"
+    third = push_folder(folder, "someone/bit-tiny-upstream", api=api)
+    assert sorted(third.changed_files) == ["README.md", "examples/rings.png"]
+    assert hub.commits[-1] == ("someone/bit-tiny-upstream", ["README.md", "examples/rings.png"])  # only what differed
+    assert hub.repos["someone/bit-tiny-upstream"] == folder_bytes(folder)
+
+
+def test_push_without_token_offline_or_unreachable_fails_clearly_and_keeps_the_folder(folders, tmp_path, monkeypatch, capsys):
+    folder = folders["fine-tuned"]
+    before = folder_bytes(folder)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubPushError, match="No Hugging Face token: log in with `hf auth login` or set HF_TOKEN"):
+        push_folder(folder, "someone/model")
+    assert bit_model_card([str(folder), "--repo-id", "someone/model", "--push"]) == 1  # refused before rendering
+    assert "No Hugging Face token" in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="HF_HUB_OFFLINE is set"):
+        push_folder(folder, "someone/model", api=HfApi(token="hf_token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with pytest.raises(HubPushError, match=f"Cannot reach the Hub at http://127.0.0.1:{closed}.*run the same command again"):
+        push_folder(folder, "someone/model", api=HfApi(endpoint=f"http://127.0.0.1:{closed}", token="hf_token"))
+    assert folder_bytes(folder) == before
+
+
+def test_bit_convert_all_refuses_bad_options_before_any_work(tmp_path, capsys):
+    assert bit_convert(["--all", "--output-root", str(tmp_path), "--names", "BiT-Q-R9x9"]) == 1
+    assert "Not published BiT names: BiT-Q-R9x9" in capsys.readouterr().err
+    assert bit_convert(["--all", "--output-root", str(tmp_path), "--push"]) == 1
+    assert "--push needs --namespace" in capsys.readouterr().err
+    for argv in (["BiT-M-R50x1", "--all", "--output-root", str(tmp_path)], ["--all"], ["--push", "x.npz", "--output", "y"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bit_convert(argv)
+        assert exit_info.value.code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def r50_npz_bytes(tmp_path_factory) -> bytes:
+    """A synthetic checkpoint shaped like BiT-S-R50x1 (what its name promises): 25.5 M random parameters."""
+    path = tmp_path_factory.mktemp("r50") / "BiT-S-R50x1.npz"
+    return write_npz(path, published_arrays(R50_DEPTHS, num_classes=1000, seed=5)).read_bytes()
+
+
+def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_path, r50_npz_bytes):
+    hub.files["/BiT-S-R50x1.npz"] = r50_npz_bytes
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "BIT_WEIGHTS_URL": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "HF_TOKEN": "hf_write_token", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, "-m", "modeling_bit.convert", "--all", "--output-root", str(tmp_path / "R"),
+               "--names", "bit-s-r50x1", "--namespace", "someone", "--push"]
+
+    def run() -> str:
+        completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr
+        return completed.stdout
+
+    assert "BiT-S-R50x1 -> " in (output := run()) and "(converted); pushed" in output
+    folder, repo_id = tmp_path / "R" / "bit-s-r50x1", "someone/bit-s-r50x1"
+    assert sorted(local_files(folder)) == sorted([
+        "README.md", "bit_conversion.json", "config.json", "model.safetensors", "preprocessor_config.json",
+        "examples/checkerboard.png", "examples/colour-bars.png", "examples/rings.png"])
+    assert hub.repos[repo_id] == folder_bytes(folder)
+    assert hub.created == [{"name": "bit-s-r50x1", "organization": "someone", "type": "model"}]
+
+    data = card_of(folder).data
+    assert (data.license, data.datasets, data.get("base_model"), data.eval_results) == ("apache-2.0", ["imagenet-1k"], None, None)
+    assert sorted(w["src"] for w in data.widget) == [f"{hub.url}/{repo_id}/resolve/main/examples/{name}"
+                                                     for name in ("checkerboard.png", "colour-bars.png", "rings.png")]
+    text = (folder / "README.md").read_text()
+    assert "The published Big Transfer (BiT) checkpoint **BiT-S-R50x1**, pre-trained by the BiT authors on ILSVRC-2012" in text
+    assert_honest_text(text)
+
+    # A run interrupted before the weights reached the Hub, run again: the conversion is kept, the folder is
+    # re-rendered byte for byte, and only the missing file is committed.
+    del hub.repos[repo_id]["model.safetensors"]
+    hub.requests.clear()
+    assert "(kept the earlier conversion); pushed 1 file(s)" in run()
+    assert hub.commits[-1] == (repo_id, ["model.safetensors"]) and hub.repos[repo_id] == folder_bytes(folder)
+    assert not any(path.endswith(".npz") for _, path, _ in hub.requests)
+    assert {auth for _, path, auth in hub.requests if path.startswith("/api/")} == {"Bearer hf_write_token"}
+
+    # What a Hub user runs: the card's own usage code, verbatim, against the repository, in stock transformers.
+    blocks = python_blocks(text)
+    printed = run_clean_python(f"""
+        import os
+        os.environ.update(HF_ENDPOINT={hub.url!r}, HF_HOME={str(tmp_path / "user")!r}, HF_HUB_OFFLINE="0")
+        import contextlib, io
+        result = []
+        for block in {blocks!r}:  # the pipeline, as the widget runs it, then the Auto classes
+            output = io.StringIO()
+            with contextlib.redirect_stdout(output):
+                exec(block, {{}})
+            result.append(output.getvalue())
+    """)
+    example = our_predictions(folder, folder / "examples" / "colour-bars.png")
+    for output in printed:
+        assert_same_predictions(printed_predictions(output), example, 1e-4 + 5e-5)

@@ -1,0 +1,592 @@
+"""Upstream pre-training: the recipe's numbers, data sharding, distributed equivalence, exact resume.
+
+The multi-process tests launch the real script under torchrun (gloo on CPU) and plain python, on the
+bit-tiny preset and data the tests write; the kill test SIGKILLs a real training process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, run_clean_python
+from pretraining import data as upstream_data
+from pretraining import embedded_checkpoint_path
+from pretraining.probe import few_shot_accuracy, fit_ridge_classifier
+from pretraining.recipe import (
+    Recipe,
+    build_schedule,
+    gradient_accumulation_steps,
+    recipe_for_schedule,
+)
+from pretraining.training import upstream_loss
+
+SCRIPT = REPO_ROOT / "pretraining" / "pretrain.py"
+TINY_RUN = [
+    "--model-preset", "bit-tiny", "--image-size", "32", "--warmup-steps", "2", "--base-learning-rate", "1.0",
+    "--logging-steps", "1", "--validation-examples", "0", "--dataloader-num-workers", "0",
+]
+
+
+# --- data the tests write ------------------------------------------------------------------------------
+
+
+def _png(seed: int, size: int = 20) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_identity_shards(folder: Path, num_examples: int = 32, num_shards: int = 4) -> Path:
+    """Parquet shards where example i has label i: a batch's labels say exactly which examples it holds."""
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(num_examples)])}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, indices in enumerate(np.array_split(np.arange(num_examples), num_shards)):
+        rows = {"image": [{"bytes": _png(int(i)), "path": None} for i in indices], "label": [int(i) for i in indices]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"train-{shard:05d}.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def identity_shards(tmp_path_factory) -> Path:
+    return write_identity_shards(tmp_path_factory.mktemp("identity"))
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's per-process singletons, as a new process would (one run per process otherwise)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(tmp_path, monkeypatch):
+    """In-process runs each start from a clean accelerate state and their own datasets cache."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+# --- the recipe ------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_at_warmup_end_and_every_decay_boundary():
+    # ImageNet-21k (14,197,122 images) at the paper's batch: 3466.09 steps per epoch.
+    num_examples, batch = 14_197_122, 4096
+    recipe = recipe_for_schedule("bit-m", global_batch_size=batch)
+    schedule = build_schedule(recipe, num_examples, max_steps=None)
+    peak = 0.03 * 4096 / 256
+    assert math.isclose(schedule.peak_learning_rate, 0.48)
+    assert schedule.total_steps == round(90 * num_examples / batch) == 311_948
+    boundaries = [round(epoch * num_examples / batch) for epoch in (30, 60, 80)]
+    assert list(schedule.decay_steps) == boundaries == [103_983, 207_966, 277_288]
+    assert math.isclose(schedule.learning_rate(0), peak / 5000)
+    assert schedule.learning_rate(4998) < peak
+    assert math.isclose(schedule.learning_rate(4999), peak)  # update 5000 runs at the peak
+    assert math.isclose(schedule.learning_rate(5000), peak)
+    for index, boundary in enumerate(boundaries):
+        assert math.isclose(schedule.learning_rate(boundary - 1), peak * 0.1**index)
+        assert math.isclose(schedule.learning_rate(boundary), peak * 0.1 ** (index + 1))
+
+    bit_l = build_schedule(recipe_for_schedule("bit-l", global_batch_size=1024), 1_000_000, max_steps=None)
+    steps_per_epoch = 1_000_000 / 1024
+    assert bit_l.total_steps == round(40 * steps_per_epoch)
+    assert list(bit_l.decay_steps) == [round(e * steps_per_epoch) for e in (10, 23, 30, 37)]
+    assert math.isclose(bit_l.learning_rate(bit_l.decay_steps[-1]), 0.03 * 4 * 1e-4)
+
+
+def test_short_runs_keep_the_schedule_shape_and_report_what_differs():
+    recipe = recipe_for_schedule("bit-m", global_batch_size=64, warmup_steps=10)
+    short = build_schedule(recipe, None, max_steps=900)
+    assert short.decay_steps == (300, 600, 800)  # 30/60/80 of 90 epochs -> the same fractions of 900 steps
+    nine_epochs = recipe_for_schedule("bit-m", epochs=9)
+    assert nine_epochs.decay_epochs == (3.0, 6.0, 8.0)
+    differences = recipe.differences_from_paper()
+    assert differences == ["global_batch_size: 64 (paper: 4096)", "warmup_steps: 10 (paper: 5000)"]
+    assert Recipe().differences_from_paper() == []
+    with pytest.raises(ValueError, match="--max-steps"):
+        build_schedule(recipe, None, max_steps=None)
+
+
+def test_gradient_accumulation_is_derived_or_refused():
+    assert gradient_accumulation_steps(4096, 8, 512) == 1  # the paper: 8 images per chip on 512 chips
+    assert gradient_accumulation_steps(4096, 32, 8) == 16
+    with pytest.raises(ValueError, match=r"not a multiple of per-device batch 24 x 8 process\(es\) = 192"):
+        gradient_accumulation_steps(4096, 24, 8)
+
+
+def test_upstream_losses_against_their_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([0, 1, 2])
+    weights = torch.tensor([1.0, 1.0, 0.0])  # the third stands in for an unreadable image
+    softmax = [-math.log(math.exp(row[y]) / sum(math.exp(v) for v in row)) for row, y in zip(logits.tolist(), labels)]
+    assert math.isclose(upstream_loss(logits, labels, weights, multi_label=False).item(), (softmax[0] + softmax[1]) / 2,
+                        rel_tol=1e-6)
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+    def sigmoid_loss(row, targets):  # per-class binary cross-entropy, summed over classes
+        return sum(-math.log(1 / (1 + math.exp(-x))) if t else -math.log(1 - 1 / (1 + math.exp(-x))) for x, t in zip(row, targets))
+
+    expected = (sigmoid_loss(logits[0].tolist(), multi_hot[0]) + sigmoid_loss(logits[1].tolist(), multi_hot[1])) / 2
+    assert math.isclose(upstream_loss(logits, multi_hot, weights, multi_label=True).item(), expected, rel_tol=1e-6)
+
+
+# --- augmentation and the probe -------------------------------------------------------------------------
+
+
+def test_inception_crop_boxes_stay_within_area_and_aspect_ranges():
+    rng = np.random.default_rng(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        left, top, right, bottom = upstream_data.inception_crop_box(rng, 160, 160, (0.08, 1.0), (3 / 4, 4 / 3), 10)
+        assert 0 <= left < right <= 160 and 0 <= top < bottom <= 160
+        areas.append((right - left) * (bottom - top) / (160 * 160))
+        ratios.append((right - left) / (bottom - top))
+    assert 0.07 < min(areas) < 0.12 and max(areas) > 0.9
+    assert 0.7 < min(ratios) and max(ratios) < 1.4
+    # A 100:1 strip can never fit a 3/4..4/3 box of random area: the fallback is the centred, widest legal box.
+    assert upstream_data.inception_crop_box(rng, 1000, 10, (0.5, 1.0), (3 / 4, 4 / 3), 10) == (493, 0, 506, 10)
+
+
+def test_ridge_probe_matches_scikit_learn_ridge():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 16))
+    labels = np.arange(60) % 4
+    queries = rng.normal(size=(25, 16))
+    normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    for n in (60, 8):  # primal (n >= d) and dual (n < d) solves
+        reference = Ridge(alpha=0.5, fit_intercept=True).fit(normalise(features[:n]), 2 * np.eye(4)[labels[:n]] - 1)
+        expected = reference.predict(normalise(queries)).argmax(axis=1)
+        predicted = fit_ridge_classifier(features[:n], labels[:n], 4, ridge=0.5)(queries)
+        np.testing.assert_array_equal(predicted, expected)
+
+
+def test_few_shot_accuracy_separates_informative_from_random_features():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 12)
+    informative = np.eye(5)[labels] * 3 + rng.normal(scale=0.3, size=(60, 5))
+    result = few_shot_accuracy(informative, labels, examples_per_class=1)
+    assert result == {**result, "examples_per_class": 1, "num_classes": 5, "num_test_examples": 55, "trials": 5}
+    assert result["accuracy"] > 0.95
+    assert few_shot_accuracy(rng.normal(size=(60, 5)), labels, 5)["accuracy"] < 0.6
+    assert few_shot_accuracy(informative, labels, examples_per_class=12) is None  # no class has a test example
+
+
+# --- sharding: the data position is a function of the step ----------------------------------------------
+
+
+def test_step_sampler_shards_are_disjoint_and_equal_one_process_with_the_whole_batch():
+    one = upstream_data.StepBatchSampler(8, 1, 0, 1, start_step=0, total_steps=3)
+    two = [upstream_data.StepBatchSampler(4, 2, rank, 1, start_step=0, total_steps=3) for rank in (0, 1)]
+    accumulated = upstream_data.StepBatchSampler(4, 1, 0, 2, start_step=0, total_steps=3)
+    for step, whole in enumerate(one):
+        halves = [list(sampler)[step] for sampler in two]
+        assert not set(halves[0]) & set(halves[1])
+        assert set(halves[0]) | set(halves[1]) == set(whole) == set(range(step * 8, step * 8 + 8))
+        assert set(sum(list(accumulated)[2 * step : 2 * step + 2], [])) == set(whole)
+    resumed = upstream_data.StepBatchSampler(4, 2, 1, 1, start_step=2, total_steps=3)
+    assert list(resumed) == [list(two[1])[2]]
+    stream = upstream_data.EpochStream(list(range(10)), seed=3)
+    epoch_one = [stream.index_of(p) for p in range(10, 20)]
+    assert sorted(epoch_one) == list(range(10)) and epoch_one != [stream.index_of(p) for p in range(10)]
+
+
+def test_worker_batch_counts_follow_the_dataloader_round_robin():
+    assert [upstream_data.worker_batch_count(5, w, 2) for w in (0, 1)] == [3, 2]
+    assert [upstream_data.worker_batch_count(1, w, 3) for w in (0, 1, 2)] == [1, 0, 0]
+    assert upstream_data.worker_batch_count(0, 0, 1) == 0
+
+
+def test_a_streams_held_out_slice_never_reaches_any_process(identity_shards):
+    source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=5)
+    held_out = {example["label"] for example in source.validation}
+    trained = [
+        [example["label"] for example in upstream_data.shard_stream(source.train, 0, 8, rank, 2)] for rank in (0, 1)
+    ]
+    assert held_out == {0, 1, 2, 3, 4}  # the first examples of the stream
+    assert not held_out & (set(trained[0]) | set(trained[1]))
+    assert sorted(trained[0] + trained[1]) == list(range(5, 32))  # everything else, once
+
+
+# --- two processes under torchrun -------------------------------------------------------------------------
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from pretraining import pretrain
+
+    out = Path(sys.argv[1])
+    seen = {}
+    result = pretrain.train(sys.argv[2:], on_batch=lambda step, batch: seen.setdefault(step, []).extend(batch["labels"].tolist()))
+    accelerator = result.accelerator
+    weights = {k: v.detach().contiguous() for k, v in accelerator.unwrap_model(result.model).state_dict().items()}
+    save_file(weights, str(out / f"rank{accelerator.process_index}.safetensors"))
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps({"world_size": accelerator.num_processes, "seen": seen}))
+    accelerator.end_training()
+    """
+)
+
+
+def run_driver(tmp_path: Path, name: str, launcher: list[str], arguments: list[str]) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    command = [*launcher, str(driver), str(out), "--output-dir", str(out / "run"), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(tmp_path))
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    return out
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_two_processes_split_the_batch_and_match_one_process_with_the_whole_batch(tmp_path, identity_shards):
+    common = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8"]
+    two = run_driver(tmp_path, "two", TORCHRUN, [*common, "--per-device-batch-size", "4"])
+    one = run_driver(tmp_path, "one", [sys.executable], [*common, "--per-device-batch-size", "8"])
+    accumulated = run_driver(tmp_path, "accumulated", [sys.executable], [*common, "--per-device-batch-size", "4"])
+
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    reference = json.loads((one / "rank0.json").read_text())["seen"]
+    for step in ("0", "1"):
+        first, second = ranks[0]["seen"][step], ranks[1]["seen"][step]
+        assert len(first) == len(second) == 4 and not set(first) & set(second)  # disjoint examples per process
+        assert sorted(first + second) == sorted(reference[step])  # global batch = the sum, the same examples
+    metadata = json.loads((two / "run" / "final" / "bit_pretraining.json").read_text())
+    assert metadata["global_batch_size"] == 8 and metadata["num_processes"] == 2
+
+    rank0, rank1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
+    single, with_accumulation = load_file(one / "rank0.safetensors"), load_file(accumulated / "rank0.safetensors")
+    initial = load_file(initial_weights(tmp_path))
+    moved = 0
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name  # DDP keeps the replicas identical
+        # GN and WS have no batch statistics: 2 x 4 is the same update as 1 x 8 and as 4 x 2 accumulated.
+        torch.testing.assert_close(tensor, single[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(with_accumulation[name], single[name], rtol=1e-4, atol=1e-6)
+        moved += int(not torch.equal(tensor, initial[name]))
+    assert moved > len(rank0) // 2  # the updates were real
+
+
+def initial_weights(tmp_path: Path) -> Path:
+    """The weights every run above starts from: bit-tiny with 32 classes built after set_seed(0)."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import save_file
+
+    from modeling_bit import BitConfig, BitForImageClassification
+
+    set_seed(0)
+    model = BitForImageClassification(BitConfig.from_preset("bit-tiny", num_labels=32))
+    path = tmp_path / "initial.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_two_processes_stream_disjoint_shards(tmp_path, identity_shards):
+    out = run_driver(tmp_path, "stream", TORCHRUN, [
+        *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--max-steps", "3", "--global-batch-size", "8",
+        "--per-device-batch-size", "4", "--num-labels", "32",
+    ])
+    ranks = [json.loads((out / f"rank{r}.json").read_text())["seen"] for r in (0, 1)]
+    first = [label for step in ranks[0].values() for label in step]
+    second = [label for step in ranks[1].values() for label in step]
+    assert len(first) == len(second) == 12
+    assert len(set(first + second)) == 24  # split_dataset_by_node: each process streams its own shards
+
+
+# --- exact resume after SIGKILL ----------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_shards):
+    arguments = [
+        *TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "60", "--global-batch-size", "8",
+        "--per-device-batch-size", "4", "--checkpoint-every", "5", "--keep-checkpoints", "2",
+        "--dataloader-num-workers", "1", "--image-size", "48",
+    ]
+    env = subprocess_env(tmp_path)
+
+    def run(output: Path, *extra: str) -> subprocess.CompletedProcess:
+        completed = subprocess.run([sys.executable, str(SCRIPT), *arguments, "--output-dir", str(output), *extra],
+                                   capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+        assert completed.returncode == 0, completed.stderr[-6000:]
+        return completed
+
+    run(tmp_path / "uninterrupted")
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *arguments, "--output-dir", str(interrupted)], env=env,
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (interrupted / "checkpoints" / "step-00000005" / "progress.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the training process and its DataLoader worker
+        process.wait()
+    assert not (interrupted / "final").exists(), "killed too late: the run had finished"
+
+    resumed = run(interrupted, "--resume-from-checkpoint", "latest")
+    resumed_from = int(resumed.stdout.split("at step ")[1].split(".")[0])
+    assert 5 <= resumed_from < 60
+
+    expected = load_file(tmp_path / "uninterrupted" / "final" / "model.safetensors")
+    actual = load_file(interrupted / "final" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+    reference_log = [json.loads(line) for line in (tmp_path / "uninterrupted" / "training_log.jsonl").open()]
+    resumed_log = [json.loads(line) for line in (interrupted / "training_log.jsonl").open()]
+    assert [entry["step"] for entry in resumed_log] == list(range(1, 61))
+    assert [e["learning_rate"] for e in resumed_log] == [e["learning_rate"] for e in reference_log]
+    np.testing.assert_allclose([e["loss"] for e in resumed_log], [e["loss"] for e in reference_log], rtol=1e-5)
+    assert math.isclose(reference_log[0]["loss"], math.log(32), rel_tol=1e-6)  # zero head: uniform over 32 classes
+    assert len(list((interrupted / "checkpoints").iterdir())) == 2  # the newest two kept, no half-written ones
+
+
+def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, identity_shards):
+    from pretraining import pretrain
+
+    arguments = [
+        *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--num-labels", "32", "--max-steps", "8",
+        "--global-batch-size", "4", "--per-device-batch-size", "2", "--checkpoint-every", "2",
+        "--dataloader-num-workers", "2", "--shuffle-buffer-size", "8",
+    ]
+    uninterrupted = []
+    pretrain.train([*arguments, "--output-dir", str(tmp_path / "a")],
+                   on_batch=lambda step, batch: uninterrupted.append(batch["labels"].tolist()))
+
+    class Crash(Exception):
+        """Stands in for a failure in the middle of step 5."""
+
+    def crash_at_step_five(step, batch):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain.train([*arguments, "--output-dir", str(tmp_path / "b")], on_batch=crash_at_step_five)
+    resumed = []
+    result = pretrain.train([*arguments, "--output-dir", str(tmp_path / "b"), "--resume-from-checkpoint", "latest"],
+                            on_batch=lambda step, batch: resumed.append(batch["labels"].tolist()))
+    # Checkpoint at step 4: micro-batches 8.. of the uninterrupted run (2 per step) come next, in order.
+    assert resumed == uninterrupted[8:]
+    assert len({label for batch in uninterrupted[:16] for label in batch}) == 32  # one full epoch first
+    expected = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    for name, tensor in load_file(result.final / "model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-7)
+
+
+# --- losses, bad data and the output folder ------------------------------------------------------------------
+
+
+def test_multi_label_path_starts_at_the_negative_bias_loss(tmp_path):
+    label_lists = [[0, 3], [1], [2, 4, 5], [5]] * 4
+    features = datasets.Features(
+        {"image": datasets.Image(), "labels": datasets.List(datasets.ClassLabel(names=[f"tag{i}" for i in range(6)]))}
+    )
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    rows = {"image": [{"bytes": _png(i), "path": None} for i in range(16)], "labels": label_lists}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
+
+    from pretraining import pretrain
+
+    common = [*TINY_RUN, "--dataset", str(folder), "--max-steps", "2", "--global-batch-size", "8", "--per-device-batch-size", "8"]
+    with pytest.raises(ValueError, match="pass --multi-label"):
+        pretrain.train([*common, "--output-dir", str(tmp_path / "refused")])
+    reset_accelerate()
+    # The options a large run uses ride along: they must not change the path's numbers at the start.
+    options = ["--mixed-precision", "bf16", "--gradient-checkpointing", "--channels-last"]
+    result = pretrain.train([*common, *options, "--multi-label", "--output-dir", str(tmp_path / "out")])
+    first = json.loads((tmp_path / "out" / "training_log.jsonl").read_text().splitlines()[0])
+    # Zero head weights, bias -10: each positive costs softplus(10), each negative softplus(-10).
+    positions = upstream_data.EpochStream(list(range(16)), seed=0)
+    batch = [label_lists[positions.index_of(p)] for p in range(8)]
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    expected = np.mean([len(y) * softplus(10) + (6 - len(y)) * softplus(-10) for y in batch])
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5)
+    config = json.loads((result.final / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert json.loads((result.final / "bit_pretraining.json").read_text())["dataset"]["multi_label"] is True
+
+
+def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp_path):
+    folder = tmp_path / "images"
+    for split, per_class in (("train", 3), ("validation", 4)):
+        for name in ("ant", "bee"):
+            (folder / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                (folder / split / name / f"{index}.png").write_bytes(_png(hash((split, name, index)) % 1000))
+    (folder / "train" / "ant" / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "train" / "bee" / "empty.png").write_bytes(b"")
+
+    from pretraining import pretrain
+
+    # 8 files, global batch 8, one step: every file is drawn exactly once.
+    result = pretrain.train([
+        *TINY_RUN, "--train-dir", str(folder), "--max-steps", "1", "--global-batch-size", "8",
+        "--per-device-batch-size", "8", "--output-dir", str(tmp_path / "out"), "--validation-examples", "100",
+    ])
+    final = result.final
+    metadata = json.loads((final / "bit_pretraining.json").read_text())
+    assert metadata["unreadable_images"] == 2
+    assert sorted(Path(name).name for name in metadata["unreadable_image_names"]) == ["corrupt.jpg", "empty.png"]
+    assert set(metadata) >= {"command", "recipe", "dataset", "steps", "global_batch_size", "final_loss", "bit_transfer_version"}
+    assert metadata["dataset"] == {**metadata["dataset"], "num_examples": 8, "num_classes": 2, "multi_label": False}
+    assert metadata["recipe"]["warmup_steps"] == 2 and metadata["recipe"]["momentum"] == 0.9
+    assert math.isfinite(metadata["final_loss"])
+    log = [json.loads(line) for line in (final / "training_log.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "learning_rate", "images_per_second"} <= set(log[-1])
+    probe = json.loads((final / "probe_results.json").read_text())
+    assert [(entry["step"], entry["examples_per_class"]) for entry in probe] == [(1, 1)]  # 4 held out per class
+    assert 0.0 <= probe[0]["accuracy"] <= 1.0
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in final.iterdir()}
+
+    image = np.asarray(Image.open(folder / "validation" / "ant" / "0.png"))
+    stock = run_clean_python(f"""
+        import numpy as np, torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(final)!r}).eval()
+        processor = AutoImageProcessor.from_pretrained({str(final)!r})
+        image = Image.open({str(folder / 'validation' / 'ant' / '0.png')!r}).convert("RGB")
+        with torch.no_grad():
+            logits = model(**processor(image, return_tensors="pt")).logits
+        result = {{"logits": logits[0].tolist(), "labels": model.config.id2label, "size": dict(processor.size)}}
+    """)
+    assert stock["labels"] == {"0": "ant", "1": "bee"} and stock["size"] == {"height": 32, "width": 32}
+    from modeling_bit import BitForImageClassification, bit_image_processor
+
+    ours = BitForImageClassification.from_pretrained(final).eval()
+    with torch.no_grad():
+        logits = ours(**bit_image_processor(32)(Image.fromarray(image), return_tensors="pt")).logits[0]
+    np.testing.assert_allclose(logits.numpy(), stock["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_script_runs_by_path_from_anywhere(tmp_path):
+    env = {key: value for key, value in subprocess_env(tmp_path).items() if key != "PYTHONPATH"}
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path,
+                               env=env, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "--resume-from-checkpoint" in completed.stdout and "--per-device-batch-size" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model-preset", "bit-huge"], "Unknown --model-preset"),
+        (["--dataset", "x"], "exactly one of --train-dir"),
+        (["--global-batch-size", "10", "--per-device-batch-size", "4"], "not a multiple of per-device batch 4"),
+        (["--max-steps", "2", "--epochs", "1"], "--max-steps or --epochs"),
+        (["--resume-from-checkpoint", "/nonexistent/step-1"], "not a complete checkpoint"),
+        (["--image-size", "16"], "at least 32 pixels"),
+    ],
+)
+def test_bad_arguments_are_refused_before_training(tmp_path, arguments, message):
+    from pretraining import pretrain
+
+    merged = {"--model-preset": "bit-tiny", "--train-dir": str(tmp_path), "--output-dir": str(tmp_path / "o"),
+              **dict(zip(arguments[0::2], arguments[1::2]))}
+    argv = [item for pair in merged.items() for item in pair]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        pretrain.train(argv)
+
+
+def test_synthetic_glyphs_are_deterministic_many_class_data_pretrain_reads(tmp_path):
+    from pretraining import synthetic
+
+    first = synthetic.main(["--output-dir", str(tmp_path / "a"), "--num-classes", "6", "--examples-per-class", "3",
+                            "--num-shards", "2"])
+    second = synthetic.write_dataset(tmp_path / "b", num_classes=6, examples_per_class=3, num_shards=2)
+    shards = sorted(p.name for p in first.iterdir())
+    assert shards == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert all((first / name).read_bytes() == (second / name).read_bytes() for name in shards)
+    source = upstream_data.load_upstream_data(dataset=str(first), validation_examples=0)
+    assert source.num_train_examples == 18 and source.labels.names == [f"glyph-{i:04d}" for i in range(6)]
+    assert sorted(source.train["label"]) == sorted(list(range(6)) * 3)
+    batch = upstream_data.BatchBuilder("image", "label", source.labels, 32, 0, train=True)(
+        [(example, (index,)) for index, example in enumerate(source.train)]
+    )
+    assert batch["pixel_values"].shape == (18, 3, 32, 32) and not batch["unreadable"]
+    # Examples of one class differ (handwriting-like variation); the classes differ from each other.
+    pixels = batch["pixel_values"].flatten(1)
+    assert torch.cdist(pixels, pixels).triu(1)[torch.ones(18, 18).triu(1).bool()].min() > 1.0
+
+
+# --- the embedded upstream checkpoint ---------------------------------------------------------------------------
+
+
+def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
+    folder = embedded_checkpoint_path()
+    assert folder.is_dir()
+    assert (folder / "model.safetensors").stat().st_size <= 10 * 2**20
+    config = json.loads((folder / "config.json").read_text())
+    from modeling_bit import BitConfig
+
+    tiny = BitConfig.from_preset("bit-tiny")
+    assert (config["depths"], config["hidden_sizes"], config["embedding_size"]) == (tiny.depths, tiny.hidden_sizes, tiny.embedding_size)
+    assert len(config["id2label"]) >= 100  # many upstream classes
+    metadata = json.loads((folder / "bit_pretraining.json").read_text())
+    assert metadata["command"][0].endswith("pretrain.py") and metadata["steps"] > 0
+    assert json.loads((folder / "preprocessor_config.json").read_text())["do_center_crop"] is False
+    assert (folder / "README.md").read_text().startswith("---")
+    probe = json.loads((folder / "probe_results.json").read_text())
+    assert probe and {"step", "examples_per_class", "accuracy"} <= set(probe[-1])
+    from modeling_bit import BitForImageClassification, bit_image_processor
+
+    model = BitForImageClassification.from_pretrained(folder).eval()
+    glyph = Image.new("RGB", (40, 40), "white")
+    with torch.no_grad():
+        logits = model(**bit_image_processor(48)(glyph, return_tensors="pt")).logits
+    assert logits.shape == (1, len(config["id2label"])) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("multi_gpu.yaml", "MULTI_GPU"), ("fsdp_r152x4.yaml", "FSDP"), ("tpu.yaml", "XLA")],
+)
+def test_example_accelerate_configs_load_with_accelerate(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO_ROOT / "pretraining" / "configs" / name))
+    assert config.distributed_type.value == distributed_type and config.mixed_precision == "bf16"
+    if distributed_type == "FSDP":
+        from modeling_bit import BitPreTrainedModel
+
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in BitPreTrainedModel._no_split_modules
