@@ -45,7 +45,14 @@ from .finetuning import (
     trial_summary,
     write_output_folder,
 )
-from .hyperrule import LARGE_IMAGE_RESOLUTION, LARGE_IMAGE_RESOLUTION_BIT_L, BitHyperRule, choose_micro_batch_size
+from .hyperrule import (
+    LARGE_IMAGE_RESOLUTION,
+    LARGE_IMAGE_RESOLUTION_BIT_L,
+    NO_CROP_TASKS,
+    NO_FLIP_TASKS,
+    BitHyperRule,
+    choose_micro_batch_size,
+)
 from .models import load_model_for_labels
 
 logger = logging.getLogger("finetune")
@@ -67,7 +74,8 @@ class ModelArguments:
         metadata={"help": "Checkpoint to fine-tune: a save_pretrained folder, a Hub id or a published BiT name."},
     )
     from_scratch: bool = dataclasses.field(
-        default=False, metadata={"help": "Train --model's architecture (a preset name or a config) from random weights."}
+        default=False,
+        metadata={"help": "Train --model's architecture (a preset name or a config) from random weights."},
     )
 
 
@@ -119,8 +127,16 @@ class HyperRuleArguments:
     bit_l_resolution: bool = dataclasses.field(
         default=False, metadata={"help": "Large images: 512/480 (released code, BiT-L) instead of 448/384."}
     )
-    no_flip: bool = dataclasses.field(default=False, metadata={"help": "No random horizontal flip (e.g. orientation tasks)."})
-    no_crop: bool = dataclasses.field(default=False, metadata={"help": "No random crop (e.g. counting, location tasks)."})
+    no_flip: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": f"No random horizontal flip, for orientation labels (paper App. B: {', '.join(NO_FLIP_TASKS)})."
+        },
+    )
+    no_crop: bool = dataclasses.field(
+        default=False,
+        metadata={"help": f"No random crop, for counting/location labels (paper App. B: {', '.join(NO_CROP_TASKS)})."},
+    )
     paper_rule: bool = dataclasses.field(
         default=False, metadata={"help": "Main job: run the paper's rule unmodified (no CPU-sized override)."}
     )
@@ -155,7 +171,9 @@ class HyperRuleArguments:
 class RunArguments:
     output_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder for the fine-tuned model."})
     resume: bool = dataclasses.field(default=False, metadata={"help": "Continue an interrupted run in --output-dir."})
-    push_to_hub: bool = dataclasses.field(default=False, metadata={"help": "Upload the folder to the Hugging Face Hub."})
+    push_to_hub: bool = dataclasses.field(
+        default=False, metadata={"help": "Upload the folder to the Hugging Face Hub."}
+    )
     hub_model_id: str | None = dataclasses.field(
         default=None, metadata={"help": "Hub repository (default: the output folder's name under your account)."}
     )
@@ -179,7 +197,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def parse_arguments(argv: Sequence[str]) -> tuple[ModelArguments, DataArguments, HyperRuleArguments, RunArguments]:
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="bit-finetune", description=__doc__, formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES, prog="bit-finetune", description=__doc__, formatter_class=_HelpFormatter
+    )
     return tuple(parser.parse_args_into_dataclasses(args=list(argv)))
 
 
@@ -304,7 +324,8 @@ def prepare_work_dir(work_dir: Path, resume: bool, run_record: dict) -> None:
             )
         previous = json.loads(run_file.read_text())
         changed = sorted(
-            key for key in set(previous) | set(run_record)
+            key
+            for key in set(previous) | set(run_record)
             if key not in RESUME_MAY_CHANGE and previous.get(key) != run_record.get(key)
         )
         if changed:
@@ -385,7 +406,12 @@ def run_finetuning(
         if model is None:
             model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
         train_dataset, train_unreadable = training_inputs(
-            train, rule, seed=seed, flip=not rule_args.no_flip, random_crop=not rule_args.no_crop, num_workers=run_args.num_workers
+            train,
+            rule,
+            seed=seed,
+            flip=not rule_args.no_flip,
+            random_crop=not rule_args.no_crop,
+            num_workers=run_args.num_workers,
         )
         if trials > 1:
             logger.info("Trial %d of %d (seed %d).", trial + 1, trials, seed)

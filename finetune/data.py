@@ -89,7 +89,9 @@ def _check_image_folder(folder: str | os.PathLike, flag: str) -> Path:
         raise FinetuneInputError(f"{layout}; {folder} is not a folder.")
     files = _image_files(folder)
     if not files:
-        raise FinetuneInputError(f"{layout}; no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...).")
+        raise FinetuneInputError(
+            f"{layout}; no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)."
+        )
     classes = sorted({path.relative_to(folder).parts[0] for path in files if len(path.relative_to(folder).parts) > 1})
     if len(classes) < 2:
         found = f"one class ({classes[0]!r})" if classes else "images but no class subfolders"
@@ -144,7 +146,9 @@ def load_hub_dataset(
     try:
         splits = datasets.load_dataset(name, config, streaming=streaming)
     except (FileNotFoundError, ConnectionError, OSError) as error:
-        raise FinetuneInputError(f"--dataset {name!r}: could not load it with datasets.load_dataset ({error}).") from error
+        raise FinetuneInputError(
+            f"--dataset {name!r}: could not load it with datasets.load_dataset ({error})."
+        ) from error
     if train_split not in splits:
         raise FinetuneInputError(f"--dataset {name!r} has no split {train_split!r}; its splits are {list(splits)}.")
     where = f"--dataset {name!r} split {train_split!r}"
@@ -152,9 +156,13 @@ def load_hub_dataset(
     label_names = train.features[LABEL_COLUMN].names
     source = {"name": name, "config": config}
     if validation_split is None:
-        validation_split = next((split for split in VALIDATION_SPLIT_NAMES if split in splits and split != train_split), None)
+        validation_split = next(
+            (split for split in VALIDATION_SPLIT_NAMES if split in splits and split != train_split), None
+        )
     elif validation_split not in splits:
-        raise FinetuneInputError(f"--dataset {name!r} has no split {validation_split!r}; its splits are {list(splits)}.")
+        raise FinetuneInputError(
+            f"--dataset {name!r} has no split {validation_split!r}; its splits are {list(splits)}."
+        )
     if validation_split is None:
         if streaming:
             raise FinetuneInputError(
@@ -176,7 +184,9 @@ def _standardize_columns(dataset, image_column: str, label_column: str, *, where
     """Rename to `image`/`label`, keep only those, `image` undecoded, `label` a ClassLabel."""
     features = dataset.features
     if features is None:
-        raise FinetuneInputError(f"{where}: the dataset declares no features, so its image and label columns are unknown.")
+        raise FinetuneInputError(
+            f"{where}: the dataset declares no features, so its image and label columns are unknown."
+        )
     for flag, column in (("--image-column", image_column), ("--label-column", label_column)):
         if column not in features:
             raise FinetuneInputError(f"{where}: no column {column!r} ({flag}); the columns are {list(features)}.")
@@ -185,7 +195,9 @@ def _standardize_columns(dataset, image_column: str, label_column: str, *, where
         dataset = dataset.rename_columns({image_column: IMAGE_COLUMN, label_column: LABEL_COLUMN})
     image_feature = dataset.features[IMAGE_COLUMN]
     if not isinstance(image_feature, datasets.Image) and getattr(image_feature, "dtype", None) != "string":
-        raise FinetuneInputError(f"{where}: column {image_column!r} is {image_feature}, expected images (or image file paths).")
+        raise FinetuneInputError(
+            f"{where}: column {image_column!r} is {image_feature}, expected images (or image file paths)."
+        )
     dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
     label_feature = dataset.features[LABEL_COLUMN]
     if isinstance(label_feature, (datasets.Sequence, datasets.List, list)):
@@ -195,7 +207,9 @@ def _standardize_columns(dataset, image_column: str, label_column: str, *, where
         )
     if not isinstance(label_feature, datasets.ClassLabel):
         if isinstance(dataset, datasets.IterableDataset):
-            raise FinetuneInputError(f"{where}: column {label_column!r} is {label_feature}; streaming needs a ClassLabel column.")
+            raise FinetuneInputError(
+                f"{where}: column {label_column!r} is {label_feature}; streaming needs a ClassLabel column."
+            )
         dataset = dataset.class_encode_column(LABEL_COLUMN)
     return dataset
 
@@ -216,7 +230,9 @@ def _align_labels(evaluation, label_names: list[str], *, where: str):
 
 def from_images(images: Sequence[Image.Image], labels: Sequence[int], label_names: Sequence[str]) -> datasets.Dataset:
     """A `datasets.Dataset` (undecoded PNG bytes and class labels) from PIL images."""
-    features = datasets.Features({IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=list(label_names))})
+    features = datasets.Features(
+        {IMAGE_COLUMN: datasets.Image(), LABEL_COLUMN: datasets.ClassLabel(names=list(label_names))}
+    )
     dataset = datasets.Dataset.from_dict({IMAGE_COLUMN: list(images), LABEL_COLUMN: list(labels)}, features=features)
     return dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
 
@@ -260,7 +276,9 @@ def split_off_validation(data: ImageClassificationData, fraction: float, seed: i
     )
 
 
-def few_shot_indices(labels: np.ndarray, examples_per_class: int, seed: int, label_names: Sequence[str] | None = None) -> np.ndarray:
+def few_shot_indices(
+    labels: np.ndarray, examples_per_class: int, seed: int, label_names: Sequence[str] | None = None
+) -> np.ndarray:
     """Indices of a balanced random subset: `examples_per_class` of every class, drawn with `seed`."""
     if examples_per_class < 1:
         raise FinetuneInputError(f"--examples-per-class {examples_per_class}: expected a positive number.")
@@ -287,11 +305,15 @@ def few_shot_subset(data: ImageClassificationData, examples_per_class: int, seed
 def check_classes(data: ImageClassificationData) -> None:
     """At least two classes, each with a training example (map-style data)."""
     if data.num_classes < 2:
-        raise FinetuneInputError(f"The dataset has {data.num_classes} class(es) {data.label_names}; classification needs two or more.")
+        raise FinetuneInputError(
+            f"The dataset has {data.num_classes} class(es) {data.label_names}; classification needs two or more."
+        )
     if not data.streaming:
         present = np.unique(data.train_labels())
         if len(present) < 2:
-            raise FinetuneInputError(f"The training set holds examples of one class only ({data.label_names[present[0]]!r}).")
+            raise FinetuneInputError(
+                f"The training set holds examples of one class only ({data.label_names[present[0]]!r})."
+            )
 
 
 # --- Image sizes, read from headers --------------------------------------------------------------

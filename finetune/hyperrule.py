@@ -153,7 +153,9 @@ class BitHyperRule:
         """
         unknown = sorted(set(overrides) - set(OVERRIDABLE_FIELDS))
         if unknown:
-            raise FinetuneInputError(f"Unknown BiT-HyperRule fields {unknown}; the fields are {list(OVERRIDABLE_FIELDS)}.")
+            raise FinetuneInputError(
+                f"Unknown BiT-HyperRule fields {unknown}; the fields are {list(OVERRIDABLE_FIELDS)}."
+            )
         given = {name: value for name, value in overrides.items() if value is not None}
         dataset_size = int(given.get("dataset_size", num_examples))
         median_image_area = float(given.get("median_image_area", median_area))
@@ -204,13 +206,21 @@ class BitHyperRule:
             if getattr(self, name) < 1:
                 raise FinetuneInputError(f"{name}={getattr(self, name)}: expected a positive integer.")
         if self.crop > self.precrop:
-            raise FinetuneInputError(f"crop={self.crop} is larger than precrop={self.precrop}: the crop is taken from the resized image.")
+            raise FinetuneInputError(
+                f"crop={self.crop} is larger than precrop={self.precrop}: the crop is taken from the resized image."
+            )
         if not 0 <= self.warmup_steps < self.steps:
-            raise FinetuneInputError(f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps={self.steps}.")
+            raise FinetuneInputError(
+                f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps={self.steps}."
+            )
         if list(self.decay_steps) != sorted(self.decay_steps) or any(not 0 < s <= self.steps for s in self.decay_steps):
-            raise FinetuneInputError(f"decay_steps={list(self.decay_steps)}: expected increasing steps in (0, {self.steps}].")
+            raise FinetuneInputError(
+                f"decay_steps={list(self.decay_steps)}: expected increasing steps in (0, {self.steps}]."
+            )
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise FinetuneInputError(f"momentum={self.momentum}, weight_decay={self.weight_decay}: expected 0 <= momentum < 1, weight_decay >= 0.")
+            raise FinetuneInputError(
+                f"momentum={self.momentum}, weight_decay={self.weight_decay}: expected 0 <= momentum < 1, weight_decay >= 0."
+            )
         if self.mixup_alpha < 0:
             raise FinetuneInputError(f"mixup_alpha={self.mixup_alpha}: expected >= 0 (0 turns MixUp off).")
         if not self.learning_rate > 0:
@@ -275,7 +285,7 @@ class BitHyperRule:
             f"  optimizer   SGD momentum {self.momentum:g}{mark('momentum')}, "
             + (f"weight decay {self.weight_decay:g}{mark('weight_decay')}" if self.weight_decay else "no weight decay")
             + f", learning rate {self.learning_rate_reason}",
-            f"  MixUp       " + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off") + mark("mixup_alpha"),
+            "  MixUp       " + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off") + mark("mixup_alpha"),
         ]
         batch = f"  batch       {self.batch_size}{mark('batch_size')}"
         if self.micro_batch_size is not None:
@@ -361,7 +371,10 @@ def choose_micro_batch_size(
         per_example, fixed = training_memory_per_example(model, resolution)
     except Exception as error:  # a model that cannot be built on the meta device: measure nothing
         logger.warning(
-            "Could not measure the training memory of %s (%s); micro-batch %d.", type(model).__name__, error, FALLBACK_MICRO_BATCH_SIZE
+            "Could not measure the training memory of %s (%s); micro-batch %d.",
+            type(model).__name__,
+            error,
+            FALLBACK_MICRO_BATCH_SIZE,
         )
         return math.gcd(per_process, FALLBACK_MICRO_BATCH_SIZE)
     if available_bytes is None:

@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import data as data_module
 from .errors import FinetuneInputError
-from .finetuning import median_trial, push_to_hub, train_and_evaluate, trial_summary, write_output_folder
+from .finetuning import push_to_hub, train_and_evaluate, trial_summary, write_output_folder
 from .hyperrule import FEW_SHOT_TRIALS, SMALL_IMAGE_RESOLUTION, BitHyperRule, choose_micro_batch_size
 from .models import load_model_for_labels
 from .preprocessing import HyperRuleTrainingStream, preprocess
@@ -44,7 +44,9 @@ DIGITS_EVAL_FRACTION = 1 / 3
 # the pre-crop keeps the rule's 160:128 ratio.
 CPU_STEPS = 200
 CPU_BATCH_SIZE = 64
-CPU_LEARNING_RATE = 0.003  # the rule's rate: with 8x fewer images per step, linear scaling would barely move in 200 steps
+CPU_LEARNING_RATE = (
+    0.003  # the rule's rate: with 8x fewer images per step, linear scaling would barely move in 200 steps
+)
 MAIN_JOB_THREADS = 1
 
 
@@ -173,7 +175,9 @@ def check_main_job_arguments(model_args, data_args, rule_args, run_args) -> None
     if data_args.trials is not None and data_args.trials < 1:
         raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
     if rule_args.paper_rule and rule_args.overrides():
-        raise FinetuneInputError(f"--paper-rule runs the rule unmodified, but these are overridden: {sorted(rule_args.overrides())}.")
+        raise FinetuneInputError(
+            f"--paper-rule runs the rule unmodified, but these are overridden: {sorted(rule_args.overrides())}."
+        )
     if run_args.push_to_hub and run_args.output_dir is None:
         raise FinetuneInputError("--push-to-hub needs --output-dir to save the main job's full-set model first.")
 
@@ -222,7 +226,12 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
     logger.info(
         "Main job: BiT-HyperRule fine-tuning of %s on scikit-learn's digits (%d classes, %d training / %d test "
         "images of %dx%d px), against the same network from random weights.",
-        checkpoint, data.num_classes, len(data.train), len(data.eval), side, side,
+        checkpoint,
+        data.num_classes,
+        len(data.train),
+        len(data.eval),
+        side,
+        side,
     )
     for announcement in data.announcements:
         logger.info(announcement)
@@ -237,9 +246,10 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
     micro_batch_size = overrides.get("micro_batch_size")
     kept_model = None
     total_runs = len(ARMS) * sum(row_trials for _, _, row_trials in rows)
-    with tempfile.TemporaryDirectory(prefix="bit-finetune-main-job-") as work_dir, tqdm(
-        total=total_runs, desc="Fine-tuning runs", unit="run"
-    ) as progress:
+    with (
+        tempfile.TemporaryDirectory(prefix="bit-finetune-main-job-") as work_dir,
+        tqdm(total=total_runs, desc="Fine-tuning runs", unit="run") as progress,
+    ):
         for name, examples_per_class, row_trials in rows:
             for trial in range(row_trials):
                 seed = run_args.seed + trial
@@ -252,8 +262,12 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
                     torch.manual_seed(seed)  # the scratch arm's random weights
                     model = load_model_for_labels(checkpoint, data.label_names, from_scratch=arm == "scratch")
                     if micro_batch_size is None:
-                        micro_batch_size = choose_micro_batch_size(model, full_rule.crop, full_rule.batch_size, PartialState().device)
-                    rule = BitHyperRule.from_dataset(len(subset), area, **overrides).with_micro_batch_size(micro_batch_size)
+                        micro_batch_size = choose_micro_batch_size(
+                            model, full_rule.crop, full_rule.batch_size, PartialState().device
+                        )
+                    rule = BitHyperRule.from_dataset(len(subset), area, **overrides).with_micro_batch_size(
+                        micro_batch_size
+                    )
                     trainer, result = train_and_evaluate(
                         model,
                         rule,
@@ -281,11 +295,15 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
             trials,
         )
         arm_name = "embedded checkpoint" if model_args.model is None else checkpoint.name
-        logger.info(format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name))
+        logger.info(
+            format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name)
+        )
         logger.info("%d runs in %.0f s.", total_runs, time.perf_counter() - started)
         if kept_model is not None:
             rule, result = kept_model
-            save_main_job_folder(run_args.output_dir, Path(work_dir) / "full-set-model", rule, result, results, argv, checkpoint, data)
+            save_main_job_folder(
+                run_args.output_dir, Path(work_dir) / "full-set-model", rule, result, results, argv, checkpoint, data
+            )
     if run_args.push_to_hub:
         logger.info("Uploaded to %s", push_to_hub(run_args.output_dir, run_args.hub_model_id))
     return results

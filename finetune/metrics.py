@@ -25,7 +25,9 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     """One of the shipped modules: "accuracy", "top_k_accuracy", "per_class_accuracy"."""
     folder = EVALUATE_MODULES / name
     if not (folder / f"{name}.py").is_file():
-        raise ValueError(f"No shipped metric {name!r}; available: {sorted(p.name for p in EVALUATE_MODULES.iterdir())}.")
+        raise ValueError(
+            f"No shipped metric {name!r}; available: {sorted(p.name for p in EVALUATE_MODULES.iterdir())}."
+        )
     return evaluate.load(str(folder))
 
 

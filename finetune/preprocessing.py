@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from modeling_bit import bit_image_processor, load_rgb_image
 from modeling_bit.image_processing_bit import UnreadableImageError
 
-from .errors import FinetuneInputError
 from .data import IMAGE_COLUMN, LABEL_COLUMN, image_name, image_source
+from .errors import FinetuneInputError
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,6 @@ class PreprocessedImages(torch.utils.data.Dataset):
         self.labels = labels
         self.unreadable = unreadable
 
-    @property
-    def resolution(self) -> int:
-        return self.pixel_values.shape[-1]
-
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -111,7 +107,9 @@ def fits_in_memory(num_examples: int, resolution: int, budget: int = IN_MEMORY_B
     return num_examples * 3 * resolution * resolution * 4 <= budget
 
 
-def preprocess(dataset: datasets.Dataset, resolution: int, *, num_workers: int = 0, description: str = "Preprocessing") -> PreprocessedImages:
+def preprocess(
+    dataset: datasets.Dataset, resolution: int, *, num_workers: int = 0, description: str = "Preprocessing"
+) -> PreprocessedImages:
     """Decode and resize every image once (in `num_workers` worker processes); unreadable ones skipped."""
     loader = torch.utils.data.DataLoader(
         DecodedImages(dataset, resolution),
@@ -210,7 +208,9 @@ class StreamedImages(torch.utils.data.IterableDataset):
     The augmentation uses the worker's torch-seeded generator, so a resumed stream is not bit-identical.
     """
 
-    def __init__(self, dataset: datasets.IterableDataset, resolution: int, *, crop: int | None = None, flip: bool = False):
+    def __init__(
+        self, dataset: datasets.IterableDataset, resolution: int, *, crop: int | None = None, flip: bool = False
+    ):
         self.dataset = dataset
         self.resolution = resolution
         self.crop = crop

@@ -46,7 +46,9 @@ class BitTrainingArguments(TrainingArguments):
 
     lr_decay_steps: list[int] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "Optimizer steps after which the learning rate is multiplied by lr_decay_factor (staircase)."},
+        metadata={
+            "help": "Optimizer steps after which the learning rate is multiplied by lr_decay_factor (staircase)."
+        },
     )
     lr_decay_factor: float = dataclasses.field(default=0.1, metadata={"help": "Factor of each staircase decay."})
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 turns it off."})

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT, randomize_, run_clean_python
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -32,21 +33,19 @@ from finetune.data import (
     stratified_split,
 )
 from finetune.errors import FinetuneInputError
-from finetune.finetuning import HubUploadError, push_to_hub
-from finetune.main_job import run_main_job
+from finetune.finetuning import training_inputs
 from finetune.hyperrule import (
     BitHyperRule,
     choose_micro_batch_size,
     learning_rate_multiplier,
     training_memory_per_example,
 )
+from finetune.main_job import run_main_job
 from finetune.metrics import ClassificationMetrics
 from finetune.models import load_model_for_labels
-from finetune.preprocessing import DecodedImages, ImageBatchCollator, preprocess
+from finetune.preprocessing import DecodedImages, HyperRuleTrainingStream, ImageBatchCollator, preprocess
 from finetune.trainer import BitTrainer, BitTrainingArguments, mixup_lambda, mixup_permutation
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
-
-from conftest import REPO_ROOT, randomize_, run_clean_python
 
 CONTRACT_FILES = (
     "config.json",
@@ -73,6 +72,15 @@ HYPERRULE_KEYS = {
     "micro_batch_size",
     "overrides",
 }
+
+
+def assert_complete_folder(folder: Path) -> None:
+    """Every file the contract names (the model card may add its plots), no leftover checkpoints or staging."""
+    names = {path.name for path in folder.iterdir()}
+    assert set(CONTRACT_FILES) <= names, set(CONTRACT_FILES) - names
+    assert "checkpoints" not in names and not any(name.startswith(".") for name in names), names
+
+
 # Small CPU runs: few steps, small batches, 32 px.
 SMALL_RUN = ["--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32"]
 
@@ -199,9 +207,21 @@ def test_trainer_builds_sgd_and_the_staircase_schedule_from_the_rule(tmp_path):
         trainer.lr_scheduler.step()
     # Warmup over 100 steps, then 0.003, x0.1 at 150, 300 and 450.
     assert learning_rates[50] == pytest.approx(0.003 * 50 / 100)
-    expected = {99: 0.003 * 0.99, 100: 0.003, 149: 0.003, 150: 3e-4, 299: 3e-4, 300: 3e-5, 449: 3e-5, 450: 3e-6, 499: 3e-6}
+    expected = {
+        99: 0.003 * 0.99,
+        100: 0.003,
+        149: 0.003,
+        150: 3e-4,
+        299: 3e-4,
+        300: 3e-5,
+        449: 3e-5,
+        450: 3e-6,
+        499: 3e-6,
+    }
     assert {step: learning_rates[step] for step in expected} == pytest.approx(expected)
-    assert learning_rate_multiplier(450, warmup_steps=100, decay_steps=(150, 300, 450), decay_factor=0.1) == pytest.approx(1e-3)
+    assert learning_rate_multiplier(
+        450, warmup_steps=100, decay_steps=(150, 300, 450), decay_factor=0.1
+    ) == pytest.approx(1e-3)
 
 
 # --- MixUp -----------------------------------------------------------------------------------------
@@ -226,9 +246,9 @@ def test_mixup_loss_is_the_lambda_weighted_sum_of_the_two_losses(tmp_path, multi
     assert 0 < lam < 1 and not torch.equal(permutation, torch.arange(6))
     logits = model(lam * pixel_values + (1 - lam) * pixel_values[permutation]).logits
     if multi_label:
-        expected = lam * F.binary_cross_entropy_with_logits(logits, labels) + (1 - lam) * F.binary_cross_entropy_with_logits(
-            logits, labels[permutation]
-        )
+        expected = lam * F.binary_cross_entropy_with_logits(logits, labels) + (
+            1 - lam
+        ) * F.binary_cross_entropy_with_logits(logits, labels[permutation])
     else:
         expected = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[permutation])
     torch.testing.assert_close(loss, expected)
@@ -273,7 +293,9 @@ def test_held_out_split_is_stratified_deterministic_and_announced(tmp_path):
 def test_metrics_come_from_the_shipped_evaluate_modules():
     from transformers import EvalPrediction
 
-    logits = np.array([[5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 9, 1, 1, 1, 1], [1, 2, 3, 4, 5, 9]], dtype=np.float32)
+    logits = np.array(
+        [[5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 9, 1, 1, 1, 1], [1, 2, 3, 4, 5, 9]], dtype=np.float32
+    )
     references = np.array([0, 0, 1, 5])
     metrics = ClassificationMetrics([str(i) for i in range(6)], per_class=True)(EvalPrediction(logits, references))
     assert metrics["accuracy"] == 0.75  # rows 0, 2, 3
@@ -294,6 +316,37 @@ def test_new_head_is_zero_unless_the_labels_are_the_checkpoints(tmp_path):
         assert model.classifier[-1].weight.abs().sum() == 0 and model.classifier[-1].bias.abs().sum() == 0
         assert model.bit.norm.weight.equal(same.bit.norm.weight)  # the backbone is the checkpoint's
     assert other_count.config.id2label == {0: "ant", 1: "bee"}
+
+
+def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
+    folder = write_image_folder(tmp_path, {"a": 3, "b": 3}, size=(30, 20))
+    data = load_image_folders(folder, validation_fraction=0.34)
+    rule = BitHyperRule.from_dataset(len(data.train), 600, precrop=40, crop=32, steps=10, batch_size=4)
+
+    def views_of_one_image(**options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the stored image, what 12 training positions see of it)."""
+        stream, _ = training_inputs(data.train, rule, seed=0, num_workers=0, **options)
+        one = HyperRuleTrainingStream(stream.source.select([0]), 12, crop=32, seed=0, **options)
+        return one.source.pixel_values[0], [one[position]["pixel_values"] for position in range(12)]
+
+    # Neither crop nor flip: the training view is exactly the evaluation preprocessing.
+    stored, views = views_of_one_image(flip=False, random_crop=False)
+    first_image = Image.open(data.train[0]["image"]["path"])
+    torch.testing.assert_close(stored, bit_image_processor(32)(first_image, return_tensors="pt")["pixel_values"][0])
+    assert all(torch.equal(view, stored) for view in views)
+    # Flip only: the image or its mirror, both occurring.
+    stored, views = views_of_one_image(flip=True, random_crop=False)
+    mirrored = [torch.equal(view, stored.flip(-1)) for view in views]
+    assert all(m or torch.equal(view, stored) for m, view in zip(mirrored, views)) and 0 < sum(mirrored) < 12
+    # Random crop: 32x32 windows of the 40x40 resize, at several offsets.
+    stored, views = views_of_one_image(flip=False, random_crop=True)
+    assert stored.shape == (3, 40, 40)
+    windows = stored.unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 9, 9, 32, 32)
+    offsets = [
+        [(top, left) for top in range(9) for left in range(9) if torch.equal(windows[:, top, left], view)]
+        for view in views
+    ]
+    assert all(offsets) and len({found[0] for found in offsets}) > 1
 
 
 # --- Bad images and bad input ------------------------------------------------------------------------
@@ -363,8 +416,10 @@ def test_unreadable_images_are_skipped_and_named_and_odd_modes_converted(tmp_pat
 def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpoint, capsys):
     folder, bad = write_bad_image_corpus(tmp_path / "corpus")
     output = tmp_path / "out"
-    status = cli.main(["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--output-dir", str(output),
-                       "--validation-fraction", "0.2", "--num-workers", "0", *SMALL_RUN])
+    status = cli.main([
+        "--model", str(tiny_checkpoint), "--train-dir", str(folder), "--output-dir", str(output),
+        "--validation-fraction", "0.2", "--num-workers", "0", *SMALL_RUN,
+    ])
     assert status == 0
     recorded = json.loads((output / "bit_finetune_args.json").read_text())
     assert set(recorded["unreadable_images"]) == bad
@@ -378,14 +433,20 @@ def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpo
         (lambda root: write_image_folder(root, {"only": 4}), [], "found one class ('only')"),
         (lambda root: root.mkdir() or root, [], "no image files in"),
         (lambda root: write_image_folder(root, {"a": 6, "b": 3}), ["--examples-per-class", "4"], "'b' has 3"),
-        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--model", "/no/such/model"], "--model '/no/such/model'"),
+        (
+            lambda root: write_image_folder(root, {"a": 8, "b": 8}),
+            ["--model", "/no/such/model"],
+            "--model '/no/such/model'",
+        ),
     ],
     ids=["single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model"],
 )
 def test_bad_folders_are_refused_before_training(tmp_path, tiny_checkpoint, capsys, make_input, extra, message):
     folder = make_input(tmp_path / "data")
     output = tmp_path / "out"
-    status = cli.main(["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--output-dir", str(output), *extra])
+    status = cli.main(
+        ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--output-dir", str(output), *extra]
+    )
     assert status == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
@@ -404,8 +465,10 @@ def _write_parquet_dataset(root: Path, splits: dict[str, int], columns=("image",
 
 def test_a_missing_label_column_is_refused_with_the_columns_listed(tmp_path, tiny_checkpoint, capsys):
     root = _write_parquet_dataset(tmp_path, {"train": 8}, columns=("img", "target"))
-    status = cli.main(["--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img",
-                       "--output-dir", str(tmp_path / "out")])
+    status = cli.main([
+        "--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img", "--output-dir",
+        str(tmp_path / "out"),
+    ])
     assert status == 2
     assert "no column 'label' (--label-column); the columns are ['img', 'target']" in capsys.readouterr().err
 
@@ -416,9 +479,10 @@ def test_streamed_dataset_with_named_columns_trains(tmp_path, tiny_checkpoint):
     assert isinstance(data.train, datasets.IterableDataset) and data.label_names == ["even", "odd"]
     assert "'test' split" in data.announcements[0]
     output = tmp_path / "out"
-    status = cli.main(["--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img",
-                       "--label-column", "target", "--streaming", "--dataset-size", "16", "--num-workers", "2",
-                       "--output-dir", str(output), *SMALL_RUN])
+    status = cli.main([
+        "--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img", "--label-column", "target",
+        "--streaming", "--dataset-size", "16", "--num-workers", "2", "--output-dir", str(output), *SMALL_RUN,
+    ])
     assert status == 0
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
     assert hyperrule["dataset_size"] == 16 and "dataset_size" in hyperrule["overrides"]
@@ -443,9 +507,11 @@ class InterruptAfterSave(TrainerCallback):
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoint, capsys):
     folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 6})
-    run = ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--max-steps", "6", "--save-steps", "2",
-           "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32", "--mixup-alpha", "0.4",
-           "--learning-rate", "0.05", "--num-workers", "0"]
+    run = [
+        "--model", str(tiny_checkpoint), "--train-dir", str(folder), "--max-steps", "6", "--save-steps", "2",
+        "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32", "--mixup-alpha", "0.4",
+        "--learning-rate", "0.05", "--num-workers", "0",
+    ]
     assert cli.main([*run, "--output-dir", str(tmp_path / "straight")]) == 0
 
     interrupted = tmp_path / "interrupted"
@@ -460,7 +526,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
 
     assert cli.main([*run, "--output-dir", str(interrupted), "--resume"]) == 0
     assert "Resuming from" in capsys.readouterr().out
-    resumed, straight = load_file(interrupted / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    resumed, straight = (
+        load_file(interrupted / "model.safetensors"),
+        load_file(tmp_path / "straight" / "model.safetensors"),
+    )
     assert resumed["classifier.1.weight"].abs().sum() > 0  # it trained
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
@@ -500,13 +569,19 @@ def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenopter
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     output = tmp_path / "bit-hymenoptera"
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": "hf_test_token",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+        "HF_TOKEN": "hf_test_token",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    command = [sys.executable, "-m", "finetune", "--model", str(tiny_checkpoint),
-               "--train-dir", str(hymenoptera_dir / "train"), "--validation-dir", str(hymenoptera_dir / "val"),
-               "--output-dir", str(output), "--push-to-hub", "--hub-model-id", "someone/bit-hymenoptera",
-               "--num-workers", "2", *SMALL_RUN]
+    command = [
+        sys.executable, "-m", "finetune", "--model", str(tiny_checkpoint), "--train-dir",
+        str(hymenoptera_dir / "train"), "--validation-dir", str(hymenoptera_dir / "val"), "--output-dir",
+        str(output), "--push-to-hub", "--hub-model-id", "someone/bit-hymenoptera", "--num-workers", "2", *SMALL_RUN,
+    ]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     finally:
@@ -518,7 +593,7 @@ def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenopter
     create = [request for request in _RecordingHub.requests if request[0] == "/api/repos/create"]
     assert create and create[0][1] == "Bearer hf_test_token" and b"bit-hymenoptera" in create[0][2]
 
-    assert sorted(path.name for path in output.iterdir()) == sorted(CONTRACT_FILES)
+    assert_complete_folder(output)
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"] == {"0": "ants", "1": "bees"}
     assert json.loads((output / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
@@ -532,8 +607,13 @@ def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenopter
     args = json.loads((output / "bit_finetune_args.json").read_text())
     assert args["command"][:3] == ["bit-finetune", "--model", str(tiny_checkpoint)]
     assert args["dataset"] == {
-        "train_dir": str(hymenoptera_dir / "train"), "validation_dir": str(hymenoptera_dir / "val"),
-        "num_train_examples": 245, "num_eval_examples": 153, "num_classes": 2, "examples_per_class": None, "trials": 1,
+        "train_dir": str(hymenoptera_dir / "train"),
+        "validation_dir": str(hymenoptera_dir / "val"),
+        "num_train_examples": 245,
+        "num_eval_examples": 153,
+        "num_classes": 2,
+        "examples_per_class": None,
+        "trials": 1,
     }
     history = json.loads((output / "training_log.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
@@ -569,19 +649,28 @@ def test_offline_push_fails_clearly_after_the_local_save(tmp_path):
 # --- The main job ------------------------------------------------------------------------------------
 
 
-def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_path, tiny_checkpoint, capsys):
+def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_path, capsys):
+    from pretraining import embedded_checkpoint_path
+
     output = tmp_path / "digits"
-    status = cli.main(["--model", str(tiny_checkpoint), "--max-steps", "2", "--trials", "2", "--output-dir", str(output)])
+    threads = torch.get_num_threads()
+    status = cli.main(["--max-steps", "2", "--trials", "2", "--output-dir", str(output)])
     assert status == 0
     printed = capsys.readouterr().out
+    assert f"fine-tuning of {embedded_checkpoint_path()} on scikit-learn's digits" in printed
+    resolution = json.loads((embedded_checkpoint_path() / "preprocessor_config.json").read_text())["size"]["height"]
     assert "CPU-sized override of BiT-HyperRule" in printed and "steps 500 -> 2" in printed
-    assert "| examples per class | transfer" in printed
+    assert f"crop 128 -> {resolution}" in printed  # the checkpoint's own resolution
+    assert "learning rate 0.003: the rule's, not scaled to the batch" in printed
+    assert "| examples per class | transfer (embedded checkpoint) | from scratch |" in printed
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "5", "10", "all (1,198)"]
     # Few-shot rows: median (min-max) over the trials for both arms; the full set: one run each.
     assert all(len(re.findall(r"\d+\.\d% \(\d+\.\d-\d+\.\d\)", row)) == 2 for row in rows[:3])
     assert len(re.findall(r"\d+\.\d%", rows[3])) == 2 and "(" not in rows[3].split("|", 2)[2]
-    assert sorted(path.name for path in output.iterdir()) == sorted(CONTRACT_FILES)
+    assert_complete_folder(output)
     assert json.loads((output / "config.json").read_text())["id2label"]["7"] == "7"
+    assert json.loads((output / "bit_hyperrule.json").read_text())["crop"] == resolution
+    assert torch.get_num_threads() == threads  # the job's one intra-op thread is not left behind
     with pytest.raises(FinetuneInputError, match="not used by the main job"):
         run_main_job(*cli.parse_arguments(["--examples-per-class", "3"]), [])
