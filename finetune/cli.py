@@ -216,7 +216,7 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def configure_logging() -> None:
-    """Our messages on stdout; transformers' and datasets' below warnings stay quiet."""
+    """Our messages (the "finetune" loggers) as plain lines on stdout."""
     handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("finetune")
@@ -227,7 +227,8 @@ def configure_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Entry point of `bit-finetune`; returns the exit status (2: bad input, 3: saved but not uploaded)."""
+    """Entry point of `bit-finetune`; returns the exit status (2: bad input, 3: saved but not uploaded,
+    130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments = parse_arguments(argv)
     configure_logging()
@@ -245,6 +246,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     except HubUploadError as error:
         print(f"bit-finetune: error: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(
+            "bit-finetune: interrupted. A fine-tuning run keeps its last checkpoint in OUTPUT_DIR/checkpoints: "
+            "run the same command with --resume to continue it.",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -355,15 +363,30 @@ def run_finetuning(
 ) -> Path:
     """Fine-tune on the user's data with BiT-HyperRule; write and optionally upload the output folder."""
     check_arguments(model_args, data_args, rule_args, run_args)
-    trials = data_args.trials or 1
     output_dir = Path(run_args.output_dir)
     work_dir = output_dir / WORK_DIR_NAME
+    data, rule, model = plan_run(model_args, data_args, rule_args, run_args)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
     run_record = {
         name: value
         for arguments in (model_args, data_args, rule_args, run_args)
         for name, value in dataclasses.asdict(arguments).items()
     }
+    prepare_work_dir(work_dir, run_args.resume, run_record)
+    results = run_trials(model, data, rule, model_args, data_args, rule_args, run_args, work_dir, callbacks)
 
+    saved = median_trial([result.accuracy for result in results])
+    eval_results, unreadable = assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv)
+    shutil.rmtree(work_dir)
+    report(output_dir, eval_results, unreadable, len(results))
+    if run_args.push_to_hub:
+        logger.info("Uploaded to %s", push_to_hub(output_dir, run_args.hub_model_id))
+    return output_dir
+
+
+def plan_run(model_args, data_args, rule_args, run_args):
+    """(data, BiT-HyperRule for it with the micro-batch chosen, the first trial's model); nothing written yet."""
     data = load_data(data_args, run_args)
     data_module.check_classes(data)
     if data_args.examples_per_class is not None:
@@ -378,19 +401,19 @@ def run_finetuning(
         area, measured = data_module.median_image_area(data.train, seed=run_args.seed)
         logger.info("Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
     rule = BitHyperRule.from_dataset(num_train, area, large_resolution=rule_args.large_resolution, **overrides)
-
     state = PartialState()
-    # The first trial's model, loaded before anything is written; it also sizes the micro-batch.
     model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
     if rule.micro_batch_size is None:
         micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
         rule = rule.with_micro_batch_size(micro)
     logger.info(rule.describe(world_size=state.num_processes))
+    return data, rule, model
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    prepare_work_dir(work_dir, run_args.resume, run_record)
+
+def run_trials(model, data, rule, model_args, data_args, rule_args, run_args, work_dir, callbacks) -> list[RunResult]:
+    """Train and evaluate every trial not finished yet (each in work_dir/trial-i, resumable)."""
+    trials = data_args.trials or 1
     eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
-
     results: list[RunResult] = []
     for trial in range(trials):
         trial_dir = work_dir / f"trial-{trial}"
@@ -430,30 +453,33 @@ def run_finetuning(
             callbacks=callbacks,
             **extra,
         )
-        model = None
+        model = None  # every trial starts from freshly loaded weights
         result.unreadable_images = sorted(set(result.unreadable_images) | set(train_unreadable) | set(eval_unreadable))
         trainer.save_model(str(trial_dir / "model"))
         atomic_write_json(trial_dir / TRIAL_RESULT_FILE_NAME, dataclasses.asdict(result))
         logger.info("Trial %d: accuracy %.4f.", trial, result.accuracy)
         results.append(result)
+    return results
 
-    saved = median_trial([result.accuracy for result in results])
+
+def assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv):
+    """Write the output folder from trial `saved`'s model; (its eval results, the unreadable images)."""
     chosen = results[saved]
     eval_results = dict(chosen.eval_metrics)
+    all_results = dict(chosen.train_metrics)
     if len(results) > 1:
         eval_results.update(trial_summary([result.accuracy for result in results]))
-    unreadable = sorted({name for result in results for name in result.unreadable_images})
-    all_results = {**chosen.train_metrics, **eval_results, "unreadable_images": len(unreadable)}
-    if len(results) > 1:
         all_results["saved_trial"] = saved
-    dataset_record = dict(data.source)
-    dataset_record.update(
-        num_train_examples=chosen.num_train_examples,
-        num_eval_examples=chosen.num_eval_examples,
-        num_classes=data.num_classes,
-        examples_per_class=data_args.examples_per_class,
-        trials=trials,
-    )
+    unreadable = sorted({name for result in results for name in result.unreadable_images})
+    all_results.update(eval_results, unreadable_images=len(unreadable))
+    dataset_record = {
+        **data.source,
+        "num_train_examples": chosen.num_train_examples,
+        "num_eval_examples": chosen.num_eval_examples,
+        "num_classes": data.num_classes,
+        "examples_per_class": data_args.examples_per_class,
+        "trials": len(results),
+    }
     finetune_args = {
         "command": ["bit-finetune", *argv],
         "model": model_args.model,
@@ -470,12 +496,7 @@ def run_finetuning(
         finetune_args=finetune_args,
         log_history=chosen.log_history,
     )
-    shutil.rmtree(work_dir)
-    report(output_dir, eval_results, unreadable, len(results))
-    if run_args.push_to_hub:
-        url = push_to_hub(output_dir, run_args.hub_model_id)
-        logger.info("Uploaded to %s", url)
-    return output_dir
+    return eval_results, unreadable
 
 
 def report(output_dir: Path, eval_results: dict, unreadable: list[str], trials: int) -> None:

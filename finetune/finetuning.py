@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -130,7 +131,7 @@ def train_and_evaluate(
     args = BitTrainingArguments.from_hyperrule(
         rule,
         str(output_dir),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        world_size=PartialState().num_processes,
         seed=seed,
         # In-memory images only need a crop and a flip; decoding happens in worker processes.
         dataloader_num_workers=0 if in_memory else num_workers,

@@ -187,7 +187,7 @@ class BitHyperRule:
             crop=int(given.get("crop", crop)),
             steps=steps,
             warmup_steps=int(given.get("warmup_steps", warmup_steps)),
-            decay_steps=tuple(int(s) for s in given.get("decay_steps", [round(f * steps) for f in DECAY_FRACTIONS])),
+            decay_steps=tuple(int(s) for s in given.get("decay_steps", [max(1, round(f * steps)) for f in DECAY_FRACTIONS])),
             mixup_alpha=float(given.get("mixup_alpha", MIXUP_ALPHA if dataset_size >= MIXUP_MIN_EXAMPLES else 0.0)),
             learning_rate=learning_rate,
             batch_size=batch_size,

@@ -29,10 +29,10 @@ from transformers.utils import logging as transformers_logging
 
 from . import data as data_module
 from .errors import FinetuneInputError
-from .finetuning import push_to_hub, train_and_evaluate, trial_summary, write_output_folder
+from .finetuning import push_to_hub, train_and_evaluate, training_inputs, trial_summary, write_output_folder
 from .hyperrule import FEW_SHOT_TRIALS, SMALL_IMAGE_RESOLUTION, BitHyperRule, choose_micro_batch_size
 from .models import load_model_for_labels
-from .preprocessing import HyperRuleTrainingStream, preprocess
+from .preprocessing import preprocess
 
 logger = logging.getLogger("finetune")
 
@@ -205,6 +205,29 @@ def main_job_environment():
             transformers_logging.enable_progress_bar()
 
 
+def load_arm(checkpoint: Path, arm: str, label_names: list[str], seed: int) -> torch.nn.Module:
+    """The checkpoint with a zero head ("transfer"), or its architecture from seeded random weights ("scratch")."""
+    torch.manual_seed(seed)
+    return load_model_for_labels(checkpoint, label_names, from_scratch=arm == "scratch")
+
+
+def fine_tune(model, rule, subset, eval_images, label_names, *, seed, output_dir, per_class_accuracy):
+    """One run of the job: in-memory digits, no checkpoints, no progress bars (the job has its own)."""
+    stream, _ = training_inputs(subset, rule, seed=seed, flip=True, random_crop=True, num_workers=0)
+    return train_and_evaluate(
+        model,
+        rule,
+        stream,
+        eval_images,
+        label_names,
+        output_dir=output_dir,
+        seed=seed,
+        save_checkpoints=False,
+        quiet=True,
+        per_class_accuracy=per_class_accuracy,
+    )
+
+
 def run_main_job(model_args, data_args, rule_args, run_args, argv) -> dict:
     """Transfer vs. scratch on digits; prints the table and returns {row: {"transfer": [...], "scratch": [...]}}."""
     check_main_job_arguments(model_args, data_args, rule_args, run_args)
@@ -259,25 +282,20 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
                         data_module.few_shot_indices(train_labels, examples_per_class, seed, data.label_names)
                     )
                 for arm in ARMS:
-                    torch.manual_seed(seed)  # the scratch arm's random weights
-                    model = load_model_for_labels(checkpoint, data.label_names, from_scratch=arm == "scratch")
+                    model = load_arm(checkpoint, arm, data.label_names, seed)
                     if micro_batch_size is None:
-                        micro_batch_size = choose_micro_batch_size(
-                            model, full_rule.crop, full_rule.batch_size, PartialState().device
-                        )
-                    rule = BitHyperRule.from_dataset(len(subset), area, **overrides).with_micro_batch_size(
-                        micro_batch_size
-                    )
-                    trainer, result = train_and_evaluate(
+                        device = PartialState().device
+                        micro_batch_size = choose_micro_batch_size(model, full_rule.crop, full_rule.batch_size, device)
+                    rule = BitHyperRule.from_dataset(len(subset), area, **overrides)
+                    rule = rule.with_micro_batch_size(micro_batch_size)
+                    trainer, result = fine_tune(
                         model,
                         rule,
-                        HyperRuleTrainingStream(subset, rule.steps * rule.batch_size, crop=rule.crop, seed=seed),
+                        subset,
                         eval_images,
                         data.label_names,
-                        output_dir=Path(work_dir) / f"{arm}-{name}-{trial}",
                         seed=seed,
-                        save_checkpoints=False,
-                        quiet=True,
+                        output_dir=Path(work_dir) / f"{arm}-{name}-{trial}",
                         per_class_accuracy=run_args.per_class_accuracy,
                     )
                     results[name][arm].append(result.accuracy)
@@ -285,7 +303,8 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
                         trainer.save_model(str(Path(work_dir) / "full-set-model"))
                         kept_model = (rule, result)
                     progress.update()
-                    progress.set_postfix_str(f"{arm}, {name} per class: {result.accuracy:.3f}")
+                    per_class = f"{name} per class" if examples_per_class else "all examples"
+                    progress.set_postfix_str(f"{arm}, {per_class}: {result.accuracy:.3f}")
 
         logger.info("")
         logger.info(describe_override(full_rule, paper_rule))

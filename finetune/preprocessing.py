@@ -117,14 +117,19 @@ def preprocess(
         num_workers=num_workers,
         collate_fn=ImageBatchCollator(resolution),
     )
-    pixel_values, labels, unreadable = [], [], []
+    # Filled in place (no second copy while concatenating); unreadable images leave the tail unused.
+    pixel_values = torch.empty(len(dataset), 3, resolution, resolution)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    readable, unreadable = 0, []
     with tqdm(total=len(dataset), desc=description, unit="img", leave=False) as progress:
         for batch in loader:
-            pixel_values.append(batch["pixel_values"])
-            labels.append(batch["labels"])
+            count = len(batch["labels"])
+            pixel_values[readable : readable + count] = batch["pixel_values"]
+            labels[readable : readable + count] = batch["labels"]
+            readable += count
             unreadable.extend(batch["unreadable_images"])
-            progress.update(len(batch["labels"]) + len(batch["unreadable_images"]))
-    return PreprocessedImages(torch.cat(pixel_values), torch.cat(labels), unreadable)
+            progress.update(count + len(batch["unreadable_images"]))
+    return PreprocessedImages(pixel_values[:readable], labels[:readable], unreadable)
 
 
 class ImageBatchCollator:

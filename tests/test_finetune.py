@@ -515,8 +515,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
     assert cli.main([*run, "--output-dir", str(tmp_path / "straight")]) == 0
 
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptAfterSave(4)])
+    assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptAfterSave(4)]) == 130
+    assert "with --resume to continue" in capsys.readouterr().err
     assert (interrupted / "checkpoints" / "trial-0" / "checkpoint-4").is_dir()
     assert not (interrupted / "model.safetensors").exists()
     assert cli.main([*run, "--output-dir", str(interrupted)]) == 2
@@ -670,7 +670,8 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     assert len(re.findall(r"\d+\.\d%", rows[3])) == 2 and "(" not in rows[3].split("|", 2)[2]
     assert_complete_folder(output)
     assert json.loads((output / "config.json").read_text())["id2label"]["7"] == "7"
-    assert json.loads((output / "bit_hyperrule.json").read_text())["crop"] == resolution
+    hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
+    assert hyperrule["crop"] == resolution and hyperrule["micro_batch_size"] == 64 and hyperrule["dataset_size"] == 1198
     assert torch.get_num_threads() == threads  # the job's one intra-op thread is not left behind
     with pytest.raises(FinetuneInputError, match="not used by the main job"):
         run_main_job(*cli.parse_arguments(["--examples-per-class", "3"]), [])
