@@ -325,7 +325,8 @@ def printed_predictions(output: str) -> list[tuple[str, float]]:
     return [(label, float(score)) for label, score in re.findall(r"^(.*): ([0-9.]+)$", output, flags=re.M)]
 
 
-def test_stock_pipeline_and_the_cards_usage_code_agree_with_our_classes(folders, ant_image_path, hymenoptera_dir):
+def test_stock_pipeline_and_the_cards_usage_code_agree_with_our_classes(folders, produced, ant_image_path, hymenoptera_dir):
+    folders = {**folders, **produced}  # every kind of folder, and the producers' own
     bee = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
     images = [str(ant_image_path), str(bee)]
     snippets = {kind: python_blocks((folder / "README.md").read_text()) for kind, folder in folders.items()}
@@ -611,3 +612,65 @@ def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_pa
     example = our_predictions(folder, folder / "examples" / "colour-bars.png")
     for output in printed:
         assert_same_predictions(printed_predictions(output), example, 1e-4 + 5e-5)
+
+
+# --- folders written by the producers' own small runs ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
+    """A few-shot `bit-finetune` run (3 trials) and a `pretraining/pretrain.py` run on the real photographs, each
+    ending, as every producer does, with `write_model_card`."""
+    from finetune import cli as finetune_cli
+    from pretraining import pretrain
+
+    root = tmp_path_factory.mktemp("produced")
+    photos = root / "photos"  # a small sample of the real photographs (in the test's temporary folder only)
+    for split, source, per_class in (("train", "train", 12), ("validation", "val", 8)):
+        for name in ("ants", "bees"):
+            (photos / split / name).mkdir(parents=True)
+            for path in sorted((hymenoptera_dir / source / name).glob("*.jpg"))[:per_class]:
+                shutil.copy(path, photos / split / name / path.name)
+    base = save_tiny(root / "base", [f"class {i}" for i in range(10)], 32, seed=6)
+    finetuned = root / "bit-finetune"
+    assert finetune_cli.main([
+        "--model", str(base), "--train-dir", str(photos / "train"), "--validation-dir", str(photos / "validation"),
+        "--output-dir", str(finetuned), "--examples-per-class", "5", "--trials", "3", "--num-workers", "0",
+        "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32",
+    ]) == 0
+    pretrained = pretrain.train([
+        "--model-preset", "bit-tiny", "--image-size", "32", "--warmup-steps", "1", "--train-dir", str(photos),
+        "--max-steps", "4", "--global-batch-size", "8", "--per-device-batch-size", "8", "--logging-steps", "1",
+        "--probe-every", "2", "--dataloader-num-workers", "0",
+        "--output-dir", str(root / "pretraining"),
+    ]).final
+    return {"bit-finetune": finetuned, "pretrain.py": pretrained}
+
+
+def test_cards_of_the_producers_own_runs(produced):
+    finetuned = card_of(produced["bit-finetune"]).data
+    recorded = json.loads((produced["bit-finetune"] / "eval_results.json").read_text())
+    assert len(recorded["eval_accuracy_trials"]) == 3 and "few-shot" in finetuned.tags
+    assert [(r.metric_name, r.metric_value, r.dataset_type, r.dataset_split) for r in finetuned.eval_results] == [
+        ("Accuracy (median of 3 fine-tuning trials, 5 examples per class)", recorded["eval_accuracy"], "imagefolder", "validation")]
+    text = (produced["bit-finetune"] / "README.md").read_text()
+    args = json.loads((produced["bit-finetune"] / "bit_finetune_args.json").read_text())
+    assert " ".join(args["command"]) in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
+    low, high = (f"{100 * recorded[key]:.2f}%" for key in ("eval_accuracy_min", "eval_accuracy_max"))
+    assert f"| 5 | 3 | {100 * recorded['eval_accuracy']:.2f}% | {low} | {high} |" in text
+
+    pretrained = card_of(produced["pretrain.py"]).data
+    probes = json.loads((produced["pretrain.py"] / "probe_results.json").read_text())
+    last = max(entry["step"] for entry in probes)
+    assert [r.metric_value for r in pretrained.eval_results] == [e["accuracy"] for e in probes if e["step"] == last]
+    text = (produced["pretrain.py"] / "README.md").read_text()
+    assert " ".join(json.loads((produced["pretrain.py"] / "bit_pretraining.json").read_text())["command"]) in text
+
+    for folder, plots in ((produced["bit-finetune"], ["training_curves.png", "few_shot_accuracy.png"]),
+                          (produced["pretrain.py"], ["training_curves.png", "probe_accuracy.png"])):
+        text = (folder / "README.md").read_text()
+        assert_honest_text(text)
+        assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", text) == plots
+        for name in plots:
+            with Image.open(folder / name) as image:
+                image.verify()
