@@ -166,7 +166,7 @@ def peak_memory_of_training(which: str, preset: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="BiT-S-R50x1")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 

@@ -110,6 +110,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
         state["_cached_weight"] = state["_cached_key"] = None
         return state
 
+    def train(self, mode: bool = True) -> "WeightStandardizedConv2d":
+        # `model.eval()` / `model.train()` start from fresh weights, even after edits the version counter
+        # cannot see (through `weight.data`).
+        self._cached_weight = self._cached_key = None
+        return super().train(mode)
+
     def standardized_weight(self) -> Tensor:
         """The standardized kernel, in the graph while the weights train, else cached (dense layout)."""
         weight = self.weight
@@ -229,7 +235,15 @@ class BitEmbeddings(nn.Module):
         self.pooler = BitMaxPool2d(dynamic_padding=config.embedding_dynamic_padding)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.pooler(self.convolution(pixel_values))
+        if pixel_values.device.type != "cpu":
+            return self.pooler(self.convolution(pixel_values))
+        # On CPU, oneDNN's strided 7x7 conv and the max-pool are several times faster channels-last.
+        embedding = self.pooler(self.convolution(pixel_values.contiguous(memory_format=torch.channels_last)))
+        if self.convolution.weight.requires_grad and torch.is_grad_enabled():
+            # While training, the stages are faster in the default layout (GroupNorm's backward is slower
+            # channels-last); inference runs them channels-last (see WeightStandardizedConv2d).
+            embedding = embedding.contiguous()
+        return embedding
 
 
 class BitDropPath(nn.Module):

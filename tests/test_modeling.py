@@ -202,6 +202,19 @@ def test_cache_invalidated_by_load_state_dict_in_place_edit_and_dtype_move():
         assert torch.allclose(model(pixel_values.double()).logits.float(), edited, atol=1e-4)
 
 
+def test_mode_switch_refreshes_edits_the_version_counter_cannot_see():
+    model = tiny()
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(pixel_values).logits
+    model.bit.encoder.stages[0].layers[0].conv1.weight.data.mul_(-1.0)  # no version bump
+    model.eval()
+    with torch.inference_mode():
+        after = model(pixel_values).logits
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, fresh_logits(model, pixel_values), atol=1e-5)
+
+
 def test_copies_do_not_carry_the_cache_and_inference_mode_copies_work():
     model = tiny()
     pixel_values = torch.randn(1, 3, 64, 64)
