@@ -381,7 +381,7 @@ def run_finetuning(
     shutil.rmtree(work_dir)
     report(output_dir, eval_results, unreadable, len(results))
     if run_args.push_to_hub:
-        logger.info("Uploaded to %s", push_to_hub(output_dir, run_args.hub_model_id))
+        logger.info("Uploaded to the Hub as %s", push_to_hub(output_dir, run_args.hub_model_id))
     return output_dir
 
 

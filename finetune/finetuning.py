@@ -226,25 +226,30 @@ class HubUploadError(RuntimeError):
     """The folder is saved locally, but uploading it to the Hub failed."""
 
 
-def push_to_hub(folder: str | os.PathLike, repo_id: str | None = None, *, private: bool | None = None) -> str:
-    """Upload a finished folder with huggingface_hub (token from HF_TOKEN or `hf auth login`); the URL."""
+def push_to_hub(folder: str | os.PathLike, repo_id: str | None = None) -> str:
+    """Upload a finished folder as a Hub model repository (token from HF_TOKEN or `hf auth login`); its id.
+
+    The folder becomes Hub-ready first (widget example images, card pointing at the repository), then goes
+    through the project's one push path, `model_cards.hub.push_folder` (idempotent, resumable). A bare name
+    goes to the token owner's namespace, as `transformers`' `push_to_hub` does.
+    """
     from huggingface_hub import HfApi
+
+    from model_cards import CardOptions, prepare_hub_folder
+    from model_cards.hub import check_can_push, push_folder
 
     folder = Path(folder)
     repo_id = repo_id or folder.resolve().name
-    api = HfApi()
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo.repo_id,
-            folder_path=folder,
-            commit_message="Fine-tuned with bit-finetune (BiT-HyperRule)",
-            ignore_patterns=["checkpoints/**", ".*"],
-        )
-    except Exception as error:  # network, authentication, offline mode: all mean "saved, not uploaded"
+        check_can_push()
+        if "/" not in repo_id:
+            repo_id = f"{HfApi().whoami()['name']}/{repo_id}"
+        prepare_hub_folder(folder, CardOptions(repo_id=repo_id))
+        push_folder(folder, repo_id)
+    except Exception as error:  # offline, no token, network, refusal: all mean "saved, not uploaded"
         raise HubUploadError(
             f"The fine-tuned model is saved in {folder}, but uploading it to the Hub as {repo_id!r} failed: "
-            f"{type(error).__name__}: {error}. Upload it later with `hf upload {repo_id} {folder}` "
-            "(log in first with `hf auth login` or set HF_TOKEN)."
+            f"{type(error).__name__}: {error}. Upload it later with `bit-model-card {folder} --repo-id {repo_id} "
+            f"--push` or `hf upload {repo_id} {folder}` (log in first with `hf auth login` or set HF_TOKEN)."
         ) from error
-    return commit.commit_url if hasattr(commit, "commit_url") else str(commit)
+    return repo_id

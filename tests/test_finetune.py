@@ -542,14 +542,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
 
 
 class _RecordingHub(http.server.BaseHTTPRequestHandler):
-    """A loopback stand-in for the Hub API: accepts repo creation, refuses the upload with 503."""
+    """A loopback stand-in for the Hub API: no such repository yet, accepts its creation, refuses the upload."""
 
     requests: list = []
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.requests.append((self.path, self.headers.get("Authorization"), body))
-        if self.path == "/api/repos/create":
+        if self.command == "GET" and self.path.startswith("/api/models/someone/bit-hymenoptera"):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/api/repos/create":
             payload = json.dumps({"url": f"http://{self.headers['Host']}/someone/bit-hymenoptera"}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
