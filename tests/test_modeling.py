@@ -473,6 +473,12 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+    # The final rename itself fails (its staging folder is gone): the old folder is back under its name.
+    with pytest.raises(FileNotFoundError):
+        with atomic_directory(target) as staging:
+            staging.rmdir()
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
