@@ -249,10 +249,22 @@ def _source_config(source: Source) -> dict:
     if not source.path.is_dir():
         return {}
     config = _read_json_object(source.path / "config.json")
+    _refuse_variants_that_are_not_bit(source.path / "config.json", config)
     for extra, key in ((CONVERSION_METADATA, "_conversion"), ("preprocessor_config.json", "_preprocessor")):
         if (source.path / extra).is_file():
             config[key] = _read_json_object(source.path / extra)
     return config
+
+
+def _refuse_variants_that_are_not_bit(path: Path, config: dict) -> None:
+    # Stock transformers' hybrid/dilated backbones share model_type "bit"; converting one as BiT would be wrong.
+    variant_fields = {key: config[key] for key in ("layer_type", "output_stride") if key in config}
+    try:
+        unsupported = BitConfig(**variant_fields).unsupported_by_preactivation_bit()
+    except ValueError as error:
+        unsupported = str(error)
+    if unsupported is not None:
+        raise CheckpointError(f"{path} describes no BiT network: {unsupported}.")
 
 
 def _read_json_object(path: Path) -> dict:

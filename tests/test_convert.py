@@ -365,6 +365,17 @@ BAD_INPUTS = {
         lambda tmp: _bit_folder_with(tmp, {"config.json": "{"}),
         r"source/config\.json is not readable JSON .*expected a JSON object",
     ),
+    "a dilated (not BiT) transformers config": (
+        lambda tmp: _bit_folder_with(
+            tmp,
+            {
+                "config.json": json.dumps(
+                    {**BitForImageClassification.config_class.from_preset("bit-tiny").to_dict(), "output_stride": 16}
+                )
+            },
+        ),
+        r"source/config\.json describes no BiT network: output_stride=16 \(BiT does not dilate\)",
+    ),
     "preprocessor_config.json holding a string": (
         lambda tmp: _bit_folder_with(tmp, {"preprocessor_config.json": '"224"'}),
         r'source/preprocessor_config\.json holds "224"; expected a JSON object',
