@@ -131,7 +131,7 @@ def write_published_folders(
         converted, result = False, None
         try:
             if not holds_complete_conversion(folder, checkpoint):
-                convert_to_folder(checkpoint.name, folder, dtype=PUBLISHED_DTYPE)
+                convert_to_folder(checkpoint, folder, dtype=PUBLISHED_DTYPE)
                 converted = True
             prepare_hub_folder(folder, CardOptions(repo_id=repo_id, base_model=base_model))
             if push:

@@ -2,7 +2,7 @@
 
     bit-convert SOURCE --output DIR [--num-labels N] [--labels FILE] [--dtype float32|bfloat16|float16]
                                     [--resolution PIXELS]
-    bit-convert --all --output-root R [--names NAME ...] [--namespace NS] [--push]
+    bit-convert --all --output-root R --namespace NS [--names NAME ...] [--push]
 
 SOURCE is a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-R50x1-distilled-224`;
 case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the published layout, an
@@ -19,7 +19,7 @@ Weights are streamed: each tensor is read, converted and written before the next
 R152x4 (0.93 B parameters) needs memory for its largest tensor, not for the model.
 
 `--all` writes one Hub-ready folder per published checkpoint into R (weights, configs, card, class names, widget
-examples) and with `--push --namespace NS` uploads them (`model_cards/hub_ready.py`).
+examples), each carded for the Hub repository NS/<name>, and with `--push` uploads them (`model_cards/hub_ready.py`).
 """
 
 from __future__ import annotations
@@ -491,11 +491,11 @@ class ConvertArguments:
     )
     namespace: str | None = field(
         default=None,
-        metadata={"help": "With --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
+        metadata={"help": "Required with --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
     )
     push: bool = field(
         default=False,
-        metadata={"help": "With --all --namespace: upload each folder (create_repo + upload_folder; identical repos are left alone)."},
+        metadata={"help": "With --all: upload each folder to NS/<name> (create_repo + upload_folder; identical repos are left alone)."},
     )
 
 
