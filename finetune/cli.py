@@ -359,13 +359,15 @@ def check_output_dir(output_dir: Path, run_args, run_record: dict) -> None:
 
 def start_run(work_dir: Path, run_args, run_record: dict) -> None:
     """Record the run's arguments (what --resume compares against) before its first training step; with
-    --overwrite-output-dir an earlier unfinished run is discarded first. Main process only."""
+    --overwrite-output-dir an earlier unfinished run is discarded first. The main process writes; the others
+    wait for it, so none of them trains into a folder being removed."""
+    state = PartialState()
     run_file = work_dir / RUN_FILE_NAME
-    if not PartialState().is_main_process or (run_file.is_file() and not run_args.overwrite_output_dir):
-        return
-    if run_args.overwrite_output_dir and work_dir.exists():
-        shutil.rmtree(work_dir)
-    atomic_write_json(run_file, run_record)
+    if state.is_main_process and (run_args.overwrite_output_dir or not run_file.is_file()):
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        atomic_write_json(run_file, run_record)
+    state.wait_for_everyone()
 
 
 def load_data(data_args, run_args) -> data_module.ImageClassificationData:
@@ -501,7 +503,7 @@ def run_trials(
     results: list[RunResult] = []
     for trial in range(1, trials + 1):
         trial_dir = work_dir / f"trial-{trial}"
-        finished = load_trial_result(trial_dir)
+        finished = load_trial_result(trial_dir) if run_args.resume else None  # else start_run discards them
         if finished is not None:
             logger.info("Trial %d of %d already finished: accuracy %.4f.", trial, trials, finished.accuracy)
             results.append(finished)

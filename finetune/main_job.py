@@ -215,22 +215,27 @@ def check_main_job_arguments(model_args, data_args, rule_args, run_args) -> None
 
 @contextlib.contextmanager
 def main_job_environment():
-    """One intra-op thread and quiet transformers for the job; the previous settings restored after it.
+    """One intra-op thread, quiet transformers and no per-run head message (every transfer run replaces the
+    head) for the job; the previous settings restored after it.
 
     The main job's network is tiny (bit-tiny at 48 px): splitting its convolutions across threads costs
     more synchronisation than it saves, and with anything else running on a 2-core machine two spinning
     OpenMP threads made the same runs 3-9x slower than one thread (measured).
     """
     threads = torch.get_num_threads()
+    models_logger = logging.getLogger(load_model_for_labels.__module__)
+    models_level = models_logger.level
     verbosity = transformers_logging.get_verbosity()
     progress_bars = transformers_logging.is_progress_bar_enabled()
     torch.set_num_threads(MAIN_JOB_THREADS)
     transformers_logging.set_verbosity_error()  # the expected head replacement would be reported every run
     transformers_logging.disable_progress_bar()
+    models_logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        models_logger.setLevel(models_level)
         transformers_logging.set_verbosity(verbosity)
         if progress_bars:
             transformers_logging.enable_progress_bar()

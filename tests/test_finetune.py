@@ -780,6 +780,7 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     assert f"crop 128 -> {resolution}" in printed  # the checkpoint's own resolution
     assert "learning rate 0.003: the rule's, not scaled to the batch" in printed
     assert "| examples per class | transfer (embedded checkpoint) | from scratch |" in printed
+    assert "New zero-initialised head" not in printed  # expected in every transfer run: not repeated 16 times
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "5", "10", "all (1,198)"]
     # Few-shot rows: median (min-max) over the trials for both arms; the full set: one run each.
