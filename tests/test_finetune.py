@@ -589,6 +589,40 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
     assert steps[-1] == 6
 
 
+class InterruptInTrial(TrainerCallback):
+    """Stops the process after the checkpoint at `step` of the `trial`-th training (numbered from 1)."""
+
+    def __init__(self, trial: int, step: int):
+        self.trial, self.step, self.started = trial, step, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.started == self.trial and state.global_step == self.step:
+            raise KeyboardInterrupt(f"interrupted in trial {self.trial}")
+
+
+def test_resume_reuses_finished_trials_and_overwrite_output_dir_starts_over(tmp_path, tiny_checkpoint):
+    folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    run = ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--num-workers", "0", "--trials", "2",
+           "--save-steps", "2", *SMALL_RUN]
+    interrupted = tmp_path / "interrupted"
+    assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptInTrial(2, 2)]) == 130
+    # Mark trial 1's finished result with an accuracy no run can reach, to see whether it is reused.
+    result_file = interrupted / "checkpoints" / "trial-1" / "result.json"
+    result = json.loads(result_file.read_text())
+    result["eval_metrics"]["eval_accuracy"] = 7.0
+    result_file.write_text(json.dumps(result))
+    copy = tmp_path / "copy"
+    shutil.copytree(interrupted, copy)
+    assert cli.main([*run, "--output-dir", str(interrupted), "--resume"]) == 0
+    assert json.loads((interrupted / "eval_results.json").read_text())["eval_accuracy_trials"][0] == 7.0
+    assert cli.main([*run, "--output-dir", str(copy), "--overwrite-output-dir"]) == 0
+    assert 7.0 not in json.loads((copy / "eval_results.json").read_text())["eval_accuracy_trials"]
+    assert_complete_folder(copy)
+
+
 def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, tiny_checkpoint, capsys):
     # An upstream checkpoint pretrained multi-label (pretraining --multi-label) says so in its config.
     upstream = tmp_path / "multi-label-upstream"
