@@ -3,7 +3,7 @@
   bit-finetune --model M --train-dir D [--validation-dir V] --output-dir O [--examples-per-class K]
       [--trials N] [--max-steps S] [--batch-size B] [--micro-batch-size b] [--learning-rate LR]
       [--resolution PRECROP CROP] [--mixup-alpha A] [--no-flip] [--no-crop]
-      [--push-to-hub [--hub-model-id ID]] [--resume]
+      [--push-to-hub [--hub-model-id ID]] [--resume | --overwrite-output-dir]
   bit-finetune --model M --dataset NAME [--dataset-config C] [--image-column image] [--label-column label]
       [--streaming] --output-dir O ...
   bit-finetune             the main job: the embedded upstream checkpoint vs random init on
@@ -12,7 +12,8 @@
 M is anything `from_pretrained` takes (a saved folder, a Hub id, a published BiT name), or with
 --from-scratch a preset name (bit-tiny, BiT-M-R50x1, ...) trained from random weights. Every number not
 given is BiT-HyperRule's, derived from the training data; the ones given are recorded as overrides in
-O/bit_hyperrule.json.
+O/bit_hyperrule.json. An O holding a finished result is replaced only with --overwrite-output-dir (the new
+folder replaces it when complete); an unfinished run in O is continued with --resume.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .finetuning import (
     HubUploadError,
     RunResult,
     evaluation_inputs,
+    is_finished_folder,
     median_trial,
     push_to_hub,
     train_and_evaluate,
@@ -46,14 +48,18 @@ from .finetuning import (
     write_output_folder,
 )
 from .hyperrule import (
+    BATCH_SIZE,
+    FEW_SHOT_TRIALS,
     LARGE_IMAGE_RESOLUTION,
     LARGE_IMAGE_RESOLUTION_BIT_L,
     NO_CROP_TASKS,
     NO_FLIP_TASKS,
     BitHyperRule,
     choose_micro_batch_size,
+    mixup_micro_batch_warning,
 )
 from .models import load_model_for_labels
+from .trainer import CHECKPOINTS_PER_RUN
 
 logger = logging.getLogger("finetune")
 
@@ -64,7 +70,7 @@ WORK_DIR_NAME = "checkpoints"
 RUN_FILE_NAME = "run.json"
 TRIAL_RESULT_FILE_NAME = "result.json"
 # Arguments that may differ between an interrupted run and its --resume.
-RESUME_MAY_CHANGE = frozenset({"resume", "push_to_hub", "hub_model_id", "num_workers"})
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite_output_dir", "push_to_hub", "hub_model_id", "num_workers"})
 
 
 @dataclasses.dataclass
@@ -101,7 +107,10 @@ class DataArguments:
     )
     trials: int | None = dataclasses.field(
         default=None,
-        metadata={"help": "Repeat with N random subsets/seeds; report median, min, max (default 1; main job 5)."},
+        metadata={
+            "help": "Repeat with N random subsets/seeds; report median, min, max "
+            f"(default 1; main job {FEW_SHOT_TRIALS}). The folder keeps the model of the median trial (even N: the lower of the two middle ones)."
+        },
     )
 
 
@@ -109,7 +118,9 @@ class DataArguments:
 class HyperRuleArguments:
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "Override the rule's steps."})
     warmup_steps: int | None = dataclasses.field(default=None, metadata={"help": "Override the rule's warmup."})
-    batch_size: int | None = dataclasses.field(default=None, metadata={"help": "Override the batch (rule: 512)."})
+    batch_size: int | None = dataclasses.field(
+        default=None, metadata={"help": f"Override the batch (rule: {BATCH_SIZE})."}
+    )
     micro_batch_size: int | None = dataclasses.field(
         default=None, metadata={"help": "Images per forward pass (default: chosen to fit the device)."}
     )
@@ -125,17 +136,24 @@ class HyperRuleArguments:
         default=None, metadata={"help": "Median image area (pixels) the rule uses, instead of measuring it."}
     )
     bit_l_resolution: bool = dataclasses.field(
-        default=False, metadata={"help": "Large images: 512/480 (released code, BiT-L) instead of 448/384."}
+        default=False,
+        metadata={
+            "help": "Large images: {}/{} (released code, BiT-L) instead of {}/{}.".format(
+                *LARGE_IMAGE_RESOLUTION_BIT_L, *LARGE_IMAGE_RESOLUTION
+            )
+        },
     )
     no_flip: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": f"No random horizontal flip, for orientation labels (paper App. B: {', '.join(NO_FLIP_TASKS)})."
+            "help": f"No random horizontal flip, for orientation labels (paper Appendix B: {', '.join(NO_FLIP_TASKS)})."
         },
     )
     no_crop: bool = dataclasses.field(
         default=False,
-        metadata={"help": f"No random crop, for counting/location labels (paper App. B: {', '.join(NO_CROP_TASKS)})."},
+        metadata={
+            "help": f"No random crop, for counting/location labels (paper Appendix B: {', '.join(NO_CROP_TASKS)})."
+        },
     )
     paper_rule: bool = dataclasses.field(
         default=False, metadata={"help": "Main job: run the paper's rule unmodified (no CPU-sized override)."}
@@ -159,6 +177,8 @@ class HyperRuleArguments:
             "mixup_alpha": self.mixup_alpha,
             "dataset_size": self.dataset_size,
             "median_image_area": self.median_image_area,
+            "random_crop": False if self.no_crop else None,
+            "horizontal_flip": False if self.no_flip else None,
         }
         return {name: value for name, value in values.items() if value is not None}
 
@@ -171,6 +191,13 @@ class HyperRuleArguments:
 class RunArguments:
     output_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder for the fine-tuned model."})
     resume: bool = dataclasses.field(default=False, metadata={"help": "Continue an interrupted run in --output-dir."})
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Replace what --output-dir holds (a finished result, an unfinished run, other files); without it "
+            "a non-empty --output-dir is refused."
+        },
+    )
     push_to_hub: bool = dataclasses.field(
         default=False, metadata={"help": "Upload the folder to the Hugging Face Hub."}
     )
@@ -182,7 +209,7 @@ class RunArguments:
         default=DEFAULT_NUM_WORKERS, metadata={"help": "DataLoader worker processes decoding images."}
     )
     save_steps: int | None = dataclasses.field(
-        default=None, metadata={"help": "Checkpoint every this many steps (default: 10 per run)."}
+        default=None, metadata={"help": f"Checkpoint every this many steps (default: {CHECKPOINTS_PER_RUN} per run)."}
     )
     per_class_accuracy: bool = dataclasses.field(
         default=False, metadata={"help": "Also report the accuracy of every class."}
@@ -203,16 +230,15 @@ def parse_arguments(argv: Sequence[str]) -> tuple[ModelArguments, DataArguments,
     return tuple(parser.parse_args_into_dataclasses(args=list(argv)))
 
 
-class _StdoutHandler(logging.StreamHandler):
+class _StdoutHandler(logging.Handler):
     """Writes to whatever `sys.stdout` is at the time (it may be replaced, e.g. by a capturing caller)."""
 
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # logging's contract: report through handleError, never raise into the caller
+            self.handleError(record)
 
 
 def configure_logging() -> None:
@@ -277,10 +303,71 @@ def check_arguments(model_args, data_args, rule_args, run_args) -> None:
         raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
     if run_args.hub_model_id is not None and not run_args.push_to_hub:
         raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
-    if rule_args.paper_rule and rule_args.overrides():
+    if rule_args.paper_rule:
         raise FinetuneInputError(
-            f"--paper-rule runs BiT-HyperRule unmodified, but these fields are overridden: {sorted(rule_args.overrides())}."
+            "--paper-rule belongs to the main job (it drops the job's CPU-sized override); a run on your data already "
+            "uses BiT-HyperRule unmodified, except the fields you override."
         )
+    if run_args.resume and run_args.overwrite_output_dir:
+        raise FinetuneInputError(
+            "--resume continues the run in --output-dir, --overwrite-output-dir starts over: give one."
+        )
+    dataset_only = given_flags(data_args, ("image_column", "label_column", "train_split", "validation_split"))
+    if data_args.train_dir is not None and dataset_only:
+        raise FinetuneInputError(f"{', '.join(dataset_only)} go(es) with --dataset, not with --train-dir.")
+    if data_args.validation_dir is not None and given_flags(data_args, ("validation_fraction",)):
+        raise FinetuneInputError(
+            "--validation-fraction holds out part of the training set; with --validation-dir nothing is held out."
+        )
+
+
+def given_flags(arguments, names: Sequence[str]) -> list[str]:
+    """The command-line flags among the fields `names` of `arguments` that differ from their defaults."""
+    defaults = {field.name: field.default for field in dataclasses.fields(arguments)}
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(arguments, name) != defaults[name]]
+
+
+def check_output_dir(output_dir: Path, run_args, run_record: dict) -> None:
+    """Refuse to overwrite what --output-dir holds unless asked; on --resume, refuse different arguments.
+    Reads only: nothing is written or removed until the whole input has been checked."""
+    run_file = output_dir / WORK_DIR_NAME / RUN_FILE_NAME
+    replace = "pass --overwrite-output-dir to replace it, or choose another --output-dir"
+    if run_file.is_file() and not run_args.overwrite_output_dir:
+        if not run_args.resume:
+            raise FinetuneInputError(
+                f"{output_dir} holds an unfinished run ({run_file.parent}); pass --resume to continue it, or "
+                "--overwrite-output-dir to start over."
+            )
+        previous = json.loads(run_file.read_text())
+        changed = sorted(
+            key
+            for key in set(previous) | set(run_record)
+            if key not in RESUME_MAY_CHANGE and previous.get(key) != run_record.get(key)
+        )
+        if changed:
+            raise FinetuneInputError(
+                f"--resume continues the run in {output_dir} with its own arguments, but these differ: "
+                + ", ".join(f"{key} (was {previous.get(key)!r}, now {run_record.get(key)!r})" for key in changed)
+            )
+        return
+    if run_args.overwrite_output_dir or not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if is_finished_folder(output_dir):
+        raise FinetuneInputError(f"{output_dir} already holds a fine-tuned model (a finished run); {replace}.")
+    raise FinetuneInputError(f"{output_dir} exists and is not empty; {replace}.")
+
+
+def start_run(work_dir: Path, run_args, run_record: dict) -> None:
+    """Record the run's arguments (what --resume compares against) before its first training step; with
+    --overwrite-output-dir an earlier unfinished run is discarded first. The main process writes; the others
+    wait for it, so none of them trains into a folder being removed."""
+    state = PartialState()
+    run_file = work_dir / RUN_FILE_NAME
+    if state.is_main_process and (run_args.overwrite_output_dir or not run_file.is_file()):
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        atomic_write_json(run_file, run_record)
+    state.wait_for_everyone()
 
 
 def load_data(data_args, run_args) -> data_module.ImageClassificationData:
@@ -321,33 +408,6 @@ def training_set_size(data: data_module.ImageClassificationData, data_args, rule
     return split.num_examples
 
 
-def prepare_work_dir(work_dir: Path, resume: bool, run_record: dict) -> None:
-    """Refuse to overwrite an unfinished run; on --resume, refuse different arguments."""
-    run_file = work_dir / RUN_FILE_NAME
-    if run_file.is_file():
-        if not resume:
-            raise FinetuneInputError(
-                f"{work_dir.parent} holds an unfinished run ({work_dir}); pass --resume to continue it, or remove "
-                f"{work_dir} to start over."
-            )
-        previous = json.loads(run_file.read_text())
-        changed = sorted(
-            key
-            for key in set(previous) | set(run_record)
-            if key not in RESUME_MAY_CHANGE and previous.get(key) != run_record.get(key)
-        )
-        if changed:
-            raise FinetuneInputError(
-                f"--resume continues the run in {work_dir.parent} with its own arguments, but these differ: "
-                + ", ".join(f"{key} (was {previous.get(key)!r}, now {run_record.get(key)!r})" for key in changed)
-            )
-        logger.info("Resuming the run in %s.", work_dir.parent)
-        return
-    if resume:
-        logger.info("Nothing to resume in %s; starting the run.", work_dir.parent)
-    atomic_write_json(run_file, run_record)
-
-
 def load_trial_result(trial_dir: Path) -> RunResult | None:
     path = trial_dir / TRIAL_RESULT_FILE_NAME
     return RunResult(**json.loads(path.read_text())) if path.is_file() else None
@@ -361,25 +421,38 @@ def run_finetuning(
     argv: Sequence[str],
     callbacks: Sequence[TrainerCallback] = (),
 ) -> Path:
-    """Fine-tune on the user's data with BiT-HyperRule; write and optionally upload the output folder."""
+    """Fine-tune on the user's data with BiT-HyperRule; write and optionally upload the output folder.
+
+    Every input (arguments, output folder, data, model, the rule, the evaluation images) is checked before
+    anything is written; in a multi-process run only the main process writes the folder and uploads it.
+    """
     check_arguments(model_args, data_args, rule_args, run_args)
     output_dir = Path(run_args.output_dir)
     work_dir = output_dir / WORK_DIR_NAME
-    data, rule, model = plan_run(model_args, data_args, rule_args, run_args)
-
-    work_dir.mkdir(parents=True, exist_ok=True)
     run_record = {
         name: value
         for arguments in (model_args, data_args, rule_args, run_args)
         for name, value in dataclasses.asdict(arguments).items()
     }
-    prepare_work_dir(work_dir, run_args.resume, run_record)
-    results = run_trials(model, data, rule, model_args, data_args, rule_args, run_args, work_dir, callbacks)
+    check_output_dir(output_dir, run_args, run_record)
+    data, rule, model = plan_run(model_args, data_args, rule_args, run_args)
+    eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
+    if run_args.resume and (work_dir / RUN_FILE_NAME).is_file():
+        logger.info("Resuming the run in %s.", output_dir)
+    elif run_args.resume:
+        logger.info("Nothing to resume in %s; starting the run.", output_dir)
 
+    def begin() -> None:
+        start_run(work_dir, run_args, run_record)
+
+    results = run_trials(
+        model, data, rule, (eval_dataset, eval_unreadable), model_args, data_args, run_args, work_dir, begin, callbacks
+    )
+    if not PartialState().is_main_process:
+        return output_dir
     saved = median_trial([result.accuracy for result in results])
     eval_results, unreadable = assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv)
-    shutil.rmtree(work_dir)
-    report(output_dir, eval_results, unreadable, len(results))
+    report(output_dir, eval_results, unreadable, saved)
     if run_args.push_to_hub:
         logger.info("Uploaded to the Hub as %s", push_to_hub(output_dir, run_args.hub_model_id))
     return output_dir
@@ -402,42 +475,53 @@ def plan_run(model_args, data_args, rule_args, run_args):
         logger.info("Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
     rule = BitHyperRule.from_dataset(num_train, area, large_resolution=rule_args.large_resolution, **overrides)
     state = PartialState()
-    model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
+    model = load_model_for_labels(
+        model_args.model, data.label_names, from_scratch=model_args.from_scratch, seed=run_args.seed
+    )
     if rule.micro_batch_size is None:
         micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
         rule = rule.with_micro_batch_size(micro)
+    rule.gradient_accumulation_steps(state.num_processes)  # a batch the micro-batches cannot make fails here
     logger.info(rule.describe(world_size=state.num_processes))
+    warning = mixup_micro_batch_warning(rule.mixup_alpha, rule.micro_batch_size)
+    if warning:
+        logger.warning(warning)
     return data, rule, model
 
 
-def run_trials(model, data, rule, model_args, data_args, rule_args, run_args, work_dir, callbacks) -> list[RunResult]:
-    """Train and evaluate every trial not finished yet (each in work_dir/trial-i, resumable)."""
+def run_trials(
+    model, data, rule, evaluation, model_args, data_args, run_args, work_dir, begin, callbacks
+) -> list[RunResult]:
+    """Train and evaluate every trial not finished yet (trial n, from 1, in work_dir/trial-n, resumable).
+
+    `model` is trial 1's (already loaded); `evaluation` is (evaluation dataset, its unreadable images);
+    `begin()` is called once, before the first training step.
+    """
     trials = data_args.trials or 1
-    eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
+    begun = False
+    eval_dataset, eval_unreadable = evaluation
     results: list[RunResult] = []
-    for trial in range(trials):
+    for trial in range(1, trials + 1):
         trial_dir = work_dir / f"trial-{trial}"
-        finished = load_trial_result(trial_dir)
+        finished = load_trial_result(trial_dir) if run_args.resume else None  # else start_run discards them
         if finished is not None:
-            logger.info("Trial %d already finished: accuracy %.4f.", trial, finished.accuracy)
+            logger.info("Trial %d of %d already finished: accuracy %.4f.", trial, trials, finished.accuracy)
             results.append(finished)
             continue
-        seed = run_args.seed + trial
+        seed = run_args.seed + trial - 1
         train = data.train
         if data_args.examples_per_class is not None:
             train = data_module.few_shot_subset(data, data_args.examples_per_class, seed).train
         if model is None:
-            model = load_model_for_labels(model_args.model, data.label_names, from_scratch=model_args.from_scratch)
-        train_dataset, train_unreadable = training_inputs(
-            train,
-            rule,
-            seed=seed,
-            flip=not rule_args.no_flip,
-            random_crop=not rule_args.no_crop,
-            num_workers=run_args.num_workers,
-        )
+            model = load_model_for_labels(
+                model_args.model, data.label_names, from_scratch=model_args.from_scratch, seed=seed
+            )
+        train_dataset, train_unreadable = training_inputs(train, rule, seed=seed, num_workers=run_args.num_workers)
+        if not begun:
+            begin()
+            begun = True
         if trials > 1:
-            logger.info("Trial %d of %d (seed %d).", trial + 1, trials, seed)
+            logger.info("Trial %d of %d (seed %d).", trial, trials, seed)
         extra = {"save_steps": run_args.save_steps} if run_args.save_steps else {}
         trainer, result = train_and_evaluate(
             model,
@@ -456,19 +540,23 @@ def run_trials(model, data, rule, model_args, data_args, rule_args, run_args, wo
         model = None  # every trial starts from freshly loaded weights
         result.unreadable_images = sorted(set(result.unreadable_images) | set(train_unreadable) | set(eval_unreadable))
         trainer.save_model(str(trial_dir / "model"))
-        atomic_write_json(trial_dir / TRIAL_RESULT_FILE_NAME, dataclasses.asdict(result))
-        logger.info("Trial %d: accuracy %.4f.", trial, result.accuracy)
+        if trainer.is_world_process_zero():
+            atomic_write_json(trial_dir / TRIAL_RESULT_FILE_NAME, dataclasses.asdict(result))
+        logger.info("Trial %d of %d: accuracy %.4f.", trial, trials, result.accuracy)
         results.append(result)
     return results
 
 
 def assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv):
-    """Write the output folder from trial `saved`'s model; (its eval results, the unreadable images)."""
-    chosen = results[saved]
+    """Write the output folder from trial `saved`'s model (numbered from 1); (its eval results, the
+    unreadable images). With trials, `eval_accuracy` is their median and the other eval metrics are the
+    saved trial's; `eval_accuracy_saved_trial` is its accuracy and `saved_trial` its number."""
+    chosen = results[saved - 1]
     eval_results = dict(chosen.eval_metrics)
     all_results = dict(chosen.train_metrics)
     if len(results) > 1:
         eval_results.update(trial_summary([result.accuracy for result in results]))
+        eval_results["eval_accuracy_saved_trial"] = chosen.accuracy
         all_results["saved_trial"] = saved
     unreadable = sorted({name for result in results for name in result.unreadable_images})
     all_results.update(eval_results, unreadable_images=len(unreadable))
@@ -499,10 +587,12 @@ def assemble_output(output_dir, work_dir, saved, results, data, rule, model_args
     return eval_results, unreadable
 
 
-def report(output_dir: Path, eval_results: dict, unreadable: list[str], trials: int) -> None:
+def report(output_dir: Path, eval_results: dict, unreadable: list[str], saved: int) -> None:
     if unreadable:
         logger.info("Skipped %d unreadable image(s): %s", len(unreadable), ", ".join(unreadable))
     accuracy = eval_results["eval_accuracy"]
+    trials = len(eval_results.get("eval_accuracy_trials", [accuracy]))
+    top_5 = eval_results.get("eval_top_5_accuracy")
     if trials > 1:
         logger.info(
             "Accuracy over %d trials: median %.4f (min %.4f, max %.4f).",
@@ -511,8 +601,17 @@ def report(output_dir: Path, eval_results: dict, unreadable: list[str], trials: 
             eval_results["eval_accuracy_min"],
             eval_results["eval_accuracy_max"],
         )
+        which = "the median" if trials % 2 else "the lower of the two middle ones, whose mean is the median"
+        logger.info(
+            "Saved the model of trial %d of %d: accuracy %.4f, %s%s.",
+            saved,
+            trials,
+            eval_results["eval_accuracy_saved_trial"],
+            which,
+            f"; its top-5 accuracy {top_5:.4f}" if top_5 is not None else "",
+        )
     else:
         logger.info("Accuracy %.4f.", accuracy)
-    if "eval_top_5_accuracy" in eval_results:
-        logger.info("Top-5 accuracy %.4f.", eval_results["eval_top_5_accuracy"])
+        if top_5 is not None:
+            logger.info("Top-5 accuracy %.4f.", top_5)
     logger.info("Saved the fine-tuned model in %s", output_dir)

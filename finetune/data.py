@@ -74,10 +74,14 @@ def label_array(dataset: datasets.Dataset) -> np.ndarray:
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, skipping hidden files and folders inside it (as `datasets` does); the
+    folder's own location may be hidden (e.g. ~/.cache/...)."""
     return [
         path
         for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not any(p.startswith(".") for p in path.parts)
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     ]
 
 
@@ -203,7 +207,8 @@ def _standardize_columns(dataset, image_column: str, label_column: str, *, where
     if isinstance(label_feature, (datasets.Sequence, datasets.List, list)):
         raise FinetuneInputError(
             f"{where}: column {label_column!r} holds lists of labels (multi-label); bit-finetune fine-tunes single-label "
-            "classifiers. For multi-label heads use finetune.BitTrainer directly (its MixUp supports them)."
+            "classifiers. For multi-label heads use finetune.BitTrainer directly (its loss and MixUp support them) with "
+            "a multi-label compute_metrics (finetune's metrics are single-label accuracies)."
         )
     if not isinstance(label_feature, datasets.ClassLabel):
         if isinstance(dataset, datasets.IterableDataset):

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from model_cards import write_model_card
 from modeling_bit import bit_image_processor
-from modeling_bit.file_utils import atomic_write_json
+from modeling_bit.file_utils import atomic_directory, atomic_write_json
 
 from .errors import FinetuneInputError
-from .hyperrule import BitHyperRule
+from .hyperrule import HYPERRULE_FILE_NAME, BitHyperRule
 from .metrics import ClassificationMetrics
 from .preprocessing import (
     DecodedImages,
@@ -70,15 +69,15 @@ def training_inputs(
     rule: BitHyperRule,
     *,
     seed: int,
-    flip: bool,
-    random_crop: bool,
     num_workers: int,
 ) -> tuple[torch.utils.data.Dataset, list[str]]:
     """(the training dataset for the Trainer, unreadable images found while preparing it).
 
+    The rule says whether to crop and flip at random (`rule.random_crop`, `rule.horizontal_flip`).
     Without random crops, training images are resized straight to the crop size (BIT_RECIPE.md,
     label-semantics exceptions). Small sets are decoded once into memory; larger ones in the workers.
     """
+    flip, random_crop = rule.horizontal_flip, rule.random_crop
     resolution = rule.precrop if random_crop else rule.crop
     if isinstance(train, datasets.IterableDataset):
         return StreamedImages(train, resolution, crop=rule.crop if random_crop else None, flip=flip), []
@@ -176,7 +175,8 @@ def train_and_evaluate(
 
 
 def trial_summary(accuracies: Sequence[float]) -> dict:
-    """The paper's few-shot report over trials: median (as eval_accuracy), min, max, and every value."""
+    """The paper's few-shot report over trials: median (as eval_accuracy), min, max, and every value
+    (trial 1 first). For an even number of trials the median is the mean of the two middle values."""
     return {
         "eval_accuracy": float(statistics.median(accuracies)),
         "eval_accuracy_min": float(min(accuracies)),
@@ -186,9 +186,11 @@ def trial_summary(accuracies: Sequence[float]) -> dict:
 
 
 def median_trial(accuracies: Sequence[float]) -> int:
-    """Index of the trial with the median accuracy (the lower middle one for an even count)."""
+    """The trial (numbered from 1) whose model a multi-trial run saves: the one with the median accuracy,
+    for an even count the lower of the two middle ones (its accuracy is a real model's, which the mean
+    of the two is not); ties go to the earlier trial."""
     order = sorted(range(len(accuracies)), key=lambda index: (accuracies[index], index))
-    return order[(len(order) - 1) // 2]
+    return order[(len(order) - 1) // 2] + 1
 
 
 def write_output_folder(
@@ -201,25 +203,31 @@ def write_output_folder(
     finetune_args: dict,
     log_history: list,
 ) -> Path:
-    """Assemble the fine-tuned folder from a saved model folder; every file lands atomically."""
+    """Assemble the fine-tuned folder from a saved model folder, atomically: it is built beside
+    `output_dir` and replaces it (with whatever it held: an earlier result, the run's checkpoints) only
+    when complete, so a crash never leaves a half-written folder. `model_dir` may be inside `output_dir`.
+
+    The model card comes last, written into the finished folder: it is named after the folder, which the
+    staging folder is not (a crash just before it leaves a complete model without README.md).
+    """
     output_dir, model_dir = Path(output_dir), Path(model_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".model-", suffix=".partial"))
-    try:
+    with atomic_directory(output_dir) as staging:
         for name in MODEL_FILES:
             shutil.copy2(model_dir / name, staging / name)
         bit_image_processor(rule.crop).save_pretrained(staging)
-        for path in staging.iterdir():
-            os.replace(path, output_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    rule.save(output_dir)
-    atomic_write_json(output_dir / "eval_results.json", eval_results)
-    atomic_write_json(output_dir / "all_results.json", all_results)
-    atomic_write_json(output_dir / ARGS_FILE_NAME, finetune_args)
-    atomic_write_json(output_dir / TRAINING_LOG_FILE_NAME, {"log_history": log_history})
+        rule.save(staging)
+        atomic_write_json(staging / "eval_results.json", eval_results)
+        atomic_write_json(staging / "all_results.json", all_results)
+        atomic_write_json(staging / ARGS_FILE_NAME, finetune_args)
+        atomic_write_json(staging / TRAINING_LOG_FILE_NAME, {"log_history": log_history})
     write_model_card(output_dir)
     return output_dir
+
+
+def is_finished_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a completed fine-tuning result (what `write_output_folder` writes)."""
+    folder = Path(folder)
+    return all((folder / name).is_file() for name in (*MODEL_FILES, HYPERRULE_FILE_NAME))
 
 
 class HubUploadError(RuntimeError):

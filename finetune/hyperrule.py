@@ -1,8 +1,12 @@
 """BiT-HyperRule: the one fine-tuning setting of BiT, derived from the dataset itself.
 
 Every number of the rule lives here, named, with its source: BIT_RECIPE.md "BiT-HyperRule", which
-summarises the BiT paper (Kolesnikov et al.) §3.3 "Transfer to downstream tasks", Table 1 and §4 "Details
-of the BiT-HyperRule". `BitHyperRule.from_dataset(dataset_size, median_image_area, **overrides)` computes
+summarises the BiT paper (Kolesnikov et al., "Large Scale Learning of General Visual Representations
+for Transfer", arXiv v1; later titled "Big Transfer (BiT)"): §2.2 "Transfer to Downstream Tasks" with its Table 1, §3.3 "Hyperparameter Details"
+(paragraph "Downstream Fine-Tuning"), §3.5 "Evaluation On Low-data Regime" (few-shot trials) and
+Appendix B (flips and crops for VTAB). That text calls the rule "BiT-hyperparam"; the later version of the
+paper and the released code call it BiT-HyperRule, the name used here.
+`BitHyperRule.from_dataset(dataset_size, median_image_area, **overrides)` computes
 the rule from the training-set size and the median image area; any field can be overridden, and the
 record lists which were. `choose_micro_batch_size` picks the per-device micro-batch so that gradient
 accumulation keeps the effective batch at the rule's 512 on a device that cannot hold it.
@@ -25,7 +29,7 @@ from .errors import FinetuneInputError
 
 logger = logging.getLogger(__name__)
 
-# --- The rule (BIT_RECIPE.md "BiT-HyperRule"; paper §3.3 and Table 1) ------------------------------
+# --- The rule (BIT_RECIPE.md "BiT-HyperRule"; paper §2.2 Table 1 and §3.3 "Downstream Fine-Tuning") ---
 # Optimizer: SGD, momentum 0.9, base learning rate 0.003, batch 512, no weight decay, no dropout.
 LEARNING_RATE = 0.003
 BATCH_SIZE = 512
@@ -41,24 +45,27 @@ LARGE_IMAGE_RESOLUTION_BIT_L = (512, 480)
 SMALL_TASK_EXAMPLES = 20_000
 MEDIUM_TASK_EXAMPLES = 500_000
 STEPS = {"small": 500, "medium": 10_000, "large": 20_000}
-# Linear warmup, released code: 100 steps for small tasks, 500 otherwise.
+# Linear warmup, released code (BIT_RECIPE.md; the paper gives no fine-tuning warmup): 100 steps for small
+# tasks, 500 otherwise.
 WARMUP_STEPS = {"small": 100, "medium": 500, "large": 500}
-# Then the learning rate is multiplied by 0.1 at 30%, 60% and 90% of the steps.
+# Then the learning rate is multiplied by 0.1 at 30%, 60% and 90% of the steps (§3.3).
 DECAY_FRACTIONS = (0.3, 0.6, 0.9)
 DECAY_FACTOR = 0.1
-# MixUp with alpha 0.1 for tasks with >= 20k examples (medium and large), none below.
+# MixUp with alpha 0.1 for tasks with >= 20k examples (medium and large), none below (§3.3, Table 1).
 MIXUP_ALPHA = 0.1
 MIXUP_MIN_EXAMPLES = SMALL_TASK_EXAMPLES
-# Few-shot protocol: k examples per class drawn at random, balanced; 5 random subsets, report the median.
+# Few-shot protocol (§3.5, Fig. 2): k examples per class drawn at random, balanced; 5 random subsets,
+# report the median.
 FEW_SHOT_TRIALS = 5
-# Labels that random flips or crops would destroy (paper App. B, VTAB): no flip for dSprites
+# Labels that random flips or crops would destroy (paper Appendix B, VTAB-1k): no flip for dSprites
 # orientation, SmallNORB azimuth, dSprites location; no crop for Clevr count/distance, DMLab, KITTI
 # distance, dSprites location. Exposed as the `--no-flip` / `--no-crop` options.
 NO_FLIP_TASKS = ("dSprites/orientation", "SmallNORB/azimuth", "dSprites/location")
 NO_CROP_TASKS = ("Clevr/count", "Clevr/distance", "DMLab", "KITTI/distance", "dSprites/location")
 
 # When the batch is changed, the learning rate follows it linearly: the paper scales its upstream rate
-# "multiplicatively by batch size/256" (§3.3, after Goyal et al.); the HyperRule's 0.003 is its value
+# "multiplicatively by batch size/256" (§3.3 "Upstream Pre-Training", after Goyal et al.); the HyperRule's
+# 0.003 is its value
 # at batch 512. Same examples seen per unit of learning rate, so the schedule's meaning is kept.
 LEARNING_RATE_REFERENCE_BATCH = BATCH_SIZE
 
@@ -106,8 +113,11 @@ RECORD_FIELDS = (
     "batch_size",
     "micro_batch_size",
 )
-# Fields that can be overridden: the record's, and SGD's constants.
-OVERRIDABLE_FIELDS = (*RECORD_FIELDS, "momentum", "weight_decay")
+# The training augmentation (§2.2): random crop and random horizontal flip, both on unless a task's labels
+# forbid them (Appendix B); recorded in `bit_hyperrule.json` after the fields above.
+AUGMENTATION_FIELDS = ("random_crop", "horizontal_flip")
+# Fields that can be overridden: the record's, the augmentation switches and SGD's constants.
+OVERRIDABLE_FIELDS = (*RECORD_FIELDS, *AUGMENTATION_FIELDS, "momentum", "weight_decay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +139,8 @@ class BitHyperRule:
     learning_rate: float
     batch_size: int
     micro_batch_size: int | None = None
+    random_crop: bool = True
+    horizontal_flip: bool = True
     momentum: float = SGD_MOMENTUM
     weight_decay: float = WEIGHT_DECAY
     decay_factor: float = DECAY_FACTOR
@@ -175,11 +187,11 @@ class BitHyperRule:
             reason = (
                 f"{learning_rate:g} = {LEARNING_RATE:g} x {batch_size}/{LEARNING_RATE_REFERENCE_BATCH}: the rule's rate is "
                 f"for batch {LEARNING_RATE_REFERENCE_BATCH}; scaled linearly with the batch as the BiT paper scales "
-                "its learning rate with batch size (§3.3, after Goyal et al.)"
+                "its upstream learning rate with batch size (§3.3, after Goyal et al.)"
             )
         else:
             learning_rate = LEARNING_RATE
-            reason = f"{LEARNING_RATE:g}, the rule's (BiT paper Table 1)"
+            reason = f"{LEARNING_RATE:g}, the rule's (BiT paper §2.2 Table 1)"
         rule = cls(
             dataset_size=dataset_size,
             median_image_area=median_image_area,
@@ -192,6 +204,8 @@ class BitHyperRule:
             learning_rate=learning_rate,
             batch_size=batch_size,
             micro_batch_size=int(given["micro_batch_size"]) if "micro_batch_size" in given else None,
+            random_crop=bool(given.get("random_crop", True)),
+            horizontal_flip=bool(given.get("horizontal_flip", True)),
             momentum=float(given.get("momentum", SGD_MOMENTUM)),
             weight_decay=float(given.get("weight_decay", WEIGHT_DECAY)),
             overrides=tuple(name for name in OVERRIDABLE_FIELDS if name in given),
@@ -256,6 +270,8 @@ class BitHyperRule:
         """The `bit_hyperrule.json` record: the named fields, then SGD's constants and the overridden names."""
         record = {name: getattr(self, name) for name in RECORD_FIELDS}
         record["decay_steps"] = list(self.decay_steps)
+        for name in AUGMENTATION_FIELDS:
+            record[name] = getattr(self, name)
         record["momentum"] = self.momentum
         record["weight_decay"] = self.weight_decay
         record["overrides"] = list(self.overrides)
@@ -267,7 +283,8 @@ class BitHyperRule:
     def differences_from(self, reference: BitHyperRule) -> dict[str, tuple]:
         """{field: (this value, reference value)} for the record fields that differ."""
         mine, theirs = self.to_dict(), reference.to_dict()
-        return {name: (mine[name], theirs[name]) for name in RECORD_FIELDS if mine[name] != theirs[name]}
+        fields = (*RECORD_FIELDS, *AUGMENTATION_FIELDS)
+        return {name: (mine[name], theirs[name]) for name in fields if mine[name] != theirs[name]}
 
     def describe(self, world_size: int = 1) -> str:
         """Human-readable summary, one line per decision, overridden fields marked."""
@@ -278,8 +295,15 @@ class BitHyperRule:
         lines = [
             f"BiT-HyperRule for {self.dataset_size:,} training examples ({self.regime} task), median image area "
             f"{self.median_image_area:,.0f} px ({'<' if self.median_image_area < SMALL_IMAGE_AREA else '>='} 96x96):",
-            f"  resolution  resize {self.precrop}, random crop {self.crop}; test: resize {self.crop}"
+            (
+                f"  resolution  resize {self.precrop}, random crop {self.crop}; test: resize {self.crop}"
+                if self.random_crop
+                else f"  resolution  resize {self.crop}, no random crop{mark('random_crop')}; test: resize {self.crop}"
+            )
             + mark("precrop", "crop"),
+            "  flip        "
+            + ("random horizontal flip" if self.horizontal_flip else "no random flip")
+            + mark("horizontal_flip"),
             f"  schedule    {self.steps} steps{mark('steps')}, linear warmup {self.warmup_steps}{mark('warmup_steps')}, "
             f"lr x{self.decay_factor:g} at steps {list(self.decay_steps)}{mark('decay_steps')}",
             f"  optimizer   SGD momentum {self.momentum:g}{mark('momentum')}, "
@@ -314,14 +338,10 @@ def available_memory_bytes(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    meminfo = Path("/proc/meminfo")  # Linux: counts reclaimable caches, unlike the free pages below
+    lines = meminfo.read_text().splitlines() if meminfo.is_file() else []
+    available = [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    return available[0] if available else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def training_memory_per_example(model: torch.nn.Module, resolution: int) -> tuple[int, int]:
@@ -359,14 +379,15 @@ def choose_micro_batch_size(
     world_size: int = 1,
     available_bytes: int | None = None,
 ) -> int:
-    """The largest power-of-two divisor of the per-process batch whose training step fits the device.
+    """The largest divisor of the per-process batch whose training step fits the device.
 
-    `available_bytes` defaults to the device's free memory; `MEMORY_BUDGET_FRACTION` of it is used.
+    Any divisor, not only powers of two: a batch of 96 that fits is one micro-batch of 96, not 3 of 32
+    (bigger micro-batches run faster and give MixUp more partners). `available_bytes` defaults to the
+    device's free memory; `MEMORY_BUDGET_FRACTION` of it is used.
     """
     if batch_size % world_size:
         raise FinetuneInputError(f"batch_size={batch_size} is not divisible by the {world_size} processes.")
     per_process = batch_size // world_size
-    largest = per_process & -per_process  # largest power of two dividing it
     try:
         per_example, fixed = training_memory_per_example(model, resolution)
     except Exception as error:  # a model that cannot be built on the meta device: measure nothing
@@ -381,7 +402,17 @@ def choose_micro_batch_size(
         available_bytes = available_memory_bytes(device)
     weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     budget = MEMORY_BUDGET_FRACTION * available_bytes - OPTIMIZER_COPIES_OF_WEIGHTS * weights - fixed
-    micro = largest
-    while micro > 1 and micro * per_example * BACKWARD_ACTIVATION_FACTOR > budget:
-        micro //= 2
-    return micro
+    divisors = [size for size in range(per_process, 0, -1) if per_process % size == 0]
+    return next((size for size in divisors if size * per_example * BACKWARD_ACTIVATION_FACTOR <= budget), 1)
+
+
+def mixup_micro_batch_warning(mixup_alpha: float, micro_batch_size: int) -> str | None:
+    """Why MixUp would do nothing, or None. MixUp pairs images inside a micro-batch (the forward pass
+    sees one micro-batch at a time); a micro-batch of one image can only be mixed with itself."""
+    if mixup_alpha > 0 and micro_batch_size < 2:
+        return (
+            f"MixUp (alpha {mixup_alpha:g}) pairs the images of a micro-batch, and the micro-batch is 1 image: "
+            "every image would be mixed with itself, so MixUp has no effect. Give --micro-batch-size 2 or more "
+            "(gradient accumulation keeps the batch) or --mixup-alpha 0."
+        )
+    return None

@@ -28,9 +28,16 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from . import data as data_module
+from .cli import check_output_dir, given_flags
 from .errors import FinetuneInputError
 from .finetuning import push_to_hub, train_and_evaluate, training_inputs, trial_summary, write_output_folder
-from .hyperrule import FEW_SHOT_TRIALS, SMALL_IMAGE_RESOLUTION, BitHyperRule, choose_micro_batch_size
+from .hyperrule import (
+    FEW_SHOT_TRIALS,
+    LEARNING_RATE,
+    SMALL_IMAGE_RESOLUTION,
+    BitHyperRule,
+    choose_micro_batch_size,
+)
 from .models import load_model_for_labels
 from .preprocessing import preprocess
 
@@ -44,9 +51,9 @@ DIGITS_EVAL_FRACTION = 1 / 3
 # the pre-crop keeps the rule's 160:128 ratio.
 CPU_STEPS = 200
 CPU_BATCH_SIZE = 64
-CPU_LEARNING_RATE = (
-    0.003  # the rule's rate: with 8x fewer images per step, linear scaling would barely move in 200 steps
-)
+# The rule's rate, not scaled down with the batch: with 8x fewer images per step, linear scaling would
+# barely move in 200 steps.
+CPU_LEARNING_RATE = LEARNING_RATE
 MAIN_JOB_THREADS = 1
 
 
@@ -65,13 +72,24 @@ def embedded_checkpoint() -> Path:
     return path
 
 
+# Keys of an image processor's `size`, in the order their value is taken as the square side (BiT's own
+# processor saves height/width; other processors save a shortest or longest edge).
+SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
+
+
 def checkpoint_resolution(folder: Path) -> int | None:
-    """The square resolution the checkpoint's saved preprocessor resizes to, if it has one."""
+    """The square resolution the checkpoint's saved preprocessor resizes to, if it says one (any of the
+    `size` forms of transformers' image processors); None (the rule's resolution is used) otherwise."""
     try:
         size = json.loads((folder / "preprocessor_config.json").read_text())["size"]
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):
         return None
-    return int(size.get("height") or size.get("shortest_edge")) if isinstance(size, dict) else int(size)
+    if isinstance(size, dict):
+        size = next((size[key] for key in SIZE_KEYS if isinstance(size.get(key), int)), None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    logger.info("%s: no square size in preprocessor_config.json; using the rule's resolution.", folder)
+    return None
 
 
 def load_digits() -> data_module.ImageClassificationData:
@@ -155,18 +173,25 @@ def format_table(rows: list[tuple[str, list[float], list[float]]], checkpoint_na
 
 
 def check_main_job_arguments(model_args, data_args, rule_args, run_args) -> None:
+    """Refuse the flags the main job has no use for (rather than ignore them), and bad combinations."""
     unused = [
-        flag
-        for flag, value in (
-            ("--validation-dir", data_args.validation_dir),
-            ("--dataset-config", data_args.dataset_config),
-            ("--examples-per-class", data_args.examples_per_class),
-            ("--validation-split", data_args.validation_split),
-            ("--streaming", data_args.streaming or None),
-            ("--from-scratch", model_args.from_scratch or None),
-            ("--resume", run_args.resume or None),
-        )
-        if value is not None
+        *given_flags(model_args, ("from_scratch",)),
+        *given_flags(
+            data_args,
+            (
+                "validation_dir",
+                "dataset_config",
+                "image_column",
+                "label_column",
+                "train_split",
+                "validation_split",
+                "streaming",
+                "validation_fraction",
+                "examples_per_class",
+            ),
+        ),
+        *given_flags(rule_args, ("bit_l_resolution",)),  # the digits are small images: 128 px by the rule
+        *given_flags(run_args, ("resume", "save_steps")),  # the job keeps no checkpoints
     ]
     if unused:
         raise FinetuneInputError(
@@ -180,26 +205,37 @@ def check_main_job_arguments(model_args, data_args, rule_args, run_args) -> None
         )
     if run_args.push_to_hub and run_args.output_dir is None:
         raise FinetuneInputError("--push-to-hub needs --output-dir to save the main job's full-set model first.")
+    if run_args.hub_model_id is not None and not run_args.push_to_hub:
+        raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
+    if run_args.overwrite_output_dir and run_args.output_dir is None:
+        raise FinetuneInputError("--overwrite-output-dir goes with --output-dir.")
+    if run_args.output_dir is not None:
+        check_output_dir(Path(run_args.output_dir), run_args, run_record={})
 
 
 @contextlib.contextmanager
 def main_job_environment():
-    """One intra-op thread and quiet transformers for the job; the previous settings restored after it.
+    """One intra-op thread, quiet transformers and no per-run head message (every transfer run replaces the
+    head) for the job; the previous settings restored after it.
 
     The main job's network is tiny (bit-tiny at 48 px): splitting its convolutions across threads costs
     more synchronisation than it saves, and with anything else running on a 2-core machine two spinning
     OpenMP threads made the same runs 3-9x slower than one thread (measured).
     """
     threads = torch.get_num_threads()
+    models_logger = logging.getLogger(load_model_for_labels.__module__)
+    models_level = models_logger.level
     verbosity = transformers_logging.get_verbosity()
     progress_bars = transformers_logging.is_progress_bar_enabled()
     torch.set_num_threads(MAIN_JOB_THREADS)
     transformers_logging.set_verbosity_error()  # the expected head replacement would be reported every run
     transformers_logging.disable_progress_bar()
+    models_logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        models_logger.setLevel(models_level)
         transformers_logging.set_verbosity(verbosity)
         if progress_bars:
             transformers_logging.enable_progress_bar()
@@ -207,13 +243,12 @@ def main_job_environment():
 
 def load_arm(checkpoint: Path, arm: str, label_names: list[str], seed: int) -> torch.nn.Module:
     """The checkpoint with a zero head ("transfer"), or its architecture from seeded random weights ("scratch")."""
-    torch.manual_seed(seed)
-    return load_model_for_labels(checkpoint, label_names, from_scratch=arm == "scratch")
+    return load_model_for_labels(checkpoint, label_names, from_scratch=arm == "scratch", seed=seed)
 
 
 def fine_tune(model, rule, subset, eval_images, label_names, *, seed, output_dir, per_class_accuracy):
     """One run of the job: in-memory digits, no checkpoints, no progress bars (the job has its own)."""
-    stream, _ = training_inputs(subset, rule, seed=seed, flip=True, random_crop=True, num_workers=0)
+    stream, _ = training_inputs(subset, rule, seed=seed, num_workers=0)
     return train_and_evaluate(
         model,
         rule,
@@ -300,6 +335,7 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
                     )
                     results[name][arm].append(result.accuracy)
                     if arm == "transfer" and examples_per_class is None and run_args.output_dir is not None:
+                        # save_model writes on the main process only
                         trainer.save_model(str(Path(work_dir) / "full-set-model"))
                         kept_model = (rule, result)
                     progress.update()
@@ -318,12 +354,12 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
             format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name)
         )
         logger.info("%d runs in %.0f s.", total_runs, time.perf_counter() - started)
-        if kept_model is not None:
+        if kept_model is not None and PartialState().is_main_process:
             rule, result = kept_model
             save_main_job_folder(
                 run_args.output_dir, Path(work_dir) / "full-set-model", rule, result, results, argv, checkpoint, data
             )
-    if run_args.push_to_hub:
+    if run_args.push_to_hub and PartialState().is_main_process:
         logger.info("Uploaded to %s", push_to_hub(run_args.output_dir, run_args.hub_model_id))
     return results
 

@@ -34,6 +34,10 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
 class ClassificationMetrics:
     """`compute_metrics` for a Trainer: accuracy, top-5 accuracy (5+ classes), optional per-class accuracy.
 
+    Single-label classification only (one class index per example), which is what `bit-finetune` trains.
+    `BitTrainer`'s loss and MixUp also handle multi-label heads (multi-hot float labels), but top-1 accuracy
+    does not measure them: pass your own `compute_metrics` (e.g. mean average precision) for those.
+
     Per-class accuracy is returned as {class name: accuracy} under `per_class_accuracy`, with its mean
     as `mean_per_class_accuracy`.
     """
@@ -45,6 +49,11 @@ class ClassificationMetrics:
     def __call__(self, prediction: EvalPrediction) -> dict:
         logits = np.asarray(prediction.predictions)
         references = np.asarray(prediction.label_ids)
+        if references.ndim != 1:
+            raise ValueError(
+                f"ClassificationMetrics scores single-label predictions (one class index per example); got labels "
+                f"of shape {references.shape} (multi-label?). Pass a multi-label compute_metrics to the trainer."
+            )
         predicted = logits.argmax(axis=-1)
         metrics = load_metric("accuracy").compute(predictions=predicted, references=references)
         if len(self.label_names) >= TOP_K:

@@ -22,18 +22,39 @@ from .errors import FinetuneInputError
 logger = logging.getLogger(__name__)
 
 
+# bit-finetune trains single-label classifiers (softmax cross-entropy); a checkpoint pretrained multi-label
+# (`--multi-label`, sigmoid loss) says so in its config and would otherwise keep that loss.
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+# Loading a checkpoint that is not a BiT model fails in several ways inside transformers (no such file, an
+# unknown or foreign config, mismatched weights); all mean "this is not a BiT checkpoint I can load".
+LOADING_ERRORS = (OSError, ValueError, KeyError, TypeError)
+
+
 def label_maps(label_names: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
     id2label = {index: str(name) for index, name in enumerate(label_names)}
     return id2label, {name: index for index, name in id2label.items()}
 
 
-def _checkpoint_labels(model_name_or_path: str) -> list[str] | None:
-    """The label names a checkpoint's config declares (AutoConfig resolves published BiT names too)."""
+def checkpoint_config(model_name_or_path: str):
+    """The checkpoint's config (AutoConfig resolves published BiT names too), or None if it has none
+    readable; a clear error if it is the config of another architecture."""
     try:
         config = AutoConfig.from_pretrained(str(model_name_or_path))
-    except (OSError, ValueError):
+    except LOADING_ERRORS:
         return None
-    id2label = config.id2label or {}
+    if config.model_type != BitConfig.model_type:
+        raise FinetuneInputError(
+            f"--model {str(model_name_or_path)!r}: expected a BiT checkpoint (config.json with model_type "
+            f"{BitConfig.model_type!r}), but its config is model_type {config.model_type!r} "
+            f"({type(config).__name__}). bit-finetune fine-tunes BiT (ResNet-v2 with GroupNorm and Weight "
+            "Standardization) models only."
+        )
+    return config
+
+
+def _labels_of(config) -> list[str] | None:
+    id2label = (config.id2label or {}) if config is not None else {}
     return [id2label[key] for key in sorted(id2label)] if id2label else None
 
 
@@ -45,42 +66,60 @@ def zero_head_(model: BitForImageClassification) -> None:
 
 
 def load_model_for_labels(
-    model_name_or_path: str | os.PathLike, label_names: Sequence[str], *, from_scratch: bool = False
+    model_name_or_path: str | os.PathLike,
+    label_names: Sequence[str],
+    *,
+    from_scratch: bool = False,
+    seed: int | None = None,
+    problem_type: str = SINGLE_LABEL,
 ) -> BitForImageClassification:
     """A BiT classifier for `label_names`, from a checkpoint (with a new zero head unless the checkpoint
-    has exactly these labels) or, with `from_scratch`, randomly initialised with the architecture of a
-    preset name (`bit-tiny`, `BiT-M-R50x1`, ...) or of a checkpoint's config."""
+    has exactly these labels) or, with `from_scratch`, randomly initialised (from `seed`, when given) with
+    the architecture of a preset name (`bit-tiny`, `BiT-M-R50x1`, ...) or of a checkpoint's config.
+
+    The config's `problem_type` is set to `problem_type` (the fine-tuning data's, single-label by
+    default), whatever the checkpoint was pretrained with.
+    """
     id2label, label2id = label_maps(label_names)
     name = str(model_name_or_path)
-    labels = {"id2label": id2label, "label2id": label2id}  # num_labels follows id2label
+    # num_labels follows id2label
+    settings = {"id2label": id2label, "label2id": label2id, "problem_type": problem_type}
     if from_scratch:
         if canonical_preset_name(name) is not None:
-            config = BitConfig.from_preset(name, **labels)
+            config = BitConfig.from_preset(name, **settings)
         else:
-            try:
-                config = BitConfig.from_pretrained(name, **labels)
-            except OSError as error:
+            if checkpoint_config(name) is None:
                 raise FinetuneInputError(
                     f"--model {name!r}: with --from-scratch, expected a BiT preset name ({', '.join(BitConfig.preset_names())}) "
-                    f"or a folder with a config.json ({error})."
-                ) from error
+                    "or a folder with a BiT config.json."
+                )
+            config = BitConfig.from_pretrained(name, **settings)
+        if seed is not None:
+            torch.manual_seed(seed)
         return BitForImageClassification(config)
+    previous = checkpoint_config(name)
     try:
-        model = BitForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **labels)
-    except OSError as error:
+        model = BitForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **settings)
+    except LOADING_ERRORS as error:
         only_a_preset = canonical_preset_name(name) is not None and find_published_checkpoint(name) is None
         hint = " (a preset name: add --from-scratch to train it from random weights)" if only_a_preset else ""
         raise FinetuneInputError(
-            f"--model {name!r}: expected a folder saved with save_pretrained, a Hub model id or a published BiT "
-            f"name{hint}. Loading failed: {error}"
+            f"--model {name!r}: expected a BiT checkpoint: a folder saved with save_pretrained, a Hub model id or a "
+            f"published BiT name{hint}. Loading failed: {type(error).__name__}: {error}"
         ) from error
-    previous = _checkpoint_labels(name)
-    if previous != list(id2label.values()):
+    if previous is not None and previous.problem_type not in (None, problem_type):
+        logger.info(
+            "The checkpoint was trained as %s; fine-tuning as %s (its loss and head follow the new task).",
+            previous.problem_type,
+            problem_type,
+        )
+    labels = _labels_of(previous)
+    if labels != list(id2label.values()):
         # Same number of classes but other labels (or unknown ones): the loaded head belongs to another task.
         zero_head_(model)
         logger.info(
             "New zero-initialised head for %d classes (the checkpoint's head had %s).",
             len(id2label),
-            f"{len(previous)} classes" if previous is not None else "unknown labels",
+            f"{len(labels)} classes" if labels is not None else "unknown labels",
         )
     return model

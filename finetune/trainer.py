@@ -8,7 +8,8 @@
   train with anything else.
 - MixUp inside the training loss (`compute_loss`): one lambda ~ Beta(alpha, alpha) per optimizer step
   (BiT's released code draws one per batch; with gradient accumulation every micro-batch of the step
-  shares it), each image mixed with another of its micro-batch given by a random permutation, soft
+  shares it), each image mixed with another of its micro-batch given by a random permutation (so a
+  micro-batch of one image cannot be mixed: the trainer warns), soft
   targets lambda * y + (1 - lambda) * y[permutation]. Works for single-label (soft cross-entropy) and
   multi-label (binary cross-entropy on the mixed multi-hot targets) heads. Evaluation never mixes.
   lambda and the permutation are seeded by (seed, step, micro-batch), so a resumed run mixes as the
@@ -29,7 +30,13 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
-from .hyperrule import BitHyperRule, choose_micro_batch_size, learning_rate_multiplier
+from .hyperrule import (
+    DECAY_FACTOR,
+    BitHyperRule,
+    choose_micro_batch_size,
+    learning_rate_multiplier,
+    mixup_micro_batch_warning,
+)
 from .preprocessing import HyperRuleTrainingStream
 
 logger = logging.getLogger(__name__)
@@ -50,7 +57,7 @@ class BitTrainingArguments(TrainingArguments):
             "help": "Optimizer steps after which the learning rate is multiplied by lr_decay_factor (staircase)."
         },
     )
-    lr_decay_factor: float = dataclasses.field(default=0.1, metadata={"help": "Factor of each staircase decay."})
+    lr_decay_factor: float = dataclasses.field(default=DECAY_FACTOR, metadata={"help": "Factor of each staircase decay."})
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 turns it off."})
 
     @classmethod
@@ -188,6 +195,9 @@ class BitTrainer(Trainer):
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha={mixup_alpha}: expected >= 0 (0 turns MixUp off).")
         self.mixup_alpha = float(mixup_alpha)
+        warning = mixup_micro_batch_warning(self.mixup_alpha, args.per_device_train_batch_size)
+        if warning:
+            logger.warning(warning)
         self.unreadable_images: set[str] = set()
         self.evaluated_examples = 0  # by the last evaluate(): readable examples, also for streams
         self._mixup_counter = (-1, 0)  # (optimizer step, micro-batches seen in it)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
+import logging
+import shutil
+import statistics
 import io
 import json
 import os
@@ -40,7 +44,8 @@ from finetune.hyperrule import (
     learning_rate_multiplier,
     training_memory_per_example,
 )
-from finetune.main_job import run_main_job
+from finetune.finetuning import write_output_folder
+from finetune.main_job import checkpoint_resolution, run_main_job
 from finetune.metrics import ClassificationMetrics
 from finetune.models import load_model_for_labels
 from finetune.preprocessing import DecodedImages, HyperRuleTrainingStream, ImageBatchCollator, preprocess
@@ -189,6 +194,27 @@ def test_micro_batch_keeps_the_effective_batch_when_memory_is_short(tmp_path):
     assert rule.overrides == ()  # a chosen micro-batch is not an override
     with pytest.raises(FinetuneInputError, match="not a multiple"):
         BitHyperRule.from_dataset(1000, 64, micro_batch_size=100).gradient_accumulation_steps()
+    # Any divisor of the batch, not only powers of two: a batch of 96 that fits is one micro-batch.
+    assert choose_micro_batch_size(model, 128, 96, "cpu", available_bytes=10**12) == 96
+    _, fixed = training_memory_per_example(model, 128)
+    overhead = 3 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()) + fixed
+    # Half the memory holds 28 examples' activations (x2 for backward): 12 fits, 16 does not (powers of two: 8).
+    assert choose_micro_batch_size(model, 128, 96, "cpu", available_bytes=2 * (2 * 14 * per_example + overhead)) == 12
+
+
+def test_mixup_with_a_one_image_micro_batch_warns_that_it_mixes_nothing(tmp_path):
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("finetune.trainer").addHandler(handler)
+    try:
+        for micro_batch in (1, 2):
+            rule = BitHyperRule.from_dataset(1000, 64, batch_size=4, micro_batch_size=micro_batch, mixup_alpha=0.1)
+            model = BitForImageClassification(BitConfig.from_preset("bit-tiny"))
+            BitTrainer(model, BitTrainingArguments.from_hyperrule(rule, str(tmp_path)))
+    finally:
+        logging.getLogger("finetune.trainer").removeHandler(handler)
+    assert len(messages) == 1 and "micro-batch is 1 image" in messages[0] and "MixUp has no effect" in messages[0]
 
 
 def test_trainer_builds_sgd_and_the_staircase_schedule_from_the_rule(tmp_path):
@@ -318,15 +344,35 @@ def test_new_head_is_zero_unless_the_labels_are_the_checkpoints(tmp_path):
     assert other_count.config.id2label == {0: "ant", 1: "bee"}
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_clearly(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(num_labels=2).save_pretrained(tmp_path)
+    for from_scratch in (False, True):
+        with pytest.raises(FinetuneInputError, match="expected a BiT checkpoint.*model_type 'vit'"):
+            load_model_for_labels(tmp_path, ["a", "b"], from_scratch=from_scratch)
+
+
+@pytest.mark.parametrize(
+    "size, resolution",
+    [({"height": 48, "width": 48}, 48), ({"shortest_edge": 64}, 64), ({"longest_edge": 80}, 80), (96, 96), ({}, None)],
+)
+def test_main_job_reads_the_checkpoint_resolution_from_any_size_form(tmp_path, size, resolution):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+    assert checkpoint_resolution(tmp_path) == resolution
+
+
 def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
     folder = write_image_folder(tmp_path, {"a": 3, "b": 3}, size=(30, 20))
     data = load_image_folders(folder, validation_fraction=0.34)
     rule = BitHyperRule.from_dataset(len(data.train), 600, precrop=40, crop=32, steps=10, batch_size=4)
 
-    def views_of_one_image(**options) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(the stored image, what 12 training positions see of it)."""
-        stream, _ = training_inputs(data.train, rule, seed=0, num_workers=0, **options)
-        one = HyperRuleTrainingStream(stream.source.select([0]), 12, crop=32, seed=0, **options)
+    def views_of_one_image(flip: bool, random_crop: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the stored image, what 12 training positions see of it), the augmentation as the rule records it."""
+        augmented = dataclasses.replace(rule, horizontal_flip=flip, random_crop=random_crop)
+        stream, _ = training_inputs(data.train, augmented, seed=0, num_workers=0)
+        assert (stream.flip, stream.random_crop) == (flip, random_crop)
+        one = HyperRuleTrainingStream(stream.source.select([0]), 12, crop=32, seed=0, flip=flip, random_crop=random_crop)
         return one.source.pixel_values[0], [one[position]["pixel_values"] for position in range(12)]
 
     # Neither crop nor flip: the training view is exactly the evaluation preprocessing.
@@ -438,8 +484,13 @@ def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpo
             ["--model", "/no/such/model"],
             "--model '/no/such/model'",
         ),
+        (
+            lambda root: write_image_folder(root, {"a": 8, "b": 8}),
+            ["--batch-size", "8", "--micro-batch-size", "3"],
+            "batch_size=8 is not a multiple of micro_batch_size=3",
+        ),
     ],
-    ids=["single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model"],
+    ids=["single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model", "micro-batch-not-dividing"],
 )
 def test_bad_folders_are_refused_before_training(tmp_path, tiny_checkpoint, capsys, make_input, extra, message):
     folder = make_input(tmp_path / "data")
@@ -517,7 +568,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
     interrupted = tmp_path / "interrupted"
     assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptAfterSave(4)]) == 130
     assert "with --resume to continue" in capsys.readouterr().err
-    assert (interrupted / "checkpoints" / "trial-0" / "checkpoint-4").is_dir()
+    assert (interrupted / "checkpoints" / "trial-1" / "checkpoint-4").is_dir()
     assert not (interrupted / "model.safetensors").exists()
     assert cli.main([*run, "--output-dir", str(interrupted)]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
@@ -536,6 +587,101 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
     assert not (interrupted / "checkpoints").exists()
     steps = [entry["step"] for entry in json.loads((interrupted / "training_log.json").read_text())["log_history"]]
     assert steps[-1] == 6
+
+
+class InterruptInTrial(TrainerCallback):
+    """Stops the process after the checkpoint at `step` of the `trial`-th training (numbered from 1)."""
+
+    def __init__(self, trial: int, step: int):
+        self.trial, self.step, self.started = trial, step, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.started == self.trial and state.global_step == self.step:
+            raise KeyboardInterrupt(f"interrupted in trial {self.trial}")
+
+
+def test_resume_reuses_finished_trials_and_overwrite_output_dir_starts_over(tmp_path, tiny_checkpoint):
+    folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    run = ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--num-workers", "0", "--trials", "2",
+           "--save-steps", "2", *SMALL_RUN]
+    interrupted = tmp_path / "interrupted"
+    assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptInTrial(2, 2)]) == 130
+    # Mark trial 1's finished result with an accuracy no run can reach, to see whether it is reused.
+    result_file = interrupted / "checkpoints" / "trial-1" / "result.json"
+    result = json.loads(result_file.read_text())
+    result["eval_metrics"]["eval_accuracy"] = 7.0
+    result_file.write_text(json.dumps(result))
+    copy = tmp_path / "copy"
+    shutil.copytree(interrupted, copy)
+    assert cli.main([*run, "--output-dir", str(interrupted), "--resume"]) == 0
+    assert json.loads((interrupted / "eval_results.json").read_text())["eval_accuracy_trials"][0] == 7.0
+    assert cli.main([*run, "--output-dir", str(copy), "--overwrite-output-dir"]) == 0
+    assert 7.0 not in json.loads((copy / "eval_results.json").read_text())["eval_accuracy_trials"]
+    assert_complete_folder(copy)
+
+
+def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, tiny_checkpoint, capsys):
+    # An upstream checkpoint pretrained multi-label (pretraining --multi-label) says so in its config.
+    upstream = tmp_path / "multi-label-upstream"
+    shutil.copytree(tiny_checkpoint, upstream)
+    config = json.loads((upstream / "config.json").read_text())
+    (upstream / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    # Single-label images in a folder below a hidden one (e.g. ~/.cache/...).
+    folder = write_image_folder(tmp_path / ".cache" / "data" / "train", {"a": 10, "b": 10})
+    output = tmp_path / "out"
+    common = ["--train-dir", str(folder), "--output-dir", str(output), "--validation-fraction", "0.34",
+              "--num-workers", "0", *SMALL_RUN]
+    few_shot = ["--model", str(upstream), *common, "--trials", "2", "--no-crop"]
+    assert cli.main(few_shot) == 0
+    printed = capsys.readouterr().out
+    assert "Trial 1 of 2 (seed 0)" in printed and "Trial 2 of 2: accuracy" in printed
+    assert "resize 32, no random crop (override)" in printed and "random horizontal flip" in printed
+    assert json.loads((output / "config.json").read_text())["problem_type"] == "single_label_classification"
+    hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
+    assert HYPERRULE_KEYS <= set(hyperrule)
+    assert (hyperrule["random_crop"], hyperrule["horizontal_flip"]) == (False, True)
+    assert "random_crop" in hyperrule["overrides"]
+    # Two trials: eval_accuracy is their median (the mean of both); the folder holds the lower one's model.
+    eval_results = json.loads((output / "eval_results.json").read_text())
+    accuracies = eval_results["eval_accuracy_trials"]
+    saved = json.loads((output / "all_results.json").read_text())["saved_trial"]
+    assert eval_results["eval_accuracy"] == pytest.approx(statistics.median(accuracies))
+    assert eval_results["eval_accuracy_saved_trial"] == accuracies[saved - 1] == min(accuracies)
+    assert f"Saved the model of trial {saved} of 2: accuracy {min(accuracies):.4f}, the lower of the two" in printed
+    held_out = load_image_folders(folder, validation_fraction=0.34).eval
+    model = BitForImageClassification.from_pretrained(output).eval()
+    with torch.no_grad():
+        pixels = torch.stack([DecodedImages(held_out, 32)[i]["pixel_values"] for i in range(len(held_out))])
+        predicted = model(pixels).logits.argmax(-1)
+    correct = (predicted == torch.as_tensor(held_out["label"])).float().mean().item()
+    assert correct == pytest.approx(accuracies[saved - 1])  # the saved weights are the saved trial's
+
+    # A second run into the finished folder is refused, and leaves it as it was.
+    finished = (output / "model.safetensors").read_bytes()
+    assert cli.main(few_shot) == 2
+    assert "already holds a fine-tuned model" in capsys.readouterr().err
+    assert (output / "model.safetensors").read_bytes() == finished and not (output / "checkpoints").exists()
+    # A failing assembly (here: no trained weights to copy) leaves the finished folder untouched.
+    rule = BitHyperRule.from_dataset(10, 64)
+    with pytest.raises(FileNotFoundError):
+        write_output_folder(output, tmp_path / "no-model", rule, eval_results={}, all_results={}, finetune_args={},
+                            log_history=[])
+    assert (output / "model.safetensors").read_bytes() == finished
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".out")) == []
+
+    # --overwrite-output-dir replaces it; from random weights, seeded: the same run twice gives the same model.
+    scratch = ["--model", "bit-tiny", "--from-scratch", *common, "--overwrite-output-dir"]
+    weights = []
+    for _ in range(2):
+        assert cli.main(scratch) == 0
+        weights.append(load_file(output / "model.safetensors"))
+        assert json.loads((output / "bit_finetune_args.json").read_text())["from_scratch"] is True
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert_complete_folder(output)
 
 
 # --- End to end on real photographs, stock pipeline, push to the Hub -----------------------------------
@@ -668,6 +814,7 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     assert f"crop 128 -> {resolution}" in printed  # the checkpoint's own resolution
     assert "learning rate 0.003: the rule's, not scaled to the batch" in printed
     assert "| examples per class | transfer (embedded checkpoint) | from scratch |" in printed
+    assert "New zero-initialised head" not in printed  # expected in every transfer run: not repeated 16 times
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "5", "10", "all (1,198)"]
     # Few-shot rows: median (min-max) over the trials for both arms; the full set: one run each.
@@ -678,5 +825,24 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
     assert hyperrule["crop"] == resolution and hyperrule["micro_batch_size"] == 64 and hyperrule["dataset_size"] == 1198
     assert torch.get_num_threads() == threads  # the job's one intra-op thread is not left behind
-    with pytest.raises(FinetuneInputError, match="not used by the main job"):
-        run_main_job(*cli.parse_arguments(["--examples-per-class", "3"]), [])
+    for unused in (["--examples-per-class", "3"], ["--save-steps", "5"], ["--bit-l-resolution"],
+                   ["--validation-fraction", "0.2"], ["--image-column", "img"]):
+        with pytest.raises(FinetuneInputError, match=f"{unused[0]}: not used by the main job"):
+            run_main_job(*cli.parse_arguments(unused), [])
+    with pytest.raises(FinetuneInputError, match="already holds a fine-tuned model.*--overwrite-output-dir"):
+        run_main_job(*cli.parse_arguments(["--output-dir", str(output)]), [])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--paper-rule"], "--paper-rule belongs to the main job"),
+        (["--image-column", "img"], "--image-column go(es) with --dataset"),
+        (["--validation-dir", "v", "--validation-fraction", "0.2"], "with --validation-dir nothing is held out"),
+        (["--resume", "--overwrite-output-dir"], "give one"),
+    ],
+)
+def test_flags_a_run_would_ignore_are_refused(flags, message):
+    arguments = cli.parse_arguments(["--model", "m", "--train-dir", "d", "--output-dir", "o", *flags])
+    with pytest.raises(FinetuneInputError, match=re.escape(message)):
+        cli.check_arguments(*arguments)
