@@ -55,7 +55,7 @@ class Trials:
     median: float
     minimum: float
     maximum: float
-    saved_trial: int | None  # 0-based index of the trial whose weights the folder holds
+    saved_trial: int | None  # index into `accuracies` of the trial whose weights the folder holds
 
 
 def few_shot_trials(facts: FolderFacts) -> Trials | None:
@@ -72,14 +72,14 @@ def few_shot_trials(facts: FolderFacts) -> Trials | None:
     )
     dataset = (facts.finetune_args or {}).get("dataset") or {}
     k = dataset.get("examples_per_class")
-    saved = (facts.all_results or {}).get("saved_trial")
+    saved = (facts.all_results or {}).get("saved_trial")  # bit-finetune numbers trials from 1
     return Trials(
         examples_per_class=int(k) if finite(k) else None,
         accuracies=[float(value) for value in accuracies],
         median=float(median),
         minimum=float(minimum),
         maximum=float(maximum),
-        saved_trial=int(saved) if finite(saved) else None,
+        saved_trial=int(saved) - 1 if finite(saved) and 1 <= saved <= len(accuracies) else None,
     )
 
 

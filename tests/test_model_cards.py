@@ -76,7 +76,7 @@ def write_finetuned_records(folder: Path, hymenoptera: Path, *, validation: bool
         "eval_loss": 0.6812, "eval_accuracy": 0.6209, "eval_accuracy_min": 0.55, "eval_accuracy_max": 0.7,
         "eval_accuracy_trials": trials, "eval_top_5_accuracy": 1.0, "eval_runtime": 1.2,
     })
-    write_json(folder / "all_results.json", {"train_loss": 0.69, "eval_accuracy": 0.6209, "unreadable_images": 0, "saved_trial": 1})
+    write_json(folder / "all_results.json", {"train_loss": 0.69, "eval_accuracy": 0.6209, "unreadable_images": 0, "saved_trial": 2})
     write_json(folder / "bit_finetune_args.json", {
         "command": ["bit-finetune", "--model", "BiT-M-R50x1", "--train-dir", source.get("train_dir", "x"),
                     "--output-dir", str(folder), "--examples-per-class", "5", "--trials", "3"],
@@ -853,6 +853,9 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
             f"bit-finetune --examples-per-class 5") in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
     low, high = (f"{100 * recorded[key]:.2f}%" for key in ("eval_accuracy_min", "eval_accuracy_max"))
     assert f"| 5 | 3 | {100 * recorded['eval_accuracy']:.2f}% | {low} | {high} |" in text
+    saved = json.loads((produced["bit-finetune"] / "all_results.json").read_text())["saved_trial"]  # from 1
+    saved_accuracy = recorded["eval_accuracy_trials"][saved - 1]
+    assert f"| {saved} | {100 * saved_accuracy:.2f}% | yes |" in text
 
     pretrained = card_of(produced["pretrain.py"]).data
     probes = json.loads((produced["pretrain.py"] / "probe_results.json").read_text())
