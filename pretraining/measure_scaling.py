@@ -59,6 +59,12 @@ def _prepared(preset: str, num_labels: int, gradient_checkpointing: bool, mixed_
     return accelerator, model, optimizer
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA, XPU, MPS, ...: torch.accelerator); the CPU runs in order."""
+    if device.type != "cpu" and torch.accelerator.is_available():
+        torch.accelerator.synchronize(device)
+
+
 def measure_throughput(args) -> None:
     accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
     generator = torch.Generator().manual_seed(accelerator.process_index)
@@ -68,8 +74,10 @@ def measure_throughput(args) -> None:
     times = []
     for step in range(args.warmup + args.steps):
         accelerator.wait_for_everyone()
+        _synchronize(accelerator.device)
         start = time.perf_counter()
         _training_step(model, optimizer, accelerator, pixel_values, labels)
+        _synchronize(accelerator.device)  # an accelerator runs the step asynchronously: time its end, not its launch
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
