@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from modeling_bit import BitConfig, BitForImageClassification
-from pretraining.recipe import BASE_LEARNING_RATE, MOMENTUM, WEIGHT_DECAY
+from pretraining.recipe import BASE_LEARNING_RATE, IMAGE_SIZE, MOMENTUM, WEIGHT_DECAY
 
 
 def _training_step(model, optimizer, accelerator, pixel_values, labels) -> None:
@@ -198,7 +198,7 @@ class MeasureArguments:
         metadata={"help": "What to measure (memory-probe: one batch size, run by `memory` in a fresh process)."}
     )
     preset: str = "bit-tiny"
-    image_size: int = 224
+    image_size: int = IMAGE_SIZE
     batch_size: int = 8
     batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2], metadata={"help": "Two sizes, for memory."})
     num_labels: int = 1000

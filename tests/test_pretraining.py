@@ -699,6 +699,19 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
     assert logits.shape == (1, len(config["id2label"])) and torch.isfinite(logits).all()
 
 
+def test_embedded_checkpoint_card_is_what_write_model_card_writes_today(tmp_path):
+    import shutil
+
+    from model_cards import write_model_card
+
+    copy = tmp_path / embedded_checkpoint_path().name  # the card is named after its folder
+    shutil.copytree(embedded_checkpoint_path(), copy)
+    (copy / "README.md").unlink()
+    write_model_card(copy)
+    # If this fails, the card template changed: run write_model_card on the embedded folder (regenerate.sh does).
+    assert (copy / "README.md").read_text() == (embedded_checkpoint_path() / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     "name, distributed_type",
     [("multi_gpu.yaml", "MULTI_GPU"), ("fsdp_r152x4.yaml", "FSDP"), ("tpu.yaml", "XLA")],
