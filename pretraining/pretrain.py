@@ -678,6 +678,9 @@ def _postfix(metrics: dict, learning_rate: float) -> dict:
 RESUME_KEYS = {
     "model_preset": "--model-preset",
     "dataset": "--train-dir / --dataset and their options",
+    "data_files": "--data-files",
+    "image_column": "--image-column",
+    "label_column": "--label-column",
     "streaming": "--streaming",
     "validation_split": "--validation-split",
     "validation_examples": "--validation-examples",
@@ -704,6 +707,9 @@ def run_signature(model_args: ModelArguments, data_args: DataArguments, args: Pr
     signature = {
         "model_preset": canonical_preset_name(model_args.model_preset),
         "dataset": source.description,
+        "data_files": data_args.data_files,
+        "image_column": source.image_column,
+        "label_column": source.label_column,
         "streaming": source.streaming,
         "validation_split": data_args.validation_split,
         "validation_examples": data_args.validation_examples,

@@ -280,7 +280,10 @@ def test_a_streams_held_out_slice_never_reaches_any_process(identity_shards):
     assert sorted(trained[0] + trained[1]) == list(range(5, 32))  # everything else, once
 
 
-def test_streaming_resume_rereads_at_most_one_window_not_the_stream(identity_shards):
+def test_streaming_resume_rereads_at_most_one_window_not_the_stream(identity_shards, monkeypatch):
+    # datasets sleeps 5 s whenever a multi-shard stream stops (an Arrow thread-shutdown workaround); this test
+    # stops one four times.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
     source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=0)
     reads = []
 
@@ -502,8 +505,10 @@ def test_bad_input_to_the_script_exits_with_a_message_not_a_traceback(tmp_path):
         assert last_line.startswith("pretrain: error: ") and re.search(message, last_line), last_line
 
 
-def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, identity_shards):
+def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, identity_shards, monkeypatch):
     from pretraining import pretrain
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)  # see the test above
 
     arguments = [
         *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--num-labels", "32", "--max-steps", "8",
