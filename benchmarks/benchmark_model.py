@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import importlib.util
 import platform
 import resource
 import statistics
@@ -32,7 +32,10 @@ import torch
 import transformers
 
 import modeling_bit
+from modeling_bit.file_utils import atomic_write_json
 
+# timm's name for the same architecture, where timm has one.
+TIMM_NAMES = {"BiT-S-R50x1": "resnetv2_50x1_bit"}
 STOCK_WS_EPS = 1e-8  # transformers' WeightStandardizedConv2d default in BiT
 
 
@@ -47,14 +50,11 @@ def build_models(preset: str, seed: int = 0) -> dict[str, torch.nn.Module]:
     stock = transformers.BitForImageClassification(transformers.BitConfig(**config.to_dict()))
     stock.load_state_dict(ours.state_dict(), strict=True)
     models = {"stock": stock, "ours": ours}
-    try:
-        import timm  # optional: pip install timm (needs torchvision)
+    timm_name = TIMM_NAMES.get(preset)
+    if timm_name and importlib.util.find_spec("timm") is not None:  # optional: pip install timm (needs torchvision)
+        import timm
 
-        timm_name = {"BiT-S-R50x1": "resnetv2_50x1_bit"}.get(preset)
-        if timm_name:
-            models["timm"] = timm.create_model(timm_name, pretrained=False, num_classes=1000)
-    except ImportError:
-        pass
+        models["timm"] = timm.create_model(timm_name, pretrained=False, num_classes=1000)
     return models
 
 
@@ -67,7 +67,7 @@ def build_one(preset: str, which: str) -> torch.nn.Module:
         return transformers.BitForImageClassification(transformers.BitConfig(**config.to_dict()))
     import timm
 
-    return timm.create_model({"BiT-S-R50x1": "resnetv2_50x1_bit"}[preset], pretrained=False, num_classes=1000)
+    return timm.create_model(TIMM_NAMES[preset], pretrained=False, num_classes=1000)
 
 
 def logits_of(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -217,8 +217,7 @@ def main() -> None:
     )
     results["peak_rss_mb"] = memory
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_json(args.json, results)
 
 
 if __name__ == "__main__":

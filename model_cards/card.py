@@ -41,6 +41,12 @@ HUB_METRIC_IDS = frozenset({"accuracy"})
 # Dataset loaders a model-index may name instead of a Hub dataset (HF Trainer writes "imagefolder" for local
 # image folders, which `datasets.load_dataset("imagefolder", data_dir=...)` reads).
 PACKAGED_DATASET_LOADERS = frozenset({"imagefolder"})
+# Dataset names our producers record that are not Hub datasets: bit-finetune's main job trains on scikit-learn's
+# digits (finetune/main_job.py).
+NON_HUB_DATASETS = {"sklearn.datasets.load_digits": "scikit-learn's digits (`sklearn.datasets.load_digits`)"}
+# The split name a model-index gives an evaluation when the producer did not record one: both producers evaluate on
+# their run's validation data (the dataset's validation split or examples held out of training).
+VALIDATION_SPLIT = "validation"
 BASE_TAGS = ("bit", "big-transfer", "resnetv2", "image-classification", "vision", "bit-transfer")
 LICENSE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 # The licence the BiT authors released their checkpoints under (github.com/google-research/big_transfer, LICENSE).
@@ -118,20 +124,35 @@ def check_license(license_id: str) -> str:
     return license_id
 
 
-def is_hub_repo_id(name: str) -> bool:
-    """Whether `name` can name a Hub repository (a local path that exists cannot, whatever its spelling)."""
+def valid_repo_id(name: str) -> bool:
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
-    return not Path(name).exists()
+    return True
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a recorded dataset or model name is spelled as a file-system path (the text alone decides)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or re.match(r"[A-Za-z]:", name) is not None
+
+
+def hub_dataset_id(name: str) -> str | None:
+    """`name` as a Hub dataset id, or None when it names local data.
+
+    Decided from the recorded text alone, never from what exists in the current directory: a path spelling, a
+    name the Hub's id grammar refuses, or a non-Hub source our producers record is local data.
+    """
+    if name in NON_HUB_DATASETS or looks_like_path(name) or not valid_repo_id(name):
+        return None
+    return name
 
 
 def checked_eval_result(*, dataset_type: str, metric_type: str, metric_value: float, **fields) -> EvalResult:
     """An `EvalResult` for image classification, refused unless its metric and dataset ids are valid."""
     if metric_type not in HUB_METRIC_IDS:
         raise CardError(f"metric {metric_type!r} is not one of the Hub metric ids {sorted(HUB_METRIC_IDS)}.")
-    if dataset_type not in PACKAGED_DATASET_LOADERS and not is_hub_repo_id(dataset_type):
+    if dataset_type not in PACKAGED_DATASET_LOADERS and hub_dataset_id(dataset_type) is None:
         raise CardError(f"dataset {dataset_type!r} is neither a Hub dataset id nor one of {sorted(PACKAGED_DATASET_LOADERS)}.")
     if not finite(metric_value) or not 0 <= metric_value <= 1:
         raise CardError(f"{metric_type} = {metric_value!r} on {dataset_type}: expected a fraction in [0, 1].")
@@ -167,6 +188,8 @@ def _value(value) -> str:
         return _count(value)
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, str):
+        return public_path(value)
     if isinstance(value, (list, tuple)):
         return ", ".join(_value(item) for item in value) if value else "none"
     if isinstance(value, dict):
@@ -196,55 +219,105 @@ def _record_table(record: dict, labels: dict[str, str], title: str) -> Table | N
 # --- the card --------------------------------------------------------------------------------------------------
 
 
+def shell_command(argv: list) -> str:
+    """A recorded command as a shell line, with absolute paths shortened (see `public_path`)."""
+    return shlex.join(public_argument(str(part)) for part in argv)
+
+
+# How pre-training is run (pretraining/pretrain.py's docstring): the script by its path in the repository, under
+# accelerate's launcher; `bit-pretrain` is its console script.
+PRETRAIN_SCRIPT = "pretraining/pretrain.py"
+PRETRAIN_CONSOLE_SCRIPT = "bit-pretrain"
+
+
+def pretraining_command(argv: list, num_processes) -> list[str]:
+    """Pre-training's recorded `sys.argv` as the user reruns it: `sys.argv[0]` is the script's path as Python saw it
+    (absolute under `python -m` or `accelerate launch`), so the launcher and the repository path are put back.
+    Empty when the recorded program is neither (pre-training started from other Python code records that program's
+    argv, which would not rerun anything)."""
+    program = Path(str(argv[0])).name if argv else ""
+    if program not in ("pretrain.py", PRETRAIN_CONSOLE_SCRIPT):
+        return []
+    arguments = [str(part) for part in argv[1:]]
+    processes = int(num_processes) if finite(num_processes) and num_processes > 1 else 1
+    if program == PRETRAIN_CONSOLE_SCRIPT and processes == 1:
+        return [PRETRAIN_CONSOLE_SCRIPT, *arguments]
+    launcher = ["accelerate", "launch", *(["--num_processes", str(processes)] if processes > 1 else [])]
+    return [*launcher, PRETRAIN_SCRIPT, *arguments]
+
+
 @dataclass(frozen=True)
 class DatasetReference:
     """A dataset as a card names it: for text, for `datasets:` metadata and for the model-index."""
 
     display: str  # Markdown, for the card's text
     name: str  # plain, for the model-index
+    short: str  # plain, for a title: "hymenoptera"
     hub_id: str | None = None  # a Hub dataset id, for `datasets:`
     index_type: str | None = None  # what the model-index names (a Hub id, or "imagefolder"); None: unnameable
     config: str | None = None
-    split: str | None = None
-    held_out: bool = False  # evaluated on examples kept out of training
+    split: str = VALIDATION_SPLIT  # what evaluation used: always data held out of training
 
 
-def _split_folder_name(path: Path) -> str:
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "trn", "val", "valid", "validation", "test"})
+
+
+def public_path(text: str) -> str:
+    """A path as a card shows it: an absolute path (which would publish the producer's file system) shortened to its
+    last component, or its last two when the last is a split name (`.../hymenoptera/train` → `hymenoptera/train`)."""
+    if not (text.startswith("/") or re.match(r"[A-Za-z]:[\\/]", text)):
+        return text
+    parts = [part for part in re.split(r"[\\/]+", text) if part]
+    if not parts:
+        return text
+    return "/".join(parts[-2:]) if parts[-1].lower() in SPLIT_FOLDER_NAMES and len(parts) > 1 else parts[-1]
+
+
+def public_argument(argument: str) -> str:
+    """A command-line argument with any absolute path in it shortened (`--train-dir=/x/y` included)."""
+    if argument.startswith("-") and "=" in argument:
+        flag, value = argument.split("=", 1)
+        return f"{flag}={public_path(value)}"
+    return public_path(argument)
+
+
+def _split_folder_name(path: str) -> str:
     """A readable name for an image folder: `data/hymenoptera/train` reads as "hymenoptera"."""
-    return path.parent.name if path.name.lower() in {"train", "training", "trn"} and path.parent.name else path.name
+    parts = [part for part in re.split(r"[\\/]+", path) if part and part != "."]
+    if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
+        return parts[-2]
+    return parts[-1] if parts else path
 
 
-def dataset_reference(record: dict, *, evaluated_on_held_out: bool | None = None) -> DatasetReference | None:
+def dataset_reference(record: dict) -> DatasetReference | None:
     """The `dataset` record of bit_finetune_args.json or bit_pretraining.json as a reference.
 
-    Whether evaluation used held-out examples is read from the record (a validation folder or split), unless
-    the producer guarantees it (`evaluated_on_held_out`, e.g. pre-training's probe).
+    What the producer recorded decides: `train_dir` is a local image folder (named in prose and in the model-index
+    as `imagefolder`, never as a Hub dataset); `name` is a Hub dataset id when it is spelled as one, else local data
+    named in prose only. Evaluation is on the recorded validation split, else on the run's held-out examples.
     """
-    if record.get("train_dir"):
-        train_dir = Path(record["train_dir"])
-        held_out = bool(record.get("validation_dir")) if evaluated_on_held_out is None else evaluated_on_held_out
+    recorded_split = record.get("validation_split")
+    split = recorded_split if isinstance(recorded_split, str) and recorded_split else VALIDATION_SPLIT
+    if isinstance(record.get("train_dir"), str) and record["train_dir"]:
+        folder = _split_folder_name(record["train_dir"])
         return DatasetReference(
-            display=f"the image folder {_code(_split_folder_name(train_dir))}",
-            name=f"{_split_folder_name(train_dir)} (image folder)",
-            index_type="imagefolder",
-            split=("validation" if held_out else "train") if evaluated_on_held_out is None else None,
-            held_out=held_out,
+            display=f"the local image folder {_code(folder)}", name=f"{folder} (image folder)", short=folder,
+            index_type="imagefolder", split=split,
         )
     name = record.get("name")
-    if not name:
+    if not isinstance(name, str) or not name:
         return None
-    hub = is_hub_repo_id(str(name))
-    split = record.get("validation_split")
-    held_out = split is not None if evaluated_on_held_out is None else evaluated_on_held_out
-    return DatasetReference(
-        display=f"{_code(name)}" + (f" (configuration {_code(record['config'])})" if record.get("config") else ""),
-        name=str(name),
-        hub_id=str(name) if hub else None,
-        index_type=str(name) if hub else None,
-        config=record.get("config"),
-        split=split,
-        held_out=held_out,
-    )
+    config = record.get("config") if isinstance(record.get("config"), str) else None
+    configured = f" (configuration {_code(config)})" if config else ""
+    hub_id = hub_dataset_id(name)
+    if hub_id is not None:
+        return DatasetReference(display=f"the Hub dataset {_code(hub_id)}{configured}", name=hub_id, short=hub_id,
+                                hub_id=hub_id, index_type=hub_id, config=config, split=split)
+    if name in NON_HUB_DATASETS:
+        return DatasetReference(display=NON_HUB_DATASETS[name], name=name, short=name, split=split)
+    local = _split_folder_name(name)
+    return DatasetReference(display=f"the local dataset {_code(local)}{configured}", name=local, short=local,
+                            config=config, split=split)
 
 
 class _CardBuilder:
@@ -252,19 +325,32 @@ class _CardBuilder:
         self.facts, self.plots, self.examples, self.options = facts, plots, examples, options
         conversion = facts.conversion or {}
         self.published = find_published_checkpoint(conversion["published_name"]) if conversion.get("published_name") else None
-        self.title = (
-            self.published.name
-            if self.published and facts.kind is FolderKind.CONVERTED
-            else (options.repo_id.split("/")[-1] if options.repo_id else facts.folder.name)
-        )
-        self.model_reference = options.repo_id or facts.folder.name
         self.trials = few_shot_trials(facts)
-        finetune_dataset = (facts.finetune_args or {}).get("dataset") or {}
-        if facts.kind is FolderKind.PRETRAINED:  # the probe tests on images held out of training
-            self.dataset = dataset_reference((facts.pretraining or {}).get("dataset") or {}, evaluated_on_held_out=True)
+        if facts.kind is FolderKind.PRETRAINED:
+            dataset_record = (facts.pretraining or {}).get("dataset") or {}
         else:
-            self.dataset = dataset_reference(finetune_dataset)
-        self.examples_per_class = finetune_dataset.get("examples_per_class")
+            dataset_record = (facts.finetune_args or {}).get("dataset") or {}
+        self.dataset = dataset_reference(dataset_record)
+        k = dataset_record.get("examples_per_class") if facts.kind is FolderKind.FINE_TUNED else None
+        self.examples_per_class = int(k) if finite(k) and k > 0 else None
+        model = (facts.finetune_args or {}).get("model")
+        self.start_model = public_path(model) if isinstance(model, str) and model else None
+        self.title = self.default_title()
+        self.model_reference = options.repo_id or facts.folder.name
+
+    def default_title(self) -> str:
+        """The repository's name; else the published name; else what the folder holds, not its folder name when
+        that names a step of a producer (pre-training's `O/final`)."""
+        if self.options.repo_id:
+            return self.options.repo_id.split("/")[-1]
+        if self.published and self.facts.kind is FolderKind.CONVERTED:
+            return self.published.name
+        architecture = self.facts.architecture
+        network = architecture.preset_name or (f"BiT-{architecture.standard_name}" if architecture.standard_name else "BiT")
+        if self.facts.kind is FolderKind.PRETRAINED and self.dataset:
+            return f"{network} pre-trained on {self.dataset.short}"
+        folder = self.facts.folder.resolve()
+        return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
 
     # metadata ------------------------------------------------------------------------------------------------
 
@@ -281,7 +367,7 @@ class _CardBuilder:
         # Only a namespaced Hub id is known to be a Hub model: a bare name is a published BiT name or a
         # preset, and a path is a local folder.
         if self.facts.kind is FolderKind.FINE_TUNED and not args.get("from_scratch") and "/" in model:
-            if is_hub_repo_id(model) and find_published_checkpoint(model) is None:
+            if not looks_like_path(model) and valid_repo_id(model) and find_published_checkpoint(model) is None:
                 return model
         return None
 
@@ -306,8 +392,8 @@ class _CardBuilder:
 
     def eval_results(self) -> list[EvalResult]:
         reference = self.dataset
-        if reference is None or reference.index_type is None or not reference.held_out:
-            return []
+        if reference is None or reference.index_type is None:
+            return []  # local data the Hub cannot name: the results are in the text only
         common = {
             "dataset_type": reference.index_type,
             "dataset_name": reference.name,
@@ -389,14 +475,17 @@ class _CardBuilder:
                 )
             return (
                 f"A Big Transfer (BiT) {network} image classifier ({classes}), converted to `transformers` by "
-                f"bit-transfer's `bit-convert` from {_code(facts.conversion.get('source'))}."
+                f"bit-transfer's `bit-convert`{self.conversion_source()}."
             )
         if facts.kind is FolderKind.FINE_TUNED:
             args = facts.finetune_args or {}
             shots = f", {self.examples_per_class} examples per class" if self.examples_per_class else ""
             trials = f", median of {len(self.trials.accuracies)} trials" if self.trials else ""
             on = f" on {self.dataset.display}" if self.dataset else ""
-            start = "trained from random initialisation" if args.get("from_scratch") else f"fine-tuned from {_code(args.get('model'))}"
+            if args.get("from_scratch"):
+                start = "trained from random initialisation"
+            else:
+                start = f"fine-tuned from {_code(self.start_model)}" if self.start_model else "fine-tuned"
             return (
                 f"A Big Transfer (BiT) {network} image classifier ({classes}), {start}{on}{shots} with "
                 f"bit-transfer's `bit-finetune` and the BiT-HyperRule{trials}."
@@ -471,6 +560,14 @@ class _CardBuilder:
             "`bit_hyperrule.json`, `bit_pretraining.json`). Treat its outputs as untested."
         ])
 
+    def conversion_source(self) -> str:
+        record = self.facts.conversion or {}
+        source = record.get("source")
+        if not isinstance(source, str) or not source:
+            return ""
+        kind = f" {record['source_kind']}" if isinstance(record.get("source_kind"), str) else ""
+        return f" from the{kind} source {_code(public_path(source))}"
+
     def conversion_section(self) -> Section:
         record = self.facts.conversion
         version = f" (bit-transfer {record['bit_transfer_version']})" if record.get("bit_transfer_version") else ""
@@ -484,8 +581,8 @@ class _CardBuilder:
             )
         else:
             paragraphs.append(
-                f"Converted by `bit-convert`{version} from the {record.get('source_kind')} source "
-                f"{_code(record.get('source'))}; every tensor was checked against the architecture before writing."
+                f"Converted by `bit-convert`{version}{self.conversion_source()}; every tensor was checked against the "
+                "architecture before writing."
             )
         if record.get("head") == "replaced":
             paragraphs.append(
@@ -540,7 +637,7 @@ class _CardBuilder:
                 if key != "overrides" and value is not None
             ]
             tables.append(_table(["setting", "value", "from"], rows, title="BiT-HyperRule record (`bit_hyperrule.json`)"))
-        command = shlex.join(str(part) for part in args["command"]) if args.get("command") else ""
+        command = shell_command(args.get("command") or [])
         return Section(paragraphs=paragraphs, tables=[t for t in tables if t], command=command)
 
     def pretraining_section(self) -> Section:
@@ -570,7 +667,13 @@ class _CardBuilder:
         if differences:
             paragraphs.append("Where this run differs from the paper's recipe:\n\n" + "\n".join(f"- {line}" for line in differences))
         tables = [_record_table(record.get("recipe") or {}, {}, "Recipe record (`bit_pretraining.json` → `recipe`)")]
-        command = shlex.join(str(part) for part in record["command"]) if record.get("command") else ""
+        command = shell_command(pretraining_command(record.get("command") or [], record.get("num_processes")))
+        if record.get("command") and not command:
+            paragraphs.append(
+                f"The recorded command (`bit_pretraining.json` → `command`) is not a {_code(PRETRAIN_SCRIPT)} or "
+                f"{_code(PRETRAIN_CONSOLE_SCRIPT)} command line (the run was started from other Python code), so it is "
+                "not shown: the recipe record below lists every value the run used."
+            )
         return Section(paragraphs=paragraphs, tables=[t for t in tables if t], command=command)
 
     def results(self) -> Section:
@@ -583,21 +686,13 @@ class _CardBuilder:
             rows = [[labels[m.name], _percent(m.value) if m.name != "loss" else f"{m.value:.4f}"] for m in metrics]
             if rows and finite(dataset.get("num_eval_examples")):
                 rows.append(["Evaluated images", _count(dataset["num_eval_examples"])])
-            where = self.dataset.display if self.dataset else "the evaluation set"
-            if self.dataset and not self.dataset.held_out:
-                section.paragraphs.append(
-                    "**Measured on the training images themselves** (no validation set was given): this shows how well "
-                    "the model fits them, not how it does on new images, so it is not listed as an evaluation result "
-                    "in the metadata."
-                )
-            table = _table(["metric", "value"], rows, title=f"Evaluation on {where}" + (
-                f", {self.dataset.split} split" if self.dataset and self.dataset.held_out and self.dataset.split else ""))
+            table = _table(["metric", "value"], rows, title=f"Evaluation on {self.evaluation_data()}")
             section.tables.append(table)
             if self.trials is not None:
                 t = self.trials
                 summary = _table(
                     ["examples per class", "trials", "median", "min", "max"],
-                    [[str(t.examples_per_class) if t.examples_per_class else "all", str(len(t.accuracies)),
+                    [[self.trial_examples_per_class(), str(len(t.accuracies)),
                       _percent(t.median), _percent(t.minimum), _percent(t.maximum)]],
                     title="Accuracy over trials (the paper's few-shot protocol: median over random draws)",
                 )
@@ -630,6 +725,23 @@ class _CardBuilder:
         section.tables = [table for table in section.tables if table]
         section.absent = self.absent_results()
         return section
+
+    def trial_examples_per_class(self) -> str:
+        if self.examples_per_class:
+            return str(self.examples_per_class)
+        return "all" if self.facts.finetune_args is not None else "not recorded"
+
+    def evaluation_data(self) -> str:
+        """What bit-finetune evaluated on: the validation folder or split it was given, else examples it held out of
+        the training data (finetune/data.py, `split_off_validation`); never the training examples."""
+        record = (self.facts.finetune_args or {}).get("dataset") or {}
+        if isinstance(record.get("validation_dir"), str) and record["validation_dir"]:
+            return f"the local image folder {_code(public_path(record['validation_dir']))}"
+        if self.dataset is None:
+            return "examples held out of training"
+        if isinstance(record.get("validation_split"), str) and record["validation_split"]:
+            return f"the {_code(record['validation_split'])} split of {self.dataset.display}"
+        return f"examples of {self.dataset.display} held out of training (a stratified part of each class)"
 
     def absent_results(self) -> str:
         kind = self.facts.kind
@@ -715,7 +827,7 @@ class _CardBuilder:
                 "about people."
             )
         elif facts.kind is FolderKind.FINE_TUNED:
-            model = (facts.finetune_args or {}).get("model")
+            model = self.start_model
             items.append(
                 f"**Data.** The model carries what its starting checkpoint {_code(model)} learned upstream (for BiT-S/M: "
                 "ILSVRC-2012 or ImageNet-21k web photographs, with their known biases) and whatever the fine-tuning "
@@ -843,5 +955,6 @@ __all__ = [
     "check_repo_id",
     "checked_eval_result",
     "dataset_reference",
-    "is_hub_repo_id",
+    "hub_dataset_id",
+    "public_path",
 ]

@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(card)
         if arguments.push:
             result = push_folder(positional.folder, arguments.repo_id)
-            print(f"pushed {len(result.changed_files)} file(s): {result.commit_url}" if result.uploaded
-                  else f"{result.repo_id} already holds these files; left alone")
+            print(result.describe() + (f": {result.commit_url}" if result.commit_url else ""))
     except (CardError, HubPushError) as error:
         print(f"bit-model-card: error: {error}", file=sys.stderr)
         return 1

@@ -58,18 +58,20 @@ _PATTERNS = (
 )
 
 
-def write_example_images(folder: str | Path) -> list[ExampleImage]:
-    """Write the test patterns into `folder/examples/` (same bytes every time) and describe them."""
+def example_images() -> list[ExampleImage]:
+    """The test patterns `write_example_images` writes, as the card lists them."""
+    return [ExampleImage(f"{EXAMPLES_DIR}/{name}", title) for name, title, _ in _PATTERNS]
+
+
+def write_example_images(folder: str | Path) -> None:
+    """Write the test patterns into `folder/examples/` (same bytes every time; unchanged files are not rewritten)."""
     folder = Path(folder)
-    examples = []
-    for name, title, draw in _PATTERNS:
+    for name, _, draw in _PATTERNS:
         buffer = io.BytesIO()
         Image.fromarray(draw(), mode="RGB").save(buffer, format="PNG")
         path = folder / EXAMPLES_DIR / name
         if not path.is_file() or path.read_bytes() != buffer.getvalue():
             atomic_write_bytes(path, buffer.getvalue())
-        examples.append(ExampleImage(f"{EXAMPLES_DIR}/{name}", title))
-    return examples
 
 
 def shipped_example_images(folder: str | Path) -> list[ExampleImage]:
@@ -82,4 +84,4 @@ def shipped_example_images(folder: str | Path) -> list[ExampleImage]:
     ]
 
 
-__all__ = ["EXAMPLES_DIR", "ExampleImage", "shipped_example_images", "write_example_images"]
+__all__ = ["EXAMPLES_DIR", "ExampleImage", "example_images", "shipped_example_images", "write_example_images"]

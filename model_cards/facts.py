@@ -164,35 +164,27 @@ class FolderFacts:
 
 
 def read_folder(folder) -> FolderFacts:
-    """Read a saved BiT folder; raise `CardError` if it is not one or a metadata file is unreadable."""
+    """Read a saved BiT folder; raise `CardError` if it is not one or a metadata file is unreadable or malformed."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise CardError(f"{folder} is not a saved model folder: {CONFIG_FILE} is missing.")
-    config = _read_json(folder / CONFIG_FILE)
+    config = _read_record(folder, CONFIG_FILE)
     if config.get("model_type") != "bit":
         raise CardError(f"{folder}/{CONFIG_FILE} has model_type {config.get('model_type')!r}; expected 'bit'.")
-    preprocessor = _read_json(folder / PREPROCESSOR_FILE) if (folder / PREPROCESSOR_FILE).is_file() else None
     optional = {
-        name: _read_json(folder / name) if (folder / name).is_file() else None
-        for name in (
-            CONVERSION_FILE,
-            HYPERRULE_FILE,
-            FINETUNE_ARGS_FILE,
-            EVAL_RESULTS_FILE,
-            ALL_RESULTS_FILE,
-            PRETRAINING_FILE,
-            PROBE_RESULTS_FILE,
-        )
+        name: _read_record(folder, name) if (folder / name).is_file() else None
+        for name in RECORD_SHAPES
+        if name != CONFIG_FILE
     }
     if optional[PRETRAINING_FILE] is not None:
         kind, training_log = FolderKind.PRETRAINED, _read_json_lines(folder / PRETRAINING_LOG_FILE)
     elif optional[HYPERRULE_FILE] is not None or optional[FINETUNE_ARGS_FILE] is not None:
-        log = _read_json(folder / FINETUNE_LOG_FILE) if (folder / FINETUNE_LOG_FILE).is_file() else {}
-        kind, training_log = FolderKind.FINE_TUNED, list(log.get("log_history") or [])
+        kind, training_log = FolderKind.FINE_TUNED, list((optional[FINETUNE_LOG_FILE] or {}).get("log_history") or [])
     elif optional[CONVERSION_FILE] is not None:
         kind, training_log = FolderKind.CONVERTED, []
     else:
         kind, training_log = FolderKind.SAVED, []
+    preprocessor = optional[PREPROCESSOR_FILE]
     return FolderFacts(
         folder=folder,
         kind=kind,
@@ -210,6 +202,57 @@ def read_folder(folder) -> FolderFacts:
     )
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a JSON value must be for a card to read it: its type, the types of the fields it reads (absent or null
+    is fine), and for a list the type of its items."""
+
+    type: type
+    fields: dict = field(default_factory=dict)
+    items: type | None = None
+
+
+_JSON_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer"}
+# The shape of every file a card reads, as its producer writes it (contracts.md); anything else is refused with
+# the file's name rather than failing later inside the card code.
+RECORD_SHAPES = {
+    CONFIG_FILE: Shape(dict, {"id2label": dict, "depths": list, "hidden_sizes": list, "embedding_size": int,
+                              "width_factor": int, "num_groups": int, "problem_type": str}),
+    PREPROCESSOR_FILE: Shape(dict),
+    CONVERSION_FILE: Shape(dict, {"architecture": dict}),
+    HYPERRULE_FILE: Shape(dict, {"overrides": list}),
+    FINETUNE_ARGS_FILE: Shape(dict, {"command": list, "dataset": dict, "model": str}),
+    EVAL_RESULTS_FILE: Shape(dict, {"eval_accuracy_trials": list}),
+    ALL_RESULTS_FILE: Shape(dict),
+    FINETUNE_LOG_FILE: Shape(dict, {"log_history": list}),
+    PRETRAINING_FILE: Shape(dict, {"command": list, "recipe": dict, "dataset": dict, "differences_from_paper": list}),
+    PROBE_RESULTS_FILE: Shape(list, items=dict),
+}
+# Fields whose items must be JSON objects.
+_OBJECT_LISTS = {(FINETUNE_LOG_FILE, "log_history")}
+
+
+def _read_record(folder: Path, name: str):
+    path, shape = folder / name, RECORD_SHAPES[name]
+    value = _read_json(path)
+    _check_type(path, "the file", value, shape.type)
+    for item in value if shape.items else ():
+        _check_type(path, "every entry", item, shape.items)
+    for key, expected in shape.fields.items():
+        if value.get(key) is not None:
+            _check_type(path, f"{key!r}", value[key], expected)
+            if (name, key) in _OBJECT_LISTS:
+                for item in value[key]:
+                    _check_type(path, f"every entry of {key!r}", item, dict)
+    return value
+
+
+def _check_type(path: Path, what: str, value, expected: type) -> None:
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        found = _JSON_NAMES.get(type(value), f"JSON {json.dumps(value)[:40]}")
+        raise CardError(f"{path}: {what} should be {_JSON_NAMES[expected]}, not {found}.")
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -224,9 +267,11 @@ def _read_json_lines(path: Path) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except json.JSONDecodeError as error:
                 raise CardError(f"{path}, line {number}, is not JSON: {error}") from error
+            _check_type(path, f"line {number}", entry, dict)
+            entries.append(entry)
     return entries
 
 
@@ -284,9 +329,16 @@ def _preprocessing(values: dict) -> Preprocessing:
         center_crop=bool(values.get("do_center_crop", False)),
         convert_rgb=bool(values.get("do_convert_rgb", True)),
         rescale_factor=values.get("rescale_factor") if values.get("do_rescale", True) else None,
-        mean=tuple(values["image_mean"]) if normalize and values.get("image_mean") is not None else None,
-        std=tuple(values["image_std"]) if normalize and values.get("image_std") is not None else None,
+        mean=_per_channel(values.get("image_mean")) if normalize else None,
+        std=_per_channel(values.get("image_std")) if normalize else None,
     )
+
+
+def _per_channel(value) -> tuple[float, ...] | None:
+    """Image processors store a mean or standard deviation per channel, or one for all channels."""
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(value) if isinstance(value, list) else None
 
 
 __all__ = ["Architecture", "CardError", "FolderFacts", "FolderKind", "Preprocessing", "read_folder"]

@@ -1,7 +1,10 @@
 """Push a Hub-ready folder to a model repository: `create_repo(exist_ok=True)`, then `upload_folder`.
 
+- Exact: the repository ends up holding the folder's files and nothing else. Files the folder no longer has (a plot
+  an earlier card embedded, a renamed weights file) are deleted in the same commit (`delete_patterns`), except
+  `.gitattributes`, which the Hub needs and `upload_folder` never deletes.
 - Idempotent: first, one `model_info(files_metadata=True)` request lists the repository's files with their hashes;
-  when every local file is already there with the same content, nothing is created or sent.
+  when it holds exactly the local files with the same content, nothing is created or sent.
 - Resumable: run the same push again. Files already committed are dropped from the new commit by `upload_folder`
   itself (huggingface_hub 2.4 compares each file with the Hub's oid before committing), and data hf_xet already
   sent is deduplicated.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
@@ -26,7 +29,10 @@ from .facts import CONFIG_FILE, CardError
 
 README = "README.md"
 # Hidden files (a crashed atomic write's temporary, editor or cache folders) never go to the Hub.
-HIDDEN_PATTERNS = [".*", "*/.*"]
+HIDDEN_PATTERNS = (".*", "*/.*")
+# Every remote file not in the folder is deleted by the upload (`upload_folder` keeps `.gitattributes` regardless).
+STALE_PATTERNS = ("*",)
+KEPT_REMOTE_FILES = frozenset({".gitattributes"})
 HASH_CHUNK_BYTES = 8 << 20
 
 
@@ -37,9 +43,16 @@ class HubPushError(RuntimeError):
 @dataclass(frozen=True)
 class PushResult:
     repo_id: str
-    uploaded: bool  # False: the repository already held every file, nothing was sent
+    uploaded: bool  # False: the repository already held exactly these files, nothing was sent
     changed_files: list[str]  # local files the repository lacked or held with other content
+    deleted_files: list[str] = field(default_factory=list)  # remote files the folder does not have
     commit_url: str | None = None
+
+    def describe(self) -> str:
+        if not self.uploaded:
+            return f"{self.repo_id} already holds exactly these files; left alone"
+        deleted = f", deleted {len(self.deleted_files)} file(s) the folder does not have" if self.deleted_files else ""
+        return f"pushed {len(self.changed_files)} file(s) to {self.repo_id}{deleted}"
 
 
 def local_files(folder: Path) -> dict[str, Path]:
@@ -68,15 +81,29 @@ def _same_content(path: Path, entry: RepoSibling) -> bool:
     return entry.blob_id == git_hash(path.read_bytes())  # small files: their git blob id
 
 
-def files_differing_from_hub(api: HfApi, repo_id: str, folder: Path) -> list[str] | None:
-    """Local files that the Hub repository lacks or holds with other content; None if there is no repository."""
+@dataclass(frozen=True)
+class Differences:
+    changed: list[str]  # local files the repository lacks or holds with other content
+    stale: list[str]  # remote files the folder does not have (the upload deletes them)
+
+    @property
+    def none(self) -> bool:
+        return not (self.changed or self.stale)
+
+
+def differences_from_hub(api: HfApi, repo_id: str, folder: Path) -> Differences | None:
+    """How the Hub repository differs from the folder; None if there is no repository."""
     try:
         # One request, which huggingface_hub does not retry: an unreachable Hub is reported at once.
         info = api.model_info(repo_id, files_metadata=True)
     except RepositoryNotFoundError:
         return None
     remote = {sibling.rfilename: sibling for sibling in info.siblings or []}
-    return [name for name, path in local_files(folder).items() if name not in remote or not _same_content(path, remote[name])]
+    local = local_files(folder)
+    return Differences(
+        changed=[name for name, path in local.items() if name not in remote or not _same_content(path, remote[name])],
+        stale=sorted(name for name in remote if name not in local and name not in KEPT_REMOTE_FILES),
+    )
 
 
 def check_can_push(api: HfApi | None = None) -> None:
@@ -102,8 +129,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, api: HfApi | None = 
     check_can_push(api)
     api = api or HfApi()
     try:
-        differing = files_differing_from_hub(api, repo_id, folder)
-        if differing == []:
+        differences = differences_from_hub(api, repo_id, folder)
+        if differences is not None and differences.none:
             return PushResult(repo_id, uploaded=False, changed_files=[])
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         commit = api.upload_folder(
@@ -111,7 +138,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, api: HfApi | None = 
             repo_type="model",
             folder_path=folder,
             commit_message=f"Upload {folder.name} with bit-transfer",
-            ignore_patterns=HIDDEN_PATTERNS,
+            ignore_patterns=list(HIDDEN_PATTERNS),  # copies: upload_folder extends the list it is given
+            delete_patterns=list(STALE_PATTERNS),
         )
     except (httpx.TransportError, OfflineModeIsEnabled) as error:
         raise HubPushError(
@@ -124,8 +152,10 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, api: HfApi | None = 
         raise HubPushError(
             f"The Hub refused the push of {folder} to {repo_id} ({advice}): {error}. {folder} is unchanged."
         ) from error
-    return PushResult(repo_id, uploaded=True, changed_files=differing or list(local_files(folder)),
+    if differences is None:  # a new repository: everything is sent
+        differences = Differences(changed=list(local_files(folder)), stale=[])
+    return PushResult(repo_id, uploaded=True, changed_files=differences.changed, deleted_files=differences.stale,
                       commit_url=commit.commit_url)
 
 
-__all__ = ["HubPushError", "PushResult", "check_can_push", "files_differing_from_hub", "local_files", "push_folder"]
+__all__ = ["Differences", "HubPushError", "PushResult", "check_can_push", "differences_from_hub", "local_files", "push_folder"]

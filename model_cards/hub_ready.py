@@ -1,11 +1,12 @@
 """`bit-convert --all`: one Hub-ready folder per published BiT checkpoint, optionally pushed to the Hub.
 
-    bit-convert --all --output-root R [--names NAME ...] [--namespace NS] [--push]
+    bit-convert --all --output-root R --namespace NS [--names NAME ...] [--push]
 
 Each published checkpoint (`modeling_bit.PUBLISHED_CHECKPOINT_NAMES`) becomes `R/<name in lower case>`: the
 converted weights with the published head and its class names, configs, the widget's example images and the
-card. With `--namespace NS` the cards are written for the repositories `NS/<name in lower case>` (widget URLs,
-usage code, base model); `--push` uploads them there.
+card, written for the repository `NS/<name in lower case>` (widget URLs, usage code, and for fine-tuned checkpoints
+the base model `NS/bit-m-r…` when the same run writes it). `--namespace` is required: a folder is upload-ready only
+when its card names its repository. `--push` uploads each folder there.
 
 Re-running is cheap and safe: a folder that already holds a complete conversion of its checkpoint is kept (only its
 card and examples are re-rendered, identically), and a repository that already holds identical files is left
@@ -36,7 +37,7 @@ from modeling_bit.published import (
 )
 
 from . import prepare_hub_folder
-from .card import CardOptions
+from .card import CardOptions, check_repo_id
 from .facts import WEIGHTS_FILE, CardError
 from .hub import HubPushError, PushResult, check_can_push, push_folder
 
@@ -53,7 +54,7 @@ class HubReadyError(ValueError):
 class Outcome:
     name: str
     folder: Path
-    repo_id: str | None
+    repo_id: str
     converted: bool = False  # False: an earlier complete conversion was kept
     push: PushResult | None = None
     error: str | None = None
@@ -100,13 +101,22 @@ def write_published_folders(
     output_root: str | os.PathLike,
     names: Sequence[str] | None = None,
     *,
-    namespace: str | None = None,
+    namespace: str | None,
     push: bool = False,
 ) -> list[Outcome]:
     """Write (and with `push`, upload) the Hub-ready folder of every selected published checkpoint."""
     checkpoints = select_checkpoints(names)
-    if push and not namespace:
-        raise HubReadyError("--push needs --namespace: the Hub user or organisation to create the repositories in.")
+    if not namespace:
+        # A card names its repository (widget image URLs, usage code) and its base model's: without the namespace
+        # these would be missing or placeholders, and the folder would not be ready to upload.
+        raise HubReadyError(
+            "--all needs --namespace NS: the Hub user or organisation the repositories are for (the cards' widget "
+            "images, usage code and base-model links name NS/<checkpoint>)."
+        )
+    try:
+        check_repo_id(f"{namespace}/{repo_name(checkpoints[0])}", "--namespace", namespaced=True)
+    except CardError as error:
+        raise HubReadyError(f"--namespace {namespace!r} cannot name Hub repositories: {error}") from error
     if push:
         check_can_push()  # before hours of downloads, not after
     output_root = Path(output_root)
@@ -114,14 +124,14 @@ def write_published_folders(
     outcomes = []
     for checkpoint in hf_tqdm(checkpoints, desc="Published checkpoints", unit="checkpoint"):
         folder = output_root / repo_name(checkpoint)
-        repo_id = f"{namespace}/{repo_name(checkpoint)}" if namespace else None
+        repo_id = f"{namespace}/{repo_name(checkpoint)}"
         upstream = upstream_checkpoint(checkpoint)
         # A base model is named only when its repository is written by the same run.
-        base_model = f"{namespace}/{repo_name(upstream)}" if namespace and upstream and upstream.name in selected else None
+        base_model = f"{namespace}/{repo_name(upstream)}" if upstream and upstream.name in selected else None
         converted, result = False, None
         try:
             if not holds_complete_conversion(folder, checkpoint):
-                convert_to_folder(checkpoint.name, folder, dtype=PUBLISHED_DTYPE)
+                convert_to_folder(checkpoint, folder, dtype=PUBLISHED_DTYPE)
                 converted = True
             prepare_hub_folder(folder, CardOptions(repo_id=repo_id, base_model=base_model))
             if push:
@@ -139,11 +149,7 @@ def describe(outcome: Outcome) -> str:
         return f"{outcome.name}: FAILED: {outcome.error}"
     line = f"{outcome.name} -> {outcome.folder} ({'converted' if outcome.converted else 'kept the earlier conversion'})"
     if outcome.push is not None:
-        line += (
-            f"; pushed {len(outcome.push.changed_files)} file(s) to {outcome.repo_id}"
-            if outcome.push.uploaded
-            else f"; {outcome.repo_id} already identical, left alone"
-        )
+        line += f"; {outcome.push.describe()}"
     return line
 
 

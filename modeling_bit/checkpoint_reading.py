@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import re
 import string
 import zipfile
@@ -260,6 +259,11 @@ def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
 
 def open_npz(path: Path) -> TensorContainer:
     """A `.npz` archive: each member's header is read for its shape; `read` loads (and CRC-checks) one member."""
+    # np.load takes anything that is not a zip archive for a pickle or a single .npy array, and its error for
+    # the former advises allow_pickle: say what the file should have been instead.
+    not_npz = f"{path} is not a valid published-layout .npz (a zip archive of .npy arrays"
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{not_npz}; it is not a zip archive).")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -268,9 +272,11 @@ def open_npz(path: Path) -> TensorContainer:
         for name in archive.files:
             with archive.zip.open(f"{name}.npy") as stream:
                 shape, dtype = _npy_header(stream)
+            if dtype.hasobject:
+                raise ValueError(f"member {name!r} holds Python objects, not numbers")
             infos[name] = TensorInfo(shape, np.issubdtype(dtype, np.floating))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        raise CheckpointError(f"{path} is not a readable .npz archive: {error}") from error
+        raise CheckpointError(f"{not_npz}): {error}") from error
 
     def read(name: str) -> torch.Tensor:
         try:
@@ -308,7 +314,7 @@ def open_torch_state_dict(path: Path) -> TensorContainer:
             if "mmap" not in str(error):
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # the weights-only unpickler fails on junk with whatever it trips on (KeyError, ...)
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch state dict with weights_only=True ({type(error).__name__}: {error}). "
             "Only plain tensors are accepted; pickled code is never executed."
@@ -329,14 +335,30 @@ def open_transformers_folder(folder: Path) -> TensorContainer:
     if single.is_file():
         return open_safetensors([single])
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return open_safetensors([folder / shard for shard in shards])
+        return open_safetensors([folder / shard for shard in _shard_files(index)])
     if (folder / "pytorch_model.bin").is_file():
         return open_torch_state_dict(folder / "pytorch_model.bin")
     raise CheckpointError(
         f"{folder} has a config.json but no weights: expected model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin."
     )
+
+
+def _shard_files(index: Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` lists (files of its own folder)."""
+    expected = 'expected JSON like {"weight_map": {"tensor name": "model-00001-of-00002.safetensors", ...}}'
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{index} is not a readable safetensors index ({error}); {expected}.") from error
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no \"weight_map\" of tensor names to shard files; {expected}.")
+    shards = sorted(set(weight_map.values()), key=str)
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index} lists the shard {shard!r}; {expected} (file names in the same folder).")
+    return shards
 
 
 def open_container(path: Path, file_type: str | None = None) -> TensorContainer:

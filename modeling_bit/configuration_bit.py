@@ -8,11 +8,15 @@ save loads in stock transformers too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 
 from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
+GROUP_NORM_EPS = 1e-5  # BIT_RECIPE.md: GroupNorm eps 1e-5
+WEIGHT_STANDARDIZATION_EPS = 1e-10  # BIT_RECIPE.md: weight standardization eps 1e-10
 IMAGENET21K_NUM_CLASSES = 21843  # BiT-M upstream head (ImageNet-21k)
 ILSVRC2012_NUM_CLASSES = 1000  # BiT-S upstream head and the -ILSVRC2012 fine-tuned variants
 
@@ -53,7 +57,7 @@ SMALL_PRESETS = {
         "width_factor": 1,
         "num_labels": 10,
     },
-    # ~3.4M parameters: a ResNet-26-v2 at half width.
+    # ~3.5M parameters: a ResNet-26-v2 at half width.
     "bit-small": {
         "depths": (2, 2, 2, 2),
         "embedding_size": 32,
@@ -66,6 +70,15 @@ SMALL_PRESETS = {
 
 PRESETS: dict[str, dict] = {**_published_presets(), **SMALL_PRESETS}
 _PRESETS_BY_LOWER_NAME = {name.lower(): name for name in PRESETS}
+
+
+def _is_positive_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _overridable_fields(config_class: type) -> set[str]:
+    # Config fields, plus the keyword arguments PretrainedConfig and the backbone mixin take.
+    return {field.name for field in dataclasses.fields(config_class)} | {"num_labels", "out_features", "out_indices"}
 
 
 def canonical_preset_name(name: str) -> str | None:
@@ -108,7 +121,7 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
     depths: list[int] | tuple[int, ...] = RESNET_DEPTHS[50]
     width_factor: int = 1
     num_groups: int = 32
-    weight_standardization_eps: float = 1e-10
+    weight_standardization_eps: float = WEIGHT_STANDARDIZATION_EPS
     layer_type: str = "preactivation"
     hidden_act: str = "relu"
     global_padding: str | None = None
@@ -117,6 +130,7 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
     output_stride: int = 32
 
     def __post_init__(self, **kwargs):
+        self._check_integer_sizes()
         self.hidden_sizes = [int(size) * self.width_factor for size in self.hidden_sizes]
         self.embedding_size = int(self.embedding_size) * self.width_factor
         self.width_factor = 1
@@ -131,35 +145,49 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
+    def _check_integer_sizes(self) -> None:
+        # Before folding the width in: `int()` would silently truncate 1.5 units or a width of 2.5.
+        for name in ("width_factor", "embedding_size", "num_channels", "num_groups"):
+            value = getattr(self, name)
+            if not _is_positive_integer(value):
+                raise ValueError(f"{name}={value!r}: expected a positive integer.")
+        for name in ("depths", "hidden_sizes"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not all(_is_positive_integer(value) for value in values):
+                raise ValueError(f"{name}={values!r}: expected a list of positive integers, one per stage.")
+
     def validate_architecture(self) -> None:
-        """Raise `ValueError` if these values cannot build a BiT network."""
-        if self.layer_type != "preactivation":
-            raise ValueError(
-                f"layer_type={self.layer_type!r}: BiT is a pre-activation ResNet-v2, expected 'preactivation' "
-                "('bottleneck' is the ViT-hybrid backbone, which these classes do not implement)."
-            )
+        """Raise `ValueError` if these values cannot build a network.
+
+        Stock transformers' non-pre-activation variant (`layer_type="bottleneck"`, the ViT/DPT-hybrid
+        backbone) and dilated variants (`output_stride` < 32) are valid configs too: this class stands in
+        for stock `BitConfig` once `modeling_bit` is imported, so it must keep reading them. Our model
+        classes hand those configs to stock transformers' classes (see `unsupported_by_preactivation_bit`).
+        """
+        if self.layer_type not in ("preactivation", "bottleneck"):
+            raise ValueError(f"layer_type={self.layer_type!r}: expected 'preactivation' (BiT) or 'bottleneck'.")
         if self.hidden_act != "relu":
             raise ValueError(f"hidden_act={self.hidden_act!r}: BiT uses 'relu'.")
         if self.global_padding not in (None, "SAME"):
             raise ValueError(f"global_padding={self.global_padding!r}: expected None (BiT) or 'SAME'.")
-        if self.output_stride != 32:
-            raise ValueError(f"output_stride={self.output_stride}: only 32 (no dilation) is supported.")
-        if self.num_channels < 1:
-            raise ValueError(f"num_channels={self.num_channels}: expected a positive channel count.")
-        if len(self.depths) != len(self.hidden_sizes) or not self.depths:
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride={self.output_stride}: expected 32 (BiT), or 16 / 8 (dilated).")
+        # Stock transformers' hybrid backbones build only the first len(depths) stages of hidden_sizes.
+        stage_counts_fit = (
+            len(self.depths) == len(self.hidden_sizes)
+            if self.layer_type == "preactivation"
+            else len(self.depths) <= len(self.hidden_sizes)
+        )
+        if not self.depths or not stage_counts_fit:
             raise ValueError(
                 f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty and of equal length "
                 "(one entry per stage)."
             )
-        if any(depth < 1 for depth in self.depths):
-            raise ValueError(f"depths {self.depths}: every stage needs at least one unit.")
         if any(size < 32 or size % 32 for size in self.hidden_sizes):
             raise ValueError(
                 f"hidden_sizes {self.hidden_sizes}: each must be a positive multiple of 32, so that the bottleneck "
                 "width (a quarter of it) is a multiple of 8."
             )
-        if self.num_groups < 1:
-            raise ValueError(f"num_groups={self.num_groups}: expected a positive group count.")
         channel_counts = [self.embedding_size, *self.hidden_sizes, *(size // 4 for size in self.hidden_sizes)]
         indivisible = sorted({count for count in channel_counts if count % self.num_groups})
         if indivisible:
@@ -171,6 +199,14 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"drop_path_rate={self.drop_path_rate}: expected a value in [0, 1).")
         if self.weight_standardization_eps <= 0:
             raise ValueError(f"weight_standardization_eps={self.weight_standardization_eps}: expected > 0.")
+
+    def unsupported_by_preactivation_bit(self) -> str | None:
+        """Why our (BiT, pre-activation, undilated) classes cannot build this config, or None if they can."""
+        if self.layer_type != "preactivation":
+            return f"layer_type={self.layer_type!r} (BiT is a pre-activation ResNet-v2)"
+        if self.output_stride != 32:
+            return f"output_stride={self.output_stride} (BiT does not dilate)"
+        return None
 
     @property
     def num_features(self) -> int:
@@ -186,11 +222,19 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
         `BitConfig.from_preset("bit-tiny", width_factor=3, num_labels=7)` is the tiny network three
         times as wide with a 7-class head.
         """
-        canonical = canonical_preset_name(name)
+        canonical = canonical_preset_name(name) if isinstance(name, str) else None
         if canonical is None:
             raise ValueError(f"Unknown BiT preset {name!r}. Valid names: {', '.join(PRESETS)}.")
+        unknown = sorted(set(overrides) - _overridable_fields(cls))
+        if unknown:
+            raise ValueError(
+                f"Unknown BitConfig field(s) {unknown} in the overrides of preset {canonical!r}. "
+                f"Valid fields: {', '.join(sorted(_overridable_fields(cls)))}."
+            )
         fields = {**PRESETS[canonical], **overrides}
         num_labels = fields.pop("num_labels")
+        if not _is_positive_integer(num_labels):
+            raise ValueError(f"num_labels={num_labels!r}: expected a positive integer.")
         if fields.get("id2label") is None:
             fields["num_labels"] = num_labels
         return cls(**fields)

@@ -2,7 +2,7 @@
 
     bit-convert SOURCE --output DIR [--num-labels N] [--labels FILE] [--dtype float32|bfloat16|float16]
                                     [--resolution PIXELS]
-    bit-convert --all --output-root R [--names NAME ...] [--namespace NS] [--push]
+    bit-convert --all --output-root R --namespace NS [--names NAME ...] [--push]
 
 SOURCE is a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-R50x1-distilled-224`;
 case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the published layout, an
@@ -19,20 +19,23 @@ Weights are streamed: each tensor is read, converted and written before the next
 R152x4 (0.93 B parameters) needs memory for its largest tensor, not for the model.
 
 `--all` writes one Hub-ready folder per published checkpoint into R (weights, configs, card, class names, widget
-examples) and with `--push --namespace NS` uploads them (`model_cards/hub_ready.py`).
+examples), each carded for the Hub repository NS/<name>, and with `--push` uploads them (`model_cards/hub_ready.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -84,11 +87,18 @@ class Source:
     url: str | None = None
 
 
-def resolve_source(source: str | os.PathLike) -> Source:
-    """Find (downloading if needed) the checkpoint `source` names; raise with the accepted forms if none."""
+def resolve_source(source: str | os.PathLike | PublishedCheckpoint, *, local_files_only: bool = False) -> Source:
+    """Find (downloading if needed) the checkpoint `source` names; raise with the accepted forms if none.
+
+    A name that is an existing file or folder is that file or folder, even if it is also a published name; a
+    `PublishedCheckpoint` is always the published file. `local_files_only`: only files already cached.
+    """
+    if isinstance(source, PublishedCheckpoint):
+        return _published_source(source.name, source, local_files_only)
     given = str(source)
     if urllib.parse.urlparse(given).scheme in ("http", "https"):
-        return Source(given, "url", download_npz_url(given), file_type=".npz", url=given)
+        path = download_npz_url(given, local_files_only=local_files_only)
+        return Source(given, "url", path, file_type=".npz", url=given)
     path = Path(given).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
@@ -97,12 +107,17 @@ def resolve_source(source: str | os.PathLike) -> Source:
         return Source(given, kind, path)
     published = find_published_checkpoint(given)
     if published is not None:
-        path = download_published(published)
-        return Source(given, "published", path, file_type=".npz", published=published, url=published.url)
+        return _published_source(given, published, local_files_only)
     raise CheckpointError(
         f"{given!r} is not a published BiT name, an existing file or folder, or an http(s) URL. Published names "
         f"(case-insensitive): {published_names_help()}."
     )
+
+
+def _published_source(given: str, published: PublishedCheckpoint, local_files_only: bool) -> Source:
+    url = published.url  # read once: the file downloaded is the one recorded
+    path = download_published(published, url=url, local_files_only=local_files_only)
+    return Source(given, "published", path, file_type=".npz", published=published, url=url)
 
 
 # --- the new head's labels -----------------------------------------------------------------------------------
@@ -207,9 +222,21 @@ def _bit_transfer_version() -> str:
 
 
 def _check_output_dir(output_dir: Path) -> None:
-    """Refuse to replace anything but an earlier conversion."""
+    """Refuse to replace anything but an earlier conversion, and an output that cannot be written, before any work."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output {output_dir} is a file; expected a folder to create.")
+    existing = next(folder for folder in (output_dir.absolute(), *output_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConversionError(
+            f"--output {output_dir}: {existing} is a file; expected a folder to create {output_dir} in."
+        )
+    try:  # a probe, not os.access: root passes os.access where the file system refuses writes anyway
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ConversionError(
+            f"--output {output_dir}: cannot write in {existing} ({error.strerror or error}); "
+            "expected a writable folder."
+        ) from error
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONVERSION_METADATA).is_file():
         raise ConversionError(
             f"--output {output_dir} exists and is not an earlier bit-convert output ({CONVERSION_METADATA} is "
@@ -221,14 +248,36 @@ def _source_config(source: Source) -> dict:
     """config.json, bit_conversion.json and the square preprocessing size of a transformers source folder."""
     if not source.path.is_dir():
         return {}
-    try:
-        config = json.loads((source.path / "config.json").read_text())
-        for extra, key in ((CONVERSION_METADATA, "_conversion"), ("preprocessor_config.json", "_preprocessor")):
-            if (source.path / extra).is_file():
-                config[key] = json.loads((source.path / extra).read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{source.path}: unreadable JSON ({error}).") from error
+    config = _read_json_object(source.path / "config.json")
+    _refuse_variants_that_are_not_bit(source.path / "config.json", config)
+    for extra, key in ((CONVERSION_METADATA, "_conversion"), ("preprocessor_config.json", "_preprocessor")):
+        if (source.path / extra).is_file():
+            config[key] = _read_json_object(source.path / extra)
     return config
+
+
+def _refuse_variants_that_are_not_bit(path: Path, config: dict) -> None:
+    # Stock transformers' hybrid/dilated backbones share model_type "bit"; converting one as BiT would be wrong.
+    variant_fields = {key: config[key] for key in ("layer_type", "output_stride") if key in config}
+    try:
+        unsupported = BitConfig(**variant_fields).unsupported_by_preactivation_bit()
+    except ValueError as error:
+        unsupported = str(error)
+    if unsupported is not None:
+        raise CheckpointError(f"{path} describes no BiT network: {unsupported}.")
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not readable JSON ({error}); expected a JSON object.") from error
+    if not isinstance(value, dict):
+        shown = json.dumps(value)
+        raise CheckpointError(
+            f"{path} holds {shown[:40] + ('...' if len(shown) > 40 else '')}; expected a JSON object {{...}}."
+        )
+    return value
 
 
 def _resolution(source: Source, source_config: dict, requested: int | None) -> int:
@@ -246,21 +295,25 @@ def _resolution(source: Source, source_config: dict, requested: int | None) -> i
 
 
 def convert_to_folder(
-    source: str | os.PathLike,
+    source: str | os.PathLike | PublishedCheckpoint,
     output_dir: str | os.PathLike,
     *,
     num_labels: int | None = None,
     labels: str | os.PathLike | Sequence[str] | None = None,
     dtype: str | None = None,
     resolution: int | None = None,
+    local_files_only: bool = False,
 ) -> Path:
     """Convert the BiT checkpoint `source` into the transformers folder `output_dir` and return its path.
 
     `source`: a published name, a `.npz`/`.safetensors`/`.bin`/`.pth` file, an http(s) URL or a transformers
-    folder (see the module docstring). `num_labels`/`labels` (a file with one name per line, or the names)
-    replace the head with a zero-initialised one; `dtype` is "float32" (default), "bfloat16" or "float16";
-    `resolution` overrides the checkpoint's preprocessing size. Everything is checked before anything is
-    written; the folder appears complete or not at all (an earlier conversion there is replaced).
+    folder (see the module docstring; an existing file or folder wins over a published name of the same
+    spelling), or a `PublishedCheckpoint` (always the published file). `num_labels`/`labels` (a file with one
+    name per line, or the names) replace the head with a zero-initialised one; `dtype` is "float32" (default),
+    "bfloat16" or "float16"; `resolution` overrides the checkpoint's preprocessing size; `local_files_only`
+    forbids downloading (a published name or URL must be cached). Everything is checked before anything is
+    written; the folder appears complete, model card included, or not at all (an earlier conversion there is
+    replaced).
     """
     output_dir = Path(output_dir)
     dtype_name = dtype or "float32"
@@ -270,13 +323,13 @@ def convert_to_folder(
         raise ConversionError(f"--resolution must be a positive number of pixels, got {resolution}.")
     head_labels = new_head_labels(num_labels, labels)
     _check_output_dir(output_dir)
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, local_files_only=local_files_only)
     if resolved.path.is_dir() and output_dir.resolve() == resolved.path.resolve():
         raise ConversionError(f"--output {output_dir} is the source folder; choose another folder.")
+    source_config = _source_config(resolved)
     checkpoint = open_checkpoint(resolved.path, file_type=resolved.file_type)
     if resolved.kind is None:  # a state dict is "timm" or "transformers" by its tensor names
         resolved = dataclasses.replace(resolved, kind=checkpoint.scheme.name)
-    source_config = _source_config(resolved)
     if head_labels is None:
         if checkpoint.num_labels is None:
             raise CheckpointError(
@@ -296,16 +349,42 @@ def convert_to_folder(
     def read_tensor(name: str) -> torch.Tensor:
         return torch.zeros(shapes[name]) if new_head and name in (HEAD_WEIGHT, HEAD_BIAS) else checkpoint.read(name)
 
-    with atomic_directory(output_dir) as staging:
-        config.save_pretrained(staging)
-        write_safetensors_streaming(
-            staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
-        )
-        bit_image_processor(image_size).save_pretrained(staging)
-        atomic_write_json(staging / CONVERSION_METADATA, metadata)
-    write_model_card(output_dir)  # the card describes the complete folder
+    try:
+        with staged_folder(output_dir) as staging:
+            config.save_pretrained(staging)
+            write_safetensors_streaming(
+                staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
+            )
+            bit_image_processor(image_size).save_pretrained(staging)
+            atomic_write_json(staging / CONVERSION_METADATA, metadata)
+            write_model_card(staging)  # last: the card describes the complete folder
+    except OSError as error:  # e.g. the disk filled up
+        raise ConversionError(f"Writing {output_dir} failed ({error}); it was left as it was.") from error
     logger.info("Converted %s into %s", resolved.given, output_dir)
     return output_dir
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: Path) -> Iterator[Path]:
+    """A folder named like `output_dir` to write into; on success `output_dir` is replaced by it at once.
+
+    The model card calls a folder by its name, so the files are written in `<staging>/_named/<output name>` and
+    moved up into `atomic_directory`'s staging folder just before that is renamed to `output_dir`. A failure at
+    any point, the final renames included, leaves no staging folder behind.
+    """
+    target = output_dir.absolute()
+    staging = None
+    try:
+        with atomic_directory(target) as staging:
+            named = staging / "_named" / target.name
+            named.mkdir(parents=True)
+            yield named
+            for item in named.iterdir():
+                os.replace(item, staging / item.name)
+            shutil.rmtree(staging / "_named")
+    finally:
+        if staging is not None and staging.exists():  # renamed to `target` on success
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _output_config(
@@ -412,11 +491,11 @@ class ConvertArguments:
     )
     namespace: str | None = field(
         default=None,
-        metadata={"help": "With --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
+        metadata={"help": "Required with --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
     )
     push: bool = field(
         default=False,
-        metadata={"help": "With --all --namespace: upload each folder (create_repo + upload_folder; identical repos are left alone)."},
+        metadata={"help": "With --all: upload each folder to NS/<name> (create_repo + upload_folder; identical repos are left alone)."},
     )
 
 

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import cached_assets_path, constants
@@ -33,7 +34,10 @@ CACHE_LIBRARY_NAME = "bit-transfer"
 CHUNK_BYTES = 1 << 20
 # Seconds without any byte from the server before a read gives up (and the download resumes).
 READ_TIMEOUT_SECONDS = 60
-# Consecutive interrupted transfers tolerated in one call, as long as each one made progress.
+# Interrupted transfers one call resumes before it gives up. Every attempt must receive bytes (one that gets
+# none ends the call at once, as a dead server or network should), so this only bounds a call against a server
+# that keeps dropping the connection part-way; the partial file is kept and the next call continues from it, so
+# giving up loses nothing. 5 is headroom for a flaky link, not a measured value.
 MAX_RESUMES = 5
 
 
@@ -50,11 +54,15 @@ def cache_folder(namespace: str, subfolder: str) -> Path:
     return cached_assets_path(CACHE_LIBRARY_NAME, namespace, subfolder, assets_dir=constants.HF_ASSETS_CACHE)
 
 
+def url_digest(url: str) -> str:
+    """A short, file-name-safe key of `url` for cache folders (different URLs, different folders)."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+
+
 def cached_download_path(url: str) -> Path:
     """Where the download of `url` is (or would be) cached: `<cache>/<hash of the URL>/<file name>`."""
-    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     name = Path(urllib.parse.urlparse(url).path).name or "download"
-    return cache_folder("bit_models", "downloads") / digest / name
+    return cache_folder("bit_models", "downloads") / url_digest(url) / name
 
 
 def download_to_cache(
@@ -62,18 +70,21 @@ def download_to_cache(
     *,
     validate: Callable[[Path], object],
     offline_hint: str,
+    local_files_only: bool = False,
 ) -> Path:
-    """The cached copy of `url`, downloading it first if needed.
+    """The cached copy of `url`, downloading it first if needed and allowed.
 
     `validate(path)` raises `ValueError` if a completed download is unusable; the file is then deleted and
     `DownloadError` raised. `offline_hint` ends the error raised when the file cannot be downloaded (offline,
-    unreachable), telling the user what to do instead.
+    `local_files_only`, unreachable), telling the user what to do instead.
     """
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise DownloadError(f"Cannot download {url!r}: expected an http:// or https:// URL.")
     target = cached_download_path(url)
     if target.is_file():
         return target
+    if local_files_only:
+        raise DownloadError(f"{url} is not cached and local_files_only=True forbids downloading it. {offline_hint}")
     if constants.HF_HUB_OFFLINE:
         raise DownloadError(f"{url} is not cached and downloads are disabled (HF_HUB_OFFLINE=1). {offline_hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,18 +111,17 @@ def _download_resuming(url: str, partial: Path, offline_hint: str) -> None:
     """Download `url` into `partial`, continuing from its current size, until the server's length is reached."""
     resumes = 0
     while True:
-        offset = partial.stat().st_size if partial.exists() else 0
+        attempt = _Attempt(offset=partial.stat().st_size if partial.exists() else 0)
         try:
-            if _transfer(url, partial, offset):
+            if _transfer(url, partial, attempt):
                 return
-            failure = "the server sent fewer bytes than it announced"
+            failure, cause = "the server sent fewer bytes than it announced", None
+        except urllib.error.HTTPError as error:
+            raise DownloadError(f"Cannot download {url}: HTTP {error.code} {error.reason}.") from error
         except _TRANSFER_ERRORS as error:
-            if isinstance(error, urllib.error.HTTPError):
-                raise DownloadError(f"Cannot download {url}: HTTP {error.code} {error.reason}.") from error
-            received = partial.stat().st_size - offset if partial.exists() else 0
-            if received == 0:
-                raise DownloadError(f"Cannot download {url}: {_reason(error)}. {offline_hint}") from error
-            failure = _reason(error)
+            failure, cause = _reason(error), error
+        if attempt.received == 0:
+            raise DownloadError(f"Cannot download {url}: {failure}. {offline_hint}") from cause
         resumes += 1
         if resumes > MAX_RESUMES:
             raise DownloadError(
@@ -121,21 +131,21 @@ def _download_resuming(url: str, partial: Path, offline_hint: str) -> None:
         logger.warning("Download of %s interrupted (%s); resuming at byte %d.", url, failure, partial.stat().st_size)
 
 
-def _transfer(url: str, partial: Path, offset: int) -> bool:
-    """One HTTP request appending to `partial` from byte `offset`. True when the file is complete."""
-    headers = {"User-Agent": "bit-transfer", "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=READ_TIMEOUT_SECONDS)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # what we hold is not a prefix of the file: start again
-            partial.unlink()
-            return _transfer(url, partial, 0)
-        raise
+@dataclass
+class _Attempt:
+    """One request's starting size of the partial file, and the bytes it has written so far."""
+
+    offset: int
+    received: int = 0
+
+
+def _transfer(url: str, partial: Path, attempt: _Attempt) -> bool:
+    """One HTTP request appending to `partial` from byte `attempt.offset`. True when the file is complete."""
+    response = _open_rest(url, partial, attempt)
+    if response is None:
+        return True
     with response:
-        start, total = _content_range(response, offset)
+        start, total = _content_range(response, attempt.offset)
         mode = "ab" if start else "wb"  # a 200 answer to a Range request restarts from byte 0
         with (
             open(partial, mode) as stream,
@@ -150,8 +160,39 @@ def _transfer(url: str, partial: Path, offset: int) -> bool:
         ):
             while chunk := response.read(CHUNK_BYTES):
                 stream.write(chunk)
+                attempt.received += len(chunk)
                 progress.update(len(chunk))
     return total is None or partial.stat().st_size == total
+
+
+def _open_rest(url: str, partial: Path, attempt: _Attempt) -> http.client.HTTPResponse | None:
+    """The response carrying `url` from byte `attempt.offset` on, or None if `partial` already holds every byte.
+
+    A server answers 416 (Range Not Satisfiable) when the partial file is as long as the file or longer, saying
+    the file's size in `Content-Range: bytes */SIZE`. As long: an earlier call received every byte but stopped
+    before checking the file, and the caller checks it now. Otherwise the partial file is not a prefix of the
+    file (it changed on the server): the download restarts from byte 0.
+    """
+    try:
+        return urllib.request.urlopen(_request(url, attempt.offset), timeout=READ_TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as error:
+        if error.code != 416 or not attempt.offset:
+            raise
+        match = re.fullmatch(r"bytes \*/(\d+)", (error.headers.get("Content-Range") or "").strip())
+        if match is not None and int(match.group(1)) == attempt.offset:
+            logger.info("%s: the partial download already holds all %d bytes.", url, attempt.offset)
+            return None
+        logger.warning("%s: the partial download is not a prefix of the file; restarting.", url)
+        partial.unlink()
+        attempt.offset = 0
+        return urllib.request.urlopen(_request(url, 0), timeout=READ_TIMEOUT_SECONDS)
+
+
+def _request(url: str, offset: int) -> urllib.request.Request:
+    headers = {"User-Agent": "bit-transfer", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    return urllib.request.Request(url, headers=headers)
 
 
 def _content_range(response: http.client.HTTPResponse, offset: int) -> tuple[int, int | None]:

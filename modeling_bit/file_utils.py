@@ -58,9 +58,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = None
-    if path.exists():
-        previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
-        os.replace(path, previous)
-    os.replace(staging, path)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+    try:
+        if path.exists():
+            previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
+            os.replace(path, previous)
+        os.replace(staging, path)
+    except BaseException:
+        if previous is not None and not path.exists():
+            os.replace(previous, path)  # put the old folder back under its name
+            previous = None
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)

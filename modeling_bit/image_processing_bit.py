@@ -35,6 +35,8 @@ def bit_image_processor(resolution: int = DEFAULT_RESOLUTION) -> BitImageProcess
         size={"height": int(resolution), "width": int(resolution)},
         resample=BIT_RESAMPLE,
         do_center_crop=False,
+        # Unused (no center crop), but written to preprocessor_config.json: say the input size, not 224.
+        crop_size={"height": int(resolution), "width": int(resolution)},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-from .configuration_bit import BitConfig
+from .configuration_bit import GROUP_NORM_EPS, WEIGHT_STANDARDIZATION_EPS, BitConfig
 
 # Inference without gradients runs convolutions on kernels prepacked for oneDNN (CPU, float32): at
 # batch 1 that halves the time of the weight-heavy late stages (benchmarks/benchmark_model.py).
@@ -43,7 +43,6 @@ _ONEDNN_PREPACK_AVAILABLE = (
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 )
 
-GROUP_NORM_EPS = 1e-5  # BIT_RECIPE.md: GroupNorm eps 1e-5
 # BiT downsamples by 32; smaller inputs leave the last stage nothing to see.
 MIN_IMAGE_SIZE = 32
 
@@ -94,7 +93,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
         kernel_size: int,
         stride: int = 1,
         padding: str | None = None,
-        eps: float = 1e-10,
+        eps: float = WEIGHT_STANDARDIZATION_EPS,
     ):
         dynamic = padding == "SAME" and stride > 1
         static_padding = 0 if dynamic else (kernel_size - 1) // 2
@@ -119,6 +118,10 @@ class WeightStandardizedConv2d(nn.Conv2d):
     def standardized_weight(self) -> Tensor:
         """The standardized kernel, in the graph while the weights train, else cached (dense layout)."""
         weight = self.weight
+        if torch.compiler.is_compiling():
+            # Traced graphs (torch.compile, torch.export) have no version counters or data pointers to key a
+            # cache on; the compiler can fold the standardization of frozen weights itself.
+            return standardize_weight(weight, self.eps)
         if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_meta or weight.is_inference():
             # Training: part of the graph. Drop any cache so it neither holds memory nor goes stale.
             # (Inference tensors have no version counter, so a cache of them could not tell changes.)
@@ -155,6 +158,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
         weight = self.weight
         return (
             _ONEDNN_PREPACK_AVAILABLE
+            and not torch.compiler.is_compiling()
             and not torch.is_grad_enabled()
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
@@ -393,6 +397,20 @@ class BitEncoder(nn.Module):
         return BaseModelOutputWithNoAttention(last_hidden_state=hidden_state, hidden_states=hidden_states)
 
 
+def _stock_class_for_variant(model_class: type, config) -> type | None:
+    """Stock transformers' class of the same name, if `config` is a variant only stock transformers implements.
+
+    `import modeling_bit` makes our classes answer for every `model_type="bit"` config, including the
+    non-pre-activation and dilated backbones of ViT-hybrid and DPT-hybrid, which are not BiT. Handing those
+    to stock transformers keeps such models working in a process that imported this package.
+    """
+    if not isinstance(config, BitConfig) or config.unsupported_by_preactivation_bit() is None:
+        return None
+    from transformers.models.bit import modeling_bit as stock_modeling_bit
+
+    return getattr(stock_modeling_bit, model_class.__name__, None)
+
+
 class BitPreTrainedModel(PreTrainedModel):
     config_class = BitConfig
     config: BitConfig
@@ -407,10 +425,21 @@ class BitPreTrainedModel(PreTrainedModel):
         """As in transformers, and by published BiT name (`"BiT-M-R101x3"`, case-insensitive): a local folder or
         Hub repository of that name wins; otherwise the published checkpoint is downloaded, converted and cached
         once, then loaded with the given keyword arguments (see `modeling_bit.published`)."""
+        stock_class = _stock_class_for_variant(cls, kwargs.get("config"))
+        if stock_class is not None:
+            return stock_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         from .published import resolve_pretrained_name  # the catalog and downloads, only where a name is loaded
 
         resolved = resolve_pretrained_name(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(resolved, *model_args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        # The Auto API and `load_backbone` (DPT-hybrid, ViT-hybrid) build models through here.
+        stock_class = _stock_class_for_variant(cls, config)
+        if stock_class is not None:
+            return stock_class._from_config(config, **kwargs)
+        return super()._from_config(config, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d):
@@ -433,6 +462,12 @@ class BitModel(BitPreTrainedModel):
     """
 
     def __init__(self, config: BitConfig):
+        unsupported = config.unsupported_by_preactivation_bit()
+        if unsupported is not None:
+            raise ValueError(
+                f"{unsupported}: modeling_bit builds BiT networks only. Build this variant with stock "
+                f"transformers' classes (AutoModel.from_config and AutoBackbone.from_config pick them for you)."
+            )
         super().__init__(config)
         self.embedder = BitEmbeddings(config)
         self.encoder = BitEncoder(config)

@@ -15,7 +15,7 @@ The catalog lists every checkpoint Google released as a `.npz` in the published 
 
 `resolve_pretrained_name` is what `from_pretrained("bit-m-r101x3")` goes through: a local folder or a Hub
 repository of that name wins; otherwise a published name is downloaded, converted and cached once
-(`<HF assets cache>/bit-transfer/bit_models/converted/<name>`), and that folder is loaded.
+(`<HF assets cache>/bit-transfer/bit_models/converted/<hash of the URL>/<name>`), and that folder is loaded.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import WeakFileLock, httpx
 
 from . import labels
-from .configuration_bit import PUBLISHED_ARCHITECTURES, RESNET_DEPTHS
-from .download import cache_folder, download_to_cache
+from .configuration_bit import (
+    ILSVRC2012_NUM_CLASSES,
+    IMAGENET21K_NUM_CLASSES,
+    PUBLISHED_ARCHITECTURES,
+    RESNET_DEPTHS,
+)
+from .download import cache_folder, download_to_cache, url_digest
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ def _catalog() -> dict[str, PublishedCheckpoint]:
             (f"BiT-M-R{depth}x{width}", in21k, None, UPSTREAM_RESOLUTION),
             (f"BiT-M-R{depth}x{width}-ILSVRC2012", in21k, in1k, ILSVRC2012_FINETUNED_RESOLUTION),
         ):
-            classes = 1000 if (fine_tuned or upstream) == in1k else 21843
+            classes = ILSVRC2012_NUM_CLASSES if (fine_tuned or upstream) == in1k else IMAGENET21K_NUM_CLASSES
             entries.append(
                 PublishedCheckpoint(
                     name,
@@ -112,7 +117,7 @@ def _catalog() -> dict[str, PublishedCheckpoint]:
                 f"distill/R50x1_{resolution}.npz",
                 RESNET_DEPTHS[50],
                 1,
-                1000,
+                ILSVRC2012_NUM_CLASSES,
                 in1k,
                 None,
                 resolution,
@@ -125,7 +130,7 @@ def _catalog() -> dict[str, PublishedCheckpoint]:
                 f"distill/R152x2_T_{resolution}.npz",
                 RESNET_DEPTHS[152],
                 2,
-                1000,
+                ILSVRC2012_NUM_CLASSES,
                 in21k,
                 in1k,
                 resolution,
@@ -154,15 +159,19 @@ def published_names_help() -> str:
 # --- downloading a published checkpoint ----------------------------------------------------------------------
 
 
-def download_published(checkpoint: PublishedCheckpoint) -> Path:
-    """The cached `.npz` of a published checkpoint, downloaded first if needed (checked before it is cached)."""
+def download_published(
+    checkpoint: PublishedCheckpoint, *, url: str | None = None, local_files_only: bool = False
+) -> Path:
+    """The cached `.npz` of a published checkpoint (from `url`, by default `checkpoint.url`), downloaded first if
+    needed and allowed (checked before it is cached)."""
     return download_to_cache(
-        checkpoint.url,
+        url or checkpoint.url,
         validate=functools.partial(validate_published_npz, checkpoint=checkpoint),
         offline_hint=(
             f"To convert a copy of the file obtained elsewhere: `bit-convert /path/to/{Path(checkpoint.file).name} "
             "--output DIR`, then load DIR."
         ),
+        local_files_only=local_files_only,
     )
 
 
@@ -203,12 +212,13 @@ def validate_published_npz(path: Path, checkpoint: PublishedCheckpoint) -> None:
         )
 
 
-def download_npz_url(url: str) -> Path:
+def download_npz_url(url: str, *, local_files_only: bool = False) -> Path:
     """The cached download of any URL of a `.npz` in the published layout (checked before it is cached)."""
     return download_to_cache(
         url,
         validate=validate_bit_npz,
         offline_hint="To convert a copy obtained elsewhere: `bit-convert /path/to/file.npz --output DIR`.",
+        local_files_only=local_files_only,
     )
 
 
@@ -236,7 +246,7 @@ def resolve_pretrained_name(
     if checkpoint is None or _is_hub_model(name, cache_dir, revision, token, local_files_only):
         return name
     logger.info("%s is not a Hub repository: loading the published checkpoint %s.", name, checkpoint.url)
-    return str(converted_published_folder(checkpoint))
+    return str(converted_published_folder(checkpoint, local_files_only=local_files_only))
 
 
 def _is_hub_model(name: str, cache_dir, revision, token, local_files_only: bool) -> bool:
@@ -261,16 +271,23 @@ def _is_hub_model(name: str, cache_dir, revision, token, local_files_only: bool)
         return False
 
 
-def converted_published_folder(checkpoint: PublishedCheckpoint) -> Path:
-    """The converted folder of a published checkpoint (published head, float32), converting it on first use."""
+def converted_published_folder(checkpoint: PublishedCheckpoint, *, local_files_only: bool = False) -> Path:
+    """The converted folder of a published checkpoint (published head, float32), converting it on first use.
+
+    Cached per source URL (`<cache>/converted/<hash of the URL>/<name>`), so that a mirror (`BIT_WEIGHTS_URL`)
+    never gets a conversion of another server's file. `local_files_only`: convert only a cached download.
+    """
     from .convert import convert_to_folder
 
-    folder = cache_folder("bit_models", "converted") / checkpoint.name
+    url = checkpoint.url
+    folder = cache_folder("bit_models", "converted") / url_digest(url) / checkpoint.name
     marker = folder / "bit_conversion.json"  # written inside the atomic conversion: present = complete
     if not marker.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(folder.with_name(folder.name + ".lock")):
             if not marker.is_file():
-                convert_to_folder(checkpoint.name, folder)
+                # The checkpoint itself, not its name: a folder of that name in the working directory is not it.
+                convert_to_folder(checkpoint, folder, local_files_only=local_files_only)
     return folder
 
 

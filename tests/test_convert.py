@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from modeling_bit import BitForImageClassification, BitModel
 from modeling_bit.checkpoint_reading import CheckpointError
+from modeling_bit import convert as convert_module
 from modeling_bit.convert import ConversionError, convert_to_folder
-from modeling_bit.download import DownloadError
+from modeling_bit.download import DownloadError, cached_download_path
+from modeling_bit.published import converted_published_folder, find_published_checkpoint, resolve_pretrained_name
 
 from conftest import REPO_ROOT, randomize_, run_clean_python
 from published_layout import published_arrays, write_npz
@@ -278,7 +281,7 @@ def test_corrupt_local_npz_is_refused_and_nothing_written(tmp_path, small_npz):
     with pytest.raises(CheckpointError, match="corrupt"):
         convert_to_folder(tmp_path / "corrupt.npz", tmp_path / "out")
     (tmp_path / "truncated.npz").write_bytes(small_npz.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="not a readable .npz"):
+    with pytest.raises(CheckpointError, match="not a valid published-layout .npz"):
         convert_to_folder(tmp_path / "truncated.npz", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz", "truncated.npz"]
 
@@ -295,6 +298,143 @@ def test_cli_reports_refusals_without_a_traceback(tmp_path, small_arrays):
     assert completed.returncode == 1
     assert "missing tensor 'resnet/block3/unit01/b/standardized_conv2d/kernel'" in completed.stderr
     assert "Traceback" not in completed.stderr and not (tmp_path / "out").exists()
+
+
+def _bit_folder_with(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A transformers folder whose config.json and other JSON files are replaced by `files`."""
+    folder = tmp_path / "source"
+    BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny")).save_pretrained(folder)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    if "model.safetensors.index.json" in files:
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+JUNK = np.random.default_rng(0).bytes(4096)
+
+
+def _object_array_npz(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive, archive.open("resnet/group_norm/beta.npy", "w") as stream:
+        np.lib.format.write_array(stream, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return path
+
+
+BAD_INPUTS = {
+    "garbage .npz": (
+        lambda tmp: _file(tmp / "garbage.npz", JUNK),
+        r"garbage\.npz is not a valid published-layout \.npz \(a zip archive of \.npy arrays; it is not a zip",
+    ),
+    "pickled arrays in an .npz": (
+        lambda tmp: _object_array_npz(tmp / "objects.npz"),
+        r"objects\.npz is not a valid published-layout \.npz .*'resnet/group_norm/beta' holds Python objects",
+    ),
+    "junk .bin": (
+        lambda tmp: _file(tmp / "junk.bin", JUNK),
+        r"junk\.bin cannot be read as a PyTorch state dict with weights_only=True",
+    ),
+    "junk .bin the unpickler trips on with a KeyError": (  # BINGET of a memo entry that was never stored
+        lambda tmp: _file(tmp / "memo.bin", b"\x80\x02h\x05."),
+        r"memo\.bin cannot be read as a PyTorch state dict with weights_only=True \(KeyError",
+    ),
+    "malformed safetensors index": (
+        lambda tmp: _bit_folder_with(tmp, {"model.safetensors.index.json": '{"weight_map": {'}),
+        r"source/model\.safetensors\.index\.json is not a readable safetensors index .*expected JSON like "
+        r'\{"weight_map"',
+    ),
+    "safetensors index without a weight map": (
+        lambda tmp: _bit_folder_with(tmp, {"model.safetensors.index.json": "[]"}),
+        r'source/model\.safetensors\.index\.json has no "weight_map"',
+    ),
+    "safetensors index naming a file elsewhere": (
+        lambda tmp: _bit_folder_with(
+            tmp, {"model.safetensors.index.json": '{"weight_map": {"bit.norm.weight": "../x.safetensors"}}'}
+        ),
+        r"lists the shard '\.\./x\.safetensors'",
+    ),
+    "config.json holding an array": (
+        lambda tmp: _bit_folder_with(tmp, {"config.json": "[1, 2, 3]"}),
+        r"source/config\.json holds \[1, 2, 3\]; expected a JSON object",
+    ),
+    "unreadable config.json": (
+        lambda tmp: _bit_folder_with(tmp, {"config.json": "{"}),
+        r"source/config\.json is not readable JSON .*expected a JSON object",
+    ),
+    "a dilated (not BiT) transformers config": (
+        lambda tmp: _bit_folder_with(
+            tmp,
+            {
+                "config.json": json.dumps(
+                    {**BitForImageClassification.config_class.from_preset("bit-tiny").to_dict(), "output_stride": 16}
+                )
+            },
+        ),
+        r"source/config\.json describes no BiT network: output_stride=16 \(BiT does not dilate\)",
+    ),
+    "preprocessor_config.json holding a string": (
+        lambda tmp: _bit_folder_with(tmp, {"preprocessor_config.json": '"224"'}),
+        r'source/preprocessor_config\.json holds "224"; expected a JSON object',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_unreadable_inputs_are_refused_saying_what_was_expected(tmp_path, case):
+    make, message = BAD_INPUTS[case]
+    source = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError, match=message) as refused:
+        convert_to_folder(source, tmp_path / "out")
+    assert "allow_pickle" not in str(refused.value)
+    assert sorted(tmp_path.rglob("*")) == before  # no output, no staging folder
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, server, hf_cache, small_npz):
+    (tmp_path / "a-file").write_text("not a folder")
+    server.files["/BiT-S-R50x1.npz"] = b"never downloaded"
+    before = sorted(tmp_path.rglob("*"))
+    for output, message in (
+        (tmp_path / "a-file", "is a file; expected a folder to create"),
+        (tmp_path / "a-file" / "model", r"a-file is a file; expected a folder to create .*model in"),
+        (Path("/sys/bit-convert-test"), r"cannot write in /sys \(Permission denied\); expected a writable folder"),
+    ):
+        for source in (small_npz, "BiT-S-R50x1"):
+            with pytest.raises(ConversionError, match=message):
+                convert_to_folder(source, output)
+    assert server.requests == [] and sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_staging_folder(
+    tmp_path, small_npz, monkeypatch
+):
+    folder = convert_to_folder(small_npz, tmp_path / "my-bit")
+    card = (folder / "README.md").read_text()
+    assert 'model="my-bit"' in card and ".partial" not in card and "_named" not in card
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "bit_conversion.json",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+
+    def card_fails(staging):
+        assert (staging / "bit_conversion.json").is_file()  # the card is written last, into the staging folder
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "write_model_card", card_fails)
+    with pytest.raises(ConversionError, match=r"Writing .*my-bit failed .*No space left.*left as it was"):
+        convert_to_folder(small_npz, folder, num_labels=2)
+    with pytest.raises(ConversionError, match="No space left"):
+        convert_to_folder(small_npz, tmp_path / "new")
+    assert transformers.AutoConfig.from_pretrained(folder).num_labels == 10  # the earlier conversion is intact
+    assert (folder / "README.md").read_text() == card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-bit"]  # no staging folder, no "new"
 
 
 def test_headless_checkpoint_converts_with_a_new_head_and_other_folders_are_not_replaced(tmp_path, small_arrays):
@@ -446,6 +586,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         data = server.files[self.path]
         start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+        if start >= len(data):  # as RFC 9110 has it: 416, with the file's size
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -561,6 +707,30 @@ def test_interrupted_download_is_resumed_by_the_next_call(tmp_path, server, hf_c
     assert json.loads((folder / "bit_conversion.json").read_text())["source_kind"] == "url"
 
 
+def test_a_complete_partial_download_is_used_when_the_server_answers_416(tmp_path, server, hf_cache, small_npz):
+    data = small_npz.read_bytes()
+    url = f"{server.url}/mirror/small.npz"
+    server.files["/mirror/small.npz"] = data
+    partial = cached_download_path(url).with_name("small.npz.incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)  # every byte arrived, but the call was stopped before checking the file
+    folder = convert_to_folder(url, tmp_path / "out")
+    assert server.requests == [("/mirror/small.npz", f"bytes={len(data)}-")]  # answered 416: nothing re-sent
+    assert cached_files(hf_cache) == ["small.npz"]
+    metadata = json.loads((folder / "bit_conversion.json").read_text())
+    assert metadata["source_sha256"] == hashlib.sha256(data).hexdigest()
+
+    # Longer than the file (it changed on the server): not a prefix, so the download restarts from byte 0.
+    url = f"{server.url}/changed/small.npz"
+    server.files["/changed/small.npz"] = data
+    partial = cached_download_path(url).with_name("small.npz.incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data + b"an older, longer version")
+    convert_to_folder(url, tmp_path / "again")
+    assert server.gets("/changed/small.npz") == [f"bytes={len(data) + 24}-", None]
+    assert cached_download_path(url).read_bytes() == data and not partial.exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "wrong architecture"])
 def test_damaged_downloads_are_refused_and_never_cached(tmp_path, server, hf_cache, r50_bytes, small_npz, damage):
     served = {
@@ -637,9 +807,10 @@ with torch.no_grad():
     assert (result["hub"], result["local"]) == (7, 4)
     assert server.gets("/BiT-S-R50x1.npz") == [None]  # downloaded and converted once for all those loads
     assert ("/api/models/bit-s-r50x1", None) in server.requests  # the Hub was asked first
-    assert (
-        hf_home / "assets" / "bit-transfer" / "bit_models" / "converted" / "BiT-S-R50x1" / "model.safetensors"
-    ).is_file()
+    converted = hf_home / "assets" / "bit-transfer" / "bit_models" / "converted"
+    assert [p.relative_to(converted).parts[1:] for p in converted.glob("*/*/model.safetensors")] == [
+        ("BiT-S-R50x1", "model.safetensors")
+    ]
 
     offline = subprocess.run(
         [
@@ -655,3 +826,52 @@ with torch.no_grad():
     )
     assert offline.returncode == 0 and "[256, 512, 1024, 2048]" in offline.stdout, offline.stderr
     assert server.gets("/BiT-S-R50x1.npz") == [None]
+
+
+@pytest.fixture
+def fake_hub(hf_cache, server, monkeypatch) -> CheckpointServer:
+    """The loopback server as the Hub (it knows no repository), with an empty Hub cache."""
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache / "hub"))
+    return server
+
+
+def test_by_name_the_published_file_is_converted_not_a_folder_named_like_it(
+    tmp_path, fake_hub, monkeypatch, r50_bytes
+):
+    fake_hub.files["/BiT-S-R50x1.npz"] = r50_bytes
+    stray = tmp_path / "work" / "BiT-S-R50x1"  # the canonical spelling, not the name the user types below
+    BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny")).save_pretrained(stray)
+    monkeypatch.chdir(stray.parent)
+    folder = Path(resolve_pretrained_name("bit-s-r50x1"))
+    metadata = json.loads((folder / "bit_conversion.json").read_text())
+    assert (metadata["source_kind"], metadata["architecture"]["depths"]) == ("published", list(R50))
+    assert fake_hub.gets("/BiT-S-R50x1.npz") == [None]
+    assert resolve_pretrained_name("BiT-S-R50x1") == "BiT-S-R50x1"  # the name typed as the folder: the folder wins
+
+
+def test_converted_cache_is_per_url_so_mirrors_do_not_alias(tmp_path, fake_hub, monkeypatch, r50_bytes):
+    checkpoint = find_published_checkpoint("BiT-S-R50x1")
+    fake_hub.files["/a/BiT-S-R50x1.npz"] = fake_hub.files["/b/BiT-S-R50x1.npz"] = r50_bytes
+    folders = {}
+    for mirror in ("a", "b"):
+        monkeypatch.setenv("BIT_WEIGHTS_URL", f"{fake_hub.url}/{mirror}")
+        folders[mirror] = converted_published_folder(checkpoint)
+        source_url = json.loads((folders[mirror] / "bit_conversion.json").read_text())["source_url"]
+        assert source_url == f"{fake_hub.url}/{mirror}/BiT-S-R50x1.npz"
+    assert folders["a"] != folders["b"] and folders["a"].name == folders["b"].name == "BiT-S-R50x1"
+    monkeypatch.setenv("BIT_WEIGHTS_URL", f"{fake_hub.url}/a")
+    assert converted_published_folder(checkpoint) == folders["a"]
+    assert [path for path, _ in fake_hub.requests] == ["/a/BiT-S-R50x1.npz", "/b/BiT-S-R50x1.npz"]
+
+
+def test_local_files_only_never_downloads(tmp_path, fake_hub, r50_bytes):
+    fake_hub.files["/BiT-S-R50x1.npz"] = r50_bytes
+    with pytest.raises(OSError, match=r"BiT-S-R50x1\.npz is not cached and local_files_only=True forbids .*bit-conv"):
+        BitModel.from_pretrained("BiT-S-R50x1", local_files_only=True)
+    assert fake_hub.requests == []  # neither the Hub nor the file was asked for
+
+    convert_to_folder("BiT-S-R50x1", tmp_path / "elsewhere")  # downloads into the cache, converts elsewhere
+    requests = len(fake_hub.requests)
+    model = BitModel.from_pretrained("BiT-S-R50x1", local_files_only=True)  # converts the cached download
+    assert model.config.hidden_sizes == [256, 512, 1024, 2048] and len(fake_hub.requests) == requests

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -82,6 +86,8 @@ def test_unknown_preset_lists_the_valid_names():
     with pytest.raises(ValueError, match="BiT-M-R101x3") as error:
         BitConfig.from_preset("BiT-X-R9000")
     assert "bit-tiny" in str(error.value)
+    with pytest.raises(ValueError, match="Unknown BiT preset None"):
+        BitConfig.from_preset(None)
 
 
 # --- numerics ------------------------------------------------------------------------------------
@@ -167,14 +173,24 @@ def test_cache_invalidated_by_optimizer_step():
     with torch.no_grad():
         before = model(pixel_values).logits
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    model.train()
-    model(pixel_values, labels=torch.tensor([1, 2])).loss.backward()
+    # Gradients set by hand: a forward with gradients (or a train()/eval() switch) would drop the cache
+    # itself, and this must show that the step alone is seen.
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
     optimizer.step()
-    model.eval()
     with torch.no_grad():
         after = model(pixel_values).logits
     assert not torch.allclose(after, before)
     assert torch.allclose(after, fresh_logits(model, pixel_values), atol=1e-5)
+
+
+def test_exported_graph_equals_eager_inference():
+    model = tiny()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        eager = model(pixel_values).logits
+        exported = torch.export.export(model, (pixel_values,)).module()(pixel_values).logits
+    assert relative_error(exported, eager) <= 1e-5
 
 
 def test_cache_invalidated_by_load_state_dict_in_place_edit_and_dtype_move():
@@ -295,9 +311,13 @@ def test_our_folder_loads_in_stock_transformers(tmp_path, width, ant_image_path)
             logits = [direct(x).logits.tolist(), auto(x).logits.tolist()]
         classify = pipeline("image-classification", model=folder)
         top = classify({str(ant_image_path)!r}, top_k=5)
+        direct.save_pretrained(folder + "/resaved_by_stock")
         result = {{"logits": logits, "auto_class": type(auto).__module__, "top": top}}
         """
     )
+    resaved = BitForImageClassification.from_pretrained(tmp_path / "resaved_by_stock").eval()
+    with torch.no_grad():
+        assert relative_error(resaved(pixel_values).logits, ours) <= 1e-4
     assert result["auto_class"].startswith("transformers.models.bit")
     for logits in result["logits"]:
         assert relative_error(torch.tensor(logits), ours) <= 1e-4
@@ -308,16 +328,43 @@ def test_our_folder_loads_in_stock_transformers(tmp_path, width, ant_image_path)
 
 @pytest.mark.parametrize("padding", [{}, {"global_padding": "SAME", "embedding_dynamic_padding": True}])
 def test_stock_folder_loads_in_ours(tmp_path, padding):
-    stock_config = transformers.BitConfig(
-        embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 1, 1], num_groups=8, num_labels=3, **padding
-    )
-    stock = randomize_(transformers.BitForImageClassification(stock_config)).eval()
-    stock.save_pretrained(tmp_path)
-    ours = BitForImageClassification.from_pretrained(tmp_path).eval()
-    assert set(ours.state_dict()) == set(stock.state_dict())
     pixel_values = torch.randn(2, 3, 65, 80)
+    torch.save(pixel_values, tmp_path / "input.pt")
+    # The stock folder, its logits and its backbone's feature maps, from a process that never imported ours.
+    stock = run_clean_python(
+        f"""
+        import torch, transformers
+        folder = {str(tmp_path)!r}
+        torch.manual_seed(0)
+        config = transformers.BitConfig(
+            embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 1, 1], num_groups=8, num_labels=3,
+            **{padding!r}
+        )
+        model = transformers.BitForImageClassification(config).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name or "classifier" in name:
+                    parameter.add_(0.2 * torch.randn_like(parameter))
+        model.save_pretrained(folder + "/stock")
+        backbone = transformers.BitBackbone.from_pretrained(folder + "/stock", out_features=["stem", "stage2", "stage4"])
+        x = torch.load(folder + "/input.pt", weights_only=True)
+        with torch.no_grad():
+            result = {{
+                "logits": model(x).logits.tolist(),
+                "features": [f.tolist() for f in backbone.eval()(x).feature_maps],
+                "names": sorted(model.state_dict()),
+            }}
+        """
+    )
+    ours = BitForImageClassification.from_pretrained(tmp_path / "stock").eval()
+    assert sorted(ours.state_dict()) == stock["names"]
+    backbone = BitBackbone.from_pretrained(tmp_path / "stock", out_features=["stem", "stage2", "stage4"]).eval()
     with torch.no_grad():
-        assert relative_error(ours(pixel_values).logits, stock(pixel_values).logits) <= 1e-4
+        assert relative_error(ours(pixel_values).logits, torch.tensor(stock["logits"])) <= 1e-4
+        features = backbone(pixel_values).feature_maps
+    assert len(features) == 3
+    for actual, expected in zip(features, stock["features"]):
+        assert relative_error(actual, torch.tensor(expected)) <= 1e-4
 
 
 def test_auto_classes_return_ours_after_import(tmp_path):
@@ -344,6 +391,8 @@ def test_saved_preprocessor_is_bit_preprocessing(tmp_path, ant_image_path):
     expected = (torch.from_numpy(resized) / 255.0 - 0.5) / 0.5
     assert pixel_values.shape == (1, 3, 160, 160)
     assert torch.allclose(pixel_values[0].permute(1, 2, 0), expected, atol=1e-5)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["do_center_crop"] is False and saved["crop_size"] == saved["size"] == {"height": 160, "width": 160}
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -370,12 +419,42 @@ def test_bad_pixel_values_are_refused_clearly(pixel_values, message):
         ({"num_groups": 5}, "num_groups=5 must divide"),
         ({"hidden_sizes": [30, 64, 128, 256]}, "multiple of 32"),
         ({"depths": [1, 1, 1]}, "equal length"),
-        ({"layer_type": "bottleneck"}, "pre-activation"),
+        ({"depths": [1, 1, 1, 1.5]}, "list of positive integers"),
+        ({"layer_type": "resnet"}, "expected 'preactivation'"),
+        ({"embedding_size": 0}, "embedding_size=0: expected a positive integer"),
+        ({"embedding_size": -16}, "embedding_size=-16"),
+        ({"width_factor": 1.5}, "width_factor=1.5"),
+        ({"num_labels": -1}, "num_labels=-1"),
+        ({"widht_factor": 3}, r"Unknown BitConfig field\(s\) \['widht_factor'\]"),
     ],
 )
 def test_configs_that_cannot_build_a_network_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         BitConfig.from_preset("bit-tiny", **overrides)
+
+
+def test_hybrid_backbone_configs_are_left_to_stock_transformers():
+    """After `import modeling_bit`, stock models with a non-BiT `bit` backbone (DPT-hybrid) work unchanged."""
+    config = BitConfig.from_preset("bit-tiny", layer_type="bottleneck", global_padding="same")
+    with pytest.raises(ValueError, match="layer_type='bottleneck'.*stock"):
+        BitModel(config)
+    assert type(transformers.AutoBackbone.from_config(config)) is transformers.BitBackbone
+    dpt = """
+        import torch, transformers
+        config = transformers.DPTConfig(
+            is_hybrid=True, hidden_size=64, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64,
+            image_size=64, neck_hidden_sizes=[256, 512, 64, 64], backbone_featmap_shape=[1, 1024, 4, 4],
+        )
+        torch.manual_seed(0)
+        model = transformers.DPTForDepthEstimation(config).eval()
+        with torch.no_grad():
+            depth = model(torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)).predicted_depth
+        result = {"depth": depth.tolist()}
+        """
+    namespace = {}
+    exec(textwrap.dedent(dpt), namespace)  # in this process, which imported modeling_bit
+    stock = run_clean_python(dpt)
+    assert namespace["result"]["depth"] == stock["depth"]
 
 
 def test_package_registers_with_auto_config():
@@ -394,8 +473,31 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+    # The final rename itself fails (its staging folder is gone): the old folder is back under its name.
+    with pytest.raises(FileNotFoundError):
+        with atomic_directory(target) as staging:
+            staging.rmdir()
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     written = atomic_write_text(tmp_path / "b.txt", "x")
     assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_demo_runs_on_a_real_image_and_refuses_bad_input_without_a_traceback(ant_image_path, tmp_path):
+    demo = [sys.executable, "-m", "modeling_bit", "--resolution", "64"]
+    done = subprocess.run([*demo, "--image", str(ant_image_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "logits (1, 10)" in done.stdout
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    for arguments, message in [
+        (["--preset", "bit-huge"], "Unknown BiT preset 'bit-huge'"),
+        (["--image", str(not_an_image)], "not a readable image"),
+        (["--resolution", "16"], "expected at least 32"),
+    ]:
+        done = subprocess.run([*demo, *arguments], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        assert message in done.stderr and "Traceback" not in done.stderr

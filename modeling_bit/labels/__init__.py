@@ -11,11 +11,13 @@ import collections
 import functools
 from importlib import resources
 
+from ..configuration_bit import ILSVRC2012_NUM_CLASSES, IMAGENET21K_NUM_CLASSES
+
 IMAGENET21K = "imagenet-21k"  # BiT-M upstream head, 21,843 classes
 ILSVRC2012 = "ilsvrc-2012"  # BiT-S upstream head and every ILSVRC-2012 fine-tuned head, 1,000 classes
 
 _FILES = {IMAGENET21K: "imagenet21k.tsv", ILSVRC2012: "ilsvrc2012.tsv"}
-_NUM_CLASSES = {IMAGENET21K: 21843, ILSVRC2012: 1000}
+_NUM_CLASSES = {IMAGENET21K: IMAGENET21K_NUM_CLASSES, ILSVRC2012: ILSVRC2012_NUM_CLASSES}
 
 
 @functools.cache
