@@ -7,11 +7,12 @@ The data position of a run is a pure function of its optimizer step, which is wh
   are positions `s * G ... (s + 1) * G - 1` (G = global batch); process `r` takes micro-batch `a` at
   `s * G + a * b * P + r * b` (b = per-device batch, P = processes). So processes see disjoint examples,
   and 2 processes x b see the same examples in a step as 1 process x 2b.
-- Streaming data is split between processes with `datasets.distributed.split_dataset_by_node`, shuffled
-  with a buffer (seeded, re-seeded each epoch) and its shards split between DataLoader workers by
-  `datasets`. The torch DataLoader takes batches from its workers in turn, so after `n` micro-batches
-  worker `w` has produced ceil((n - w) / W) of them; on resume each worker skips that many examples
-  before decoding anything.
+- Streaming data is split between processes with `datasets.distributed.split_dataset_by_node` after a
+  seeded shuffle of the shard order (re-drawn each epoch), and its shards are split between DataLoader
+  workers by `datasets`. Each worker shuffles its examples in windows (`ResumableStream`). The torch
+  DataLoader takes batches from its workers in turn, so after `n` micro-batches worker `w` has produced
+  ceil((n - w) / W) of them. A checkpoint records, per worker, the `datasets` state_dict at the start of the
+  window of the last example trained on; a resume loads it and re-reads (undecoded) at most one window.
 
 Decoding and augmentation run in the DataLoader workers (`BatchBuilder` is the collate function). The
 random crop and flip of an example are drawn from a generator seeded by (seed, the example's position), so
@@ -22,8 +23,11 @@ in the loss and counted; batch shapes stay fixed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -38,6 +42,7 @@ from datasets.distributed import split_dataset_by_node
 from modeling_bit import bit_image_processor, load_rgb_image
 from modeling_bit.image_processing_bit import UnreadableImageError
 
+from .errors import InputError
 from .recipe import CROP_AREA_RANGE, CROP_ASPECT_RATIO_RANGE, CROP_ATTEMPTS, HORIZONTAL_FLIP_PROBABILITY
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
@@ -90,40 +95,43 @@ def load_upstream_data(
 ) -> UpstreamData:
     """Load the training data and hold out a validation slice; raise a clear error on unusable input."""
     if (train_dir is None) == (dataset is None):
-        raise ValueError("Give exactly one of --train-dir (an image folder) and --dataset (a dataset name or path).")
+        raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a dataset name or path).")
     if train_dir is not None:
         if not Path(train_dir).is_dir():
-            raise FileNotFoundError(f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class).")
-        splits = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
+            raise InputError(f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class).")
+        with _explained_load_errors(f"--train-dir {train_dir}", "an image folder, one subfolder of image files per class"):
+            splits = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
         description = {"train_dir": str(Path(train_dir).resolve())}
     else:
-        splits = datasets.load_dataset(
-            dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
-        )
+        expected = "a Hub dataset id, a local folder of parquet/webdataset shards, or a datasets builder with --data-files"
+        with _explained_load_errors(f"--dataset {dataset}", expected):
+            splits = datasets.load_dataset(
+                dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
+            )
         description = {"name": dataset, **({"config": dataset_config} if dataset_config else {})}
 
     if train_split not in splits:
-        raise ValueError(f"The data has no split {train_split!r} (it has {', '.join(splits)}): pass --train-split.")
+        raise InputError(f"The data has no split {train_split!r} (it has {', '.join(splits)}): pass --train-split.")
     train = splits[train_split]
     if validation_split is None:
         validation_split = next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
     elif validation_split not in splits:
-        raise ValueError(f"The data has no split {validation_split!r} (it has {', '.join(splits)}).")
+        raise InputError(f"The data has no split {validation_split!r} (it has {', '.join(splits)}).")
     validation = splits[validation_split] if validation_split else None
 
     features = train.features
     if features is None:
-        raise ValueError("The dataset does not declare its features; pass --image-column and --label-column.")
+        raise InputError("The dataset does not declare its features; pass --image-column and --label-column.")
     image_column = _pick_column(features, image_column, IMAGE_COLUMN_CANDIDATES, "image", datasets.Image)
     label_column = _pick_column(features, label_column, LABEL_COLUMN_CANDIDATES, "label", datasets.ClassLabel)
     is_list = isinstance(features[label_column], (datasets.List, datasets.Sequence, datasets.LargeList))
     if multi_label and not is_list:
-        raise ValueError(
+        raise InputError(
             f"--multi-label needs a label column holding lists of class ids; {label_column!r} holds single labels "
             f"({features[label_column]})."
         )
     if is_list and not multi_label:
-        raise ValueError(
+        raise InputError(
             f"The label column {label_column!r} holds lists of labels: pass --multi-label to train with the "
             "per-class sigmoid loss."
         )
@@ -142,7 +150,7 @@ def load_upstream_data(
         size = num_train_examples
     else:
         if len(train) == 0:
-            raise ValueError(f"The training data is empty ({description}).")
+            raise InputError(f"The training data is empty ({description}).")
         if validation is None and validation_examples > 0:
             held_out = min(validation_examples, len(train) // 10)
             if held_out > 0:
@@ -152,6 +160,15 @@ def load_upstream_data(
     labels = _label_space(train, label_column, multi_label, num_labels)
     description.update({"num_examples": size, "num_classes": labels.num_classes, "multi_label": labels.multi_label})
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
+
+
+@contextlib.contextmanager
+def _explained_load_errors(given: str, expected: str):
+    """Turn `datasets.load_dataset`'s failures on unusable input into an InputError saying what was expected."""
+    try:
+        yield
+    except (OSError, ValueError) as error:  # datasets' not-found, empty and offline errors are OSErrors
+        raise InputError(f"{given}: cannot be loaded with datasets ({type(error).__name__}: {error}). Expected {expected}.") from error
 
 
 class WithoutExamples:
@@ -173,13 +190,13 @@ class WithoutExamples:
 def _pick_column(features, given: str | None, candidates, role: str, preferred_type) -> str:
     if given is not None:
         if given not in features:
-            raise ValueError(f"No {role} column {given!r}: the data has {', '.join(features)}.")
+            raise InputError(f"No {role} column {given!r}: the data has {', '.join(features)}.")
         return given
     typed = [name for name, feature in features.items() if isinstance(_element(feature), preferred_type)]
     named = [name for name in candidates if name in features]
     found = typed or named
     if not found:
-        raise ValueError(f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column.")
+        raise InputError(f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column.")
     return found[0]
 
 
@@ -198,13 +215,13 @@ def _label_space(train, label_column: str, multi_label: bool, num_labels: int | 
         values = column.combine_chunks().flatten() if multi_label else column
         names = [str(index) for index in range(int(np.max(np.asarray(values))) + 1)]
     else:
-        raise ValueError(
+        raise InputError(
             f"The label column {label_column!r} does not name its classes and a stream cannot be counted: pass --num-labels."
         )
     if num_labels is not None and num_labels != len(names):
-        raise ValueError(f"--num-labels {num_labels} disagrees with the {len(names)} classes the data declares.")
+        raise InputError(f"--num-labels {num_labels} disagrees with the {len(names)} classes the data declares.")
     if len(names) < 2 and not multi_label:
-        raise ValueError(f"Single-label training needs at least 2 classes; the data has {len(names)}.")
+        raise InputError(f"Single-label training needs at least 2 classes; the data has {len(names)}.")
     return LabelSpace(len(names), names, multi_label)
 
 
@@ -319,13 +336,13 @@ class BatchBuilder:
         if not self.labels.multi_label:
             labels = torch.tensor([int(value) for value in values], dtype=torch.int64)
             if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"Label ids {labels.tolist()} outside 0..{num_classes - 1}.")
+                raise InputError(f"Label ids {labels.tolist()} outside 0..{num_classes - 1}.")
             return labels
         multi_hot = torch.zeros(len(values), num_classes, dtype=torch.float32)
         for row, value in enumerate(values):
             ids = [int(v) for v in (value or [])]
             if any(v < 0 or v >= num_classes for v in ids):
-                raise ValueError(f"Label ids {ids} outside 0..{num_classes - 1}.")
+                raise InputError(f"Label ids {ids} outside 0..{num_classes - 1}.")
             multi_hot[row, ids] = 1.0
         return multi_hot
 
@@ -394,46 +411,108 @@ def worker_batch_count(total_batches: int, worker: int, num_workers: int) -> int
     return max(0, math.ceil((total_batches - worker) / num_workers))
 
 
+STREAM_START = {"epoch": 0, "window": 0, "count": 0, "state": None}  # a worker's position before its first example
+
+
 class ResumableStream(torch.utils.data.IterableDataset):
     """This process's share of a streaming dataset, repeated over epochs, from a given micro-batch on.
 
-    Each DataLoader worker yields exactly the examples of its batches among micro-batches
-    `batches_done` .. `total_batches - 1` of this process, skipping (undecoded) the ones already trained on.
+    Each DataLoader worker reads its shards in windows of `window_size` examples, yields each window in a
+    seeded random order, and keeps exactly the examples of its batches among micro-batches `batches_done` ..
+    `total_batches - 1` of this process. Items are `(example, key, position)`; `position` is where the
+    example's window starts: epoch, window index, the worker's example count and the `datasets` state_dict
+    there (None at an epoch's start). Restarting a worker from the position of the last example trained on
+    re-reads, undecoded, the part of that window already trained on: at most `window_size` examples, however
+    long the run.
+
+    Why windows and not `datasets`' shuffle buffer: the buffer's content is not part of `datasets`'
+    state_dict (it is lost on resume), so a resume could not continue the same order; a window holds no
+    examples across a window boundary, so the state_dict there is the whole state.
     """
 
     def __init__(self, dataset: datasets.IterableDataset, per_device_batch_size: int, batches_done: int,
-                 total_batches: int, process_index: int):
+                 total_batches: int, process_index: int, seed: int, window_size: int,
+                 resume_positions: dict[int, dict] | None = None):
         self.dataset, self.batch = dataset, per_device_batch_size
         self.batches_done, self.total_batches, self.rank = batches_done, total_batches, process_index
+        self.seed, self.window_size = int(seed), int(window_size)
+        self.resume_positions = resume_positions or {}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skip = worker_batch_count(self.batches_done, worker, workers) * self.batch
         stop = worker_batch_count(self.total_batches, worker, workers) * self.batch
-        count, epoch = 0, 0
+        position = self.resume_positions.get(worker, STREAM_START) if skip else STREAM_START
+        epoch, window, count, state = position["epoch"], position["window"], position["count"], position["state"]
+        _quiet_empty_shuffle_buffer_warning()
         while count < stop:
             self.dataset.set_epoch(epoch)
-            produced = False
-            for example in self.dataset:
-                produced = True
-                if count >= stop:
-                    return
-                if count >= skip:
-                    yield example, (self.rank, worker, count)
-                count += 1
+            if state is not None:
+                self.dataset.load_state_dict(state)
+            examples = iter(self.dataset)
+            try:
+                produced = False
+                while count < stop:
+                    here = {"epoch": epoch, "window": window, "count": count, "state": state}
+                    chunk = list(itertools.islice(examples, self.window_size))
+                    if not chunk:
+                        break
+                    produced = True
+                    state = self.dataset.state_dict()  # where the next window starts
+                    order = np.random.default_rng([self.seed, self.rank, worker, epoch, window]).permutation(len(chunk))
+                    for index in order:
+                        if count >= stop:
+                            return
+                        if count >= skip:
+                            yield chunk[index], (self.rank, worker, count), here
+                        count += 1
+                    window += 1
+            finally:
+                examples.close()
             if not produced:
                 raise RuntimeError(
                     f"DataLoader worker {worker} of process {self.rank} received no data: the stream has fewer shards "
                     "than processes x workers. Use fewer --dataloader-num-workers or more shards."
                 )
-            epoch += 1
+            epoch, window, state = epoch + 1, 0, None
 
 
-def shard_stream(stream: datasets.IterableDataset, seed: int, shuffle_buffer_size: int, process_index: int,
+class StreamBatchBuilder:
+    """Collate for `ResumableStream` items: the BatchBuilder's batch, plus `stream_position`, the position of
+    the batch's last example and the worker that produced it (what a checkpoint records to resume from)."""
+
+    def __init__(self, builder: BatchBuilder):
+        self.builder = builder
+
+    def __call__(self, items: list) -> dict:
+        batch = self.builder([(example, key) for example, key, _ in items])
+        _, last_key, last_position = items[-1]
+        batch["stream_position"] = {"worker": last_key[1], **last_position}
+        return batch
+
+
+class _EmptyShuffleBufferFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer" not in record.getMessage()
+
+
+def _quiet_empty_shuffle_buffer_warning() -> None:
+    """`datasets` warns that a restored shuffle buffer starts empty; ours holds one example (it only shuffles the
+    shard order) and is empty between examples, so nothing is lost."""
+    iterable_logger = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, _EmptyShuffleBufferFilter) for f in iterable_logger.filters):
+        iterable_logger.addFilter(_EmptyShuffleBufferFilter())
+
+
+def shard_stream(stream: datasets.IterableDataset, seed: int, process_index: int,
                  num_processes: int) -> datasets.IterableDataset:
-    """Shuffle with a seeded buffer (the same shard order on every process), then keep this process's share."""
-    stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    """Shuffle the shard order (seeded, the same on every process, re-drawn each epoch), keep this process's share.
+
+    A one-example buffer: `datasets` shuffles shard order only through `shuffle`, and `ResumableStream`
+    shuffles the examples, in windows whose state a checkpoint can hold.
+    """
+    stream = stream.shuffle(seed=seed, buffer_size=1)
     return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
 
 

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from modeling_bit import BitConfig, BitForImageClassification
-from pretraining.recipe import BASE_LEARNING_RATE, MOMENTUM, WEIGHT_DECAY
+from pretraining.recipe import BASE_LEARNING_RATE, IMAGE_SIZE, MOMENTUM, WEIGHT_DECAY
 
 
 def _training_step(model, optimizer, accelerator, pixel_values, labels) -> None:
@@ -59,6 +59,12 @@ def _prepared(preset: str, num_labels: int, gradient_checkpointing: bool, mixed_
     return accelerator, model, optimizer
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA, XPU, MPS, ...: torch.accelerator); the CPU runs in order."""
+    if device.type != "cpu" and torch.accelerator.is_available():
+        torch.accelerator.synchronize(device)
+
+
 def measure_throughput(args) -> None:
     accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
     generator = torch.Generator().manual_seed(accelerator.process_index)
@@ -68,8 +74,10 @@ def measure_throughput(args) -> None:
     times = []
     for step in range(args.warmup + args.steps):
         accelerator.wait_for_everyone()
+        _synchronize(accelerator.device)
         start = time.perf_counter()
         _training_step(model, optimizer, accelerator, pixel_values, labels)
+        _synchronize(accelerator.device)  # an accelerator runs the step asynchronously: time its end, not its launch
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
@@ -190,7 +198,7 @@ class MeasureArguments:
         metadata={"help": "What to measure (memory-probe: one batch size, run by `memory` in a fresh process)."}
     )
     preset: str = "bit-tiny"
-    image_size: int = 224
+    image_size: int = IMAGE_SIZE
     batch_size: int = 8
     batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2], metadata={"help": "Two sizes, for memory."})
     num_labels: int = 1000

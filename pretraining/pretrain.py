@@ -5,10 +5,12 @@
     torchrun --nproc_per_node 2 pretraining/pretrain.py --model-preset bit-tiny --train-dir D --output-dir O
     python pretraining/pretrain.py --model-preset bit-tiny --train-dir D --output-dir O --max-steps 100
 
-accelerate is the distributed engine (DDP, FSDP, DeepSpeed, TPU). The recipe (SGD momentum 0.9,
-lr 0.03 x batch/256, 5000 warmup steps, staircase decays, weight decay 1e-4, global batch 4096) comes from
-`pretraining.recipe`; every value has a flag, and the script prints what differs from the paper. The global
-batch is per-device batch x processes x gradient accumulation; the accumulation is derived.
+accelerate is the distributed engine (DDP, FSDP, DeepSpeed, TPU). The recipe (SGD with momentum, learning
+rate scaled with the global batch, linear warmup, staircase decays, weight decay; the paper's values) comes
+from `pretraining.recipe`; every value has a flag (defaults below), and the script prints what differs from
+the paper. The global batch is per-device batch x processes x gradient accumulation; the accumulation is
+derived, and a resume that would change any of them (or anything else that fixes the data order, schedule
+or model) is refused, naming what changed.
 
 Writes checkpoints (`O/checkpoints/step-N`, atomic, the newest --keep-checkpoints kept; resume with
 `--resume-from-checkpoint latest|PATH` continues exactly), `O/training_log.jsonl`, `O/probe_results.json`
@@ -45,13 +47,24 @@ from modeling_bit.configuration_bit import canonical_preset_name
 from modeling_bit.file_utils import atomic_directory, atomic_write_json
 from modeling_bit.modeling_bit import MIN_IMAGE_SIZE
 from pretraining import data as upstream_data
+from pretraining.errors import InputError
 from pretraining.probe import few_shot_probe
 from pretraining.recipe import (
+    BASE_LEARNING_RATE,
+    BASE_LEARNING_RATE_BATCH_SIZE,
+    CROP_AREA_RANGE,
+    CROP_ASPECT_RATIO_RANGE,
     DEFAULT_SCHEDULE,
     FEW_SHOT_EXAMPLES_PER_CLASS,
     GLOBAL_BATCH_SIZE,
+    HORIZONTAL_FLIP_PROBABILITY,
     IMAGE_SIZE,
+    LEARNING_RATE_DECAY_FACTOR,
+    MOMENTUM,
+    MULTI_LABEL_HEAD_BIAS,
     SCHEDULES,
+    WARMUP_STEPS,
+    WEIGHT_DECAY,
     LearningRateSchedule,
     Recipe,
     build_schedule,
@@ -74,14 +87,28 @@ METADATA_FILE = "bit_pretraining.json"
 PROJECT_NAME = "bit-pretraining"
 
 
+def _show_range(values) -> str:
+    return " ".join(f"{value:.3g}" for value in values)
+
+
+def _describe_schedules() -> str:
+    return "; ".join(
+        f"{name} {schedule.epochs:g} epochs, decays after {'/'.join(f'{e:g}' for e in schedule.decay_epochs)}"
+        for name, schedule in SCHEDULES.items()
+    )
+
+
 @dataclasses.dataclass
 class ModelArguments:
     model_preset: str = dataclasses.field(
         metadata={"help": "BiT architecture: BiT-{S,M}-R{50x1,...,152x4}, bit-tiny, bit-small (case-insensitive)."}
     )
-    image_size: int = dataclasses.field(default=IMAGE_SIZE, metadata={"help": "Training resolution (paper: 224)."})
+    image_size: int = dataclasses.field(
+        default=IMAGE_SIZE, metadata={"help": f"Training resolution (paper: {IMAGE_SIZE})."}
+    )
     multi_label: bool = dataclasses.field(
-        default=False, metadata={"help": "Labels are lists of class ids: per-class sigmoid loss, head bias -10."}
+        default=False,
+        metadata={"help": "Labels are lists of class ids: per-class sigmoid loss, head bias --multi-label-head-bias."},
     )
     mixed_precision: Literal["no", "bf16", "fp16"] | None = dataclasses.field(
         default=None, metadata={"help": "Autocast precision; default: the accelerate config's (else none)."}
@@ -116,7 +143,11 @@ class DataArguments:
     num_train_examples: int | None = dataclasses.field(
         default=None, metadata={"help": "Size of a streamed training set (converts epochs into steps)."}
     )
-    shuffle_buffer_size: int = dataclasses.field(default=10000, metadata={"help": "Streaming shuffle buffer."})
+    shuffle_buffer_size: int = dataclasses.field(
+        default=10000,
+        metadata={"help": "Streaming: each DataLoader worker shuffles its examples in windows of this many (the shard "
+                          "order is shuffled each epoch too); a resume re-reads at most one window."},
+    )
     dataloader_num_workers: int = dataclasses.field(default=2, metadata={"help": "Decoding processes per process."})
     cache_dir: str | None = None
 
@@ -125,21 +156,49 @@ class DataArguments:
 class PretrainingArguments:
     output_dir: str = dataclasses.field(metadata={"help": "Checkpoints, logs and the final model (O/final)."})
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "Train for this many optimizer steps."})
-    epochs: float | None = dataclasses.field(default=None, metadata={"help": "Train for this many epochs (paper: 90/40)."})
+    epochs: float | None = dataclasses.field(
+        default=None, metadata={"help": "Train for this many epochs (default: the --schedule's)."}
+    )
     schedule: Literal["bit-s", "bit-m", "bit-l"] = dataclasses.field(
-        default=DEFAULT_SCHEDULE, metadata={"help": "Paper schedule: bit-s/bit-m 90 epochs, decays 30/60/80; bit-l 40, 10/23/30/37."}
+        default=DEFAULT_SCHEDULE, metadata={"help": "Paper schedule: " + _describe_schedules() + "."}
     )
     global_batch_size: int = dataclasses.field(
-        default=GLOBAL_BATCH_SIZE, metadata={"help": "Images per optimizer step over all processes (paper: 4096)."}
+        default=GLOBAL_BATCH_SIZE,
+        metadata={"help": f"Images per optimizer step over all processes (paper: {GLOBAL_BATCH_SIZE})."},
     )
     per_device_batch_size: int = 32
-    base_learning_rate: float | None = dataclasses.field(default=None, metadata={"help": "At batch 256 (paper: 0.03)."})
-    warmup_steps: int | None = dataclasses.field(default=None, metadata={"help": "Linear warmup (paper: 5000)."})
-    decay_epochs: list[float] | None = dataclasses.field(default=None, metadata={"help": "Epochs of the x0.1 decays."})
-    weight_decay: float | None = dataclasses.field(default=None, metadata={"help": "Paper: 1e-4."})
-    momentum: float | None = dataclasses.field(default=None, metadata={"help": "Paper: 0.9."})
+    base_learning_rate: float | None = dataclasses.field(
+        default=None, metadata={"help": f"Learning rate at --base-learning-rate-batch-size (paper: {BASE_LEARNING_RATE:g})."}
+    )
+    base_learning_rate_batch_size: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": f"Batch size the base learning rate is given for; the peak scales with global batch / this "
+                          f"(paper: {BASE_LEARNING_RATE_BATCH_SIZE})."},
+    )
+    warmup_steps: int | None = dataclasses.field(
+        default=None, metadata={"help": f"Linear warmup steps (paper: {WARMUP_STEPS})."}
+    )
+    decay_epochs: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "Epochs after which the learning rate decays (default: the --schedule's)."}
+    )
+    learning_rate_decay_factor: float | None = dataclasses.field(
+        default=None, metadata={"help": f"Factor of each decay (paper: {LEARNING_RATE_DECAY_FACTOR:g})."}
+    )
+    weight_decay: float | None = dataclasses.field(default=None, metadata={"help": f"Paper: {WEIGHT_DECAY:g}."})
+    momentum: float | None = dataclasses.field(default=None, metadata={"help": f"SGD momentum (paper: {MOMENTUM:g})."})
     crop_area_range: list[float] | None = dataclasses.field(
-        default=None, metadata={"help": "Inception crop area fraction LOW HIGH (default 0.08 1.0)."}
+        default=None,
+        metadata={"help": "Inception crop: area fraction LOW HIGH (paper: " + _show_range(CROP_AREA_RANGE) + ")."},
+    )
+    crop_aspect_ratio_range: list[float] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Inception crop: aspect ratio LOW HIGH (paper: " + _show_range(CROP_ASPECT_RATIO_RANGE) + ")."},
+    )
+    horizontal_flip_probability: float | None = dataclasses.field(
+        default=None, metadata={"help": f"Paper: {HORIZONTAL_FLIP_PROBABILITY:g}."}
+    )
+    multi_label_head_bias: float | None = dataclasses.field(
+        default=None, metadata={"help": f"Initial head bias with --multi-label (default: {MULTI_LABEL_HEAD_BIAS:g})."}
     )
     seed: int = 0
     checkpoint_every: int = dataclasses.field(default=1000, metadata={"help": "Save a checkpoint every K steps."})
@@ -166,26 +225,44 @@ def parse_arguments(argv: list[str] | None = None):
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> None:
     """Refuse bad combinations before any data is read or any process group is used."""
     if canonical_preset_name(model_args.model_preset) is None:
-        raise ValueError(f"Unknown --model-preset {model_args.model_preset!r}: expected one of {', '.join(BitConfig.preset_names())}.")
+        raise InputError(f"Unknown --model-preset {model_args.model_preset!r}: expected one of {', '.join(BitConfig.preset_names())}.")
     if model_args.image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"--image-size {model_args.image_size}: BiT needs at least {MIN_IMAGE_SIZE} pixels.")
+        raise InputError(f"--image-size {model_args.image_size}: BiT needs at least {MIN_IMAGE_SIZE} pixels.")
     if (data_args.train_dir is None) == (data_args.dataset is None):
-        raise ValueError("Give exactly one of --train-dir (an image folder) and --dataset (a datasets name or path).")
+        raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a datasets name or path).")
     if args.max_steps is not None and args.epochs is not None:
-        raise ValueError("Give --max-steps or --epochs, not both.")
+        raise InputError("Give --max-steps or --epochs, not both.")
     for name in ("checkpoint_every", "keep_checkpoints", "logging_steps", "per_device_batch_size", "global_batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if data_args.shuffle_buffer_size < 1:
+        raise InputError(f"--shuffle-buffer-size {data_args.shuffle_buffer_size}: expected at least 1.")
     if args.probe_every < 0 or data_args.validation_examples < 0 or data_args.dataloader_num_workers < 0:
-        raise ValueError("--probe-every, --validation-examples and --dataloader-num-workers cannot be negative.")
+        raise InputError("--probe-every, --validation-examples and --dataloader-num-workers cannot be negative.")
     if args.crop_area_range is not None and not (
         len(args.crop_area_range) == 2 and 0 < args.crop_area_range[0] <= args.crop_area_range[1] <= 1
     ):
-        raise ValueError(f"--crop-area-range {args.crop_area_range}: expected LOW HIGH with 0 < LOW <= HIGH <= 1.")
+        raise InputError(f"--crop-area-range {args.crop_area_range}: expected LOW HIGH with 0 < LOW <= HIGH <= 1.")
+    if args.crop_aspect_ratio_range is not None and not (
+        len(args.crop_aspect_ratio_range) == 2 and 0 < args.crop_aspect_ratio_range[0] <= args.crop_aspect_ratio_range[1]
+    ):
+        raise InputError(f"--crop-aspect-ratio-range {args.crop_aspect_ratio_range}: expected LOW HIGH with 0 < LOW <= HIGH.")
+    if args.horizontal_flip_probability is not None and not 0 <= args.horizontal_flip_probability <= 1:
+        raise InputError(f"--horizontal-flip-probability {args.horizontal_flip_probability}: expected a value in [0, 1].")
+    if args.learning_rate_decay_factor is not None and not 0 < args.learning_rate_decay_factor <= 1:
+        raise InputError(f"--learning-rate-decay-factor {args.learning_rate_decay_factor}: expected a value in (0, 1].")
+    if args.base_learning_rate_batch_size is not None and args.base_learning_rate_batch_size < 1:
+        raise InputError(f"--base-learning-rate-batch-size {args.base_learning_rate_batch_size}: expected at least 1.")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise InputError(f"--warmup-steps {args.warmup_steps}: expected 0 or more.")
+    for name in ("base_learning_rate", "weight_decay", "momentum", "multi_label_head_bias"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} {value}: expected a finite number.")
     if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
-        raise ValueError("--report-to tensorboard needs tensorboard: pip install tensorboard.")
+        raise InputError("--report-to tensorboard needs tensorboard: pip install tensorboard.")
     if args.report_to in ("trackio", "all") and not is_trackio_available():
-        raise ValueError("--report-to trackio needs trackio: pip install trackio.")
+        raise InputError("--report-to trackio needs trackio: pip install trackio.")
 
 
 def make_recipe(model_args: ModelArguments, args: PretrainingArguments) -> Recipe:
@@ -196,10 +273,15 @@ def make_recipe(model_args: ModelArguments, args: PretrainingArguments) -> Recip
         warmup_steps=args.warmup_steps,
         epochs=args.epochs,
         decay_epochs=args.decay_epochs,
+        base_learning_rate_batch_size=args.base_learning_rate_batch_size,
+        learning_rate_decay_factor=args.learning_rate_decay_factor,
         weight_decay=args.weight_decay,
         momentum=args.momentum,
         image_size=model_args.image_size,
         crop_area_range=args.crop_area_range,
+        crop_aspect_ratio_range=args.crop_aspect_ratio_range,
+        horizontal_flip_probability=args.horizontal_flip_probability,
+        multi_label_head_bias=args.multi_label_head_bias,
     )
 
 
@@ -221,40 +303,38 @@ def build_model(model_args: ModelArguments, labels: upstream_data.LabelSpace, re
 
 
 def build_train_loader(source: upstream_data.UpstreamData, builder, accelerator: Accelerator, args: PretrainingArguments,
-                       data_args: DataArguments, accumulation: int, start_step: int, total_steps: int, seed: int):
-    """This process's micro-batches from `start_step` on.
+                       data_args: DataArguments, accumulation: int, start_step: int, total_steps: int,
+                       stream_positions: dict[int, dict]):
+    """This process's micro-batches from `start_step` on (a stream's workers restart at `stream_positions`).
 
     Sharding is ours (the data position is a function of the step); accelerate only moves batches to the
     device (and wraps the loader for TPU). The loader's own generator seeds its workers, so creating it does
     not consume the global RNG that checkpoints restore.
     """
     if source.streaming:
-        stream = upstream_data.shard_stream(
-            source.train, seed, data_args.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes
-        )
-        workers = upstream_data.max_stream_workers(stream, data_args.dataloader_num_workers)
+        stream = upstream_data.shard_stream(source.train, args.seed, accelerator.process_index, accelerator.num_processes)
         examples = upstream_data.ResumableStream(
             stream, args.per_device_batch_size, start_step * accumulation, total_steps * accumulation,
-            accelerator.process_index,
+            accelerator.process_index, args.seed, data_args.shuffle_buffer_size, stream_positions,
         )
         loader = torch.utils.data.DataLoader(
-            examples, batch_size=args.per_device_batch_size, num_workers=workers, collate_fn=builder,
-            generator=torch.Generator().manual_seed(seed),
+            examples, batch_size=args.per_device_batch_size,
+            num_workers=upstream_data.max_stream_workers(stream, data_args.dataloader_num_workers),
+            collate_fn=upstream_data.StreamBatchBuilder(builder), generator=torch.Generator().manual_seed(args.seed),
         )
     else:
-        workers = data_args.dataloader_num_workers
         sampler = upstream_data.StepBatchSampler(
             args.per_device_batch_size, accelerator.num_processes, accelerator.process_index, accumulation,
             start_step, total_steps,
         )
         loader = torch.utils.data.DataLoader(
-            upstream_data.EpochStream(source.train, seed), batch_sampler=sampler, num_workers=workers,
-            collate_fn=builder, generator=torch.Generator().manual_seed(seed),
+            upstream_data.EpochStream(source.train, args.seed), batch_sampler=sampler,
+            num_workers=data_args.dataloader_num_workers, collate_fn=builder,
+            generator=torch.Generator().manual_seed(args.seed),
         )
-    prepared = prepare_data_loader(
+    return prepare_data_loader(
         loader, device=accelerator.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
     )
-    return prepared, workers
 
 
 class HeldOutSet:
@@ -372,6 +452,10 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     model_args, data_args, args = parse_arguments(argv)
     validate_arguments(model_args, data_args, args)
     output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output-dir {output_dir}: cannot create it ({error}); expected a writable folder.") from error
     recipe = make_recipe(model_args, args)
 
     # accelerate treats a torchrun launch on CPU-only machines as multi-CPU (gloo) only when told to use the CPU.
@@ -401,6 +485,12 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     schedule = build_schedule(recipe, source.num_train_examples, args.max_steps)
     announce_run(accelerator, model_args, recipe, schedule, source, args, accumulation)
     differences = differences_from_paper(recipe, schedule, args)
+    signature = run_signature(
+        model_args, data_args, args, recipe, schedule, source, accelerator.num_processes, accumulation
+    )
+    progress = read_progress(checkpoint) if checkpoint is not None else None
+    if progress is not None:
+        check_resumable(progress, signature, checkpoint)
 
     model = build_model(model_args, source.labels, recipe)
     optimizer = torch.optim.SGD(
@@ -411,11 +501,13 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         accelerator.init_trackers(PROJECT_NAME, config={**recipe.to_dict(), "total_steps": schedule.total_steps})
 
     start_step, unreadable = 0, UnreadableImages()
+    stream_positions: dict[int, dict] = {}  # DataLoader worker -> position of its last example trained on
     if checkpoint is not None:
-        progress = read_progress(checkpoint)
-        check_resumable(progress, schedule, recipe, source, args)
         accelerator.load_state(str(checkpoint))
         start_step = progress["step"]
+        if source.streaming:
+            saved = progress["stream_positions"][accelerator.process_index]
+            stream_positions = {int(worker): position for worker, position in saved.items()}
         unreadable.restore(progress["unreadable_images"], accelerator)
         accelerator.print(f"Resumed from {checkpoint} at step {start_step}.")
     elif args.resume_from_checkpoint == "latest":
@@ -431,8 +523,9 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     )
     held_out = HeldOutSet(source, eval_builder, accelerator, args.probe_examples_per_class, args.probe_classes,
                           args.per_device_batch_size, scan_limit=max(data_args.validation_examples, 1))
-    loader, workers = build_train_loader(
-        source, train_builder, accelerator, args, data_args, accumulation, start_step, schedule.total_steps, args.seed
+    loader = build_train_loader(
+        source, train_builder, accelerator, args, data_args, accumulation, start_step, schedule.total_steps,
+        stream_positions,
     )
 
     log_path, probe_path = output_dir / TRAINING_LOG_FILE, output_dir / PROBE_RESULTS_FILE
@@ -445,13 +538,10 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             probe_results = [r for r in json.loads(probe_path.read_text()) if r["step"] <= start_step]
 
     def progress_state(step: int) -> dict:
-        return {
-            "step": step, "total_steps": schedule.total_steps, "global_batch_size": recipe.global_batch_size,
-            "per_device_batch_size": args.per_device_batch_size, "num_processes": accelerator.num_processes,
-            "gradient_accumulation_steps": accumulation, "seed": args.seed, "streaming": source.streaming,
-            "dataloader_num_workers": workers, "num_train_examples": source.num_train_examples,
-            "unreadable_images": unreadable.gathered(accelerator), "recipe": recipe.to_dict(),
-        }
+        progress = {"step": step, **signature, "unreadable_images": unreadable.gathered(accelerator)}
+        if source.streaming:
+            progress["stream_positions"] = gather_object([stream_positions])
+        return progress
 
     def run_probe(step: int) -> dict:
         result = held_out.evaluate(model, source.labels.multi_label)
@@ -462,6 +552,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             for entry in few_shot_probe(result["features"], result["labels"], FEW_SHOT_EXAMPLES_PER_CLASS, seed=args.seed):
                 probe_results.append({"step": step, **entry})
                 metrics[f"probe_{entry['examples_per_class']}shot_accuracy"] = entry["accuracy"]
+                metrics["probe_classes"] = entry["num_classes"]  # the same for every k
             atomic_write_json(probe_path, probe_results)
         return metrics
 
@@ -480,6 +571,9 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             group["lr"] = learning_rate
         for _ in range(accumulation):
             batch = next(batches)
+            if source.streaming:
+                position = batch.pop("stream_position")
+                stream_positions[position["worker"]] = position
             if on_batch is not None:
                 on_batch(step, batch)
             unreadable.add(batch["unreadable"])
@@ -532,7 +626,11 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    result = train(argv)
+    try:
+        result = train(argv)
+    except InputError as error:
+        # Bad input is explained in the message; a traceback would only bury it.
+        raise SystemExit(f"pretrain: error: {error}") from None
     result.accelerator.end_training()  # finish the trackers, then leave the process group cleanly
     return result.final
 
@@ -576,17 +674,77 @@ def _postfix(metrics: dict, learning_rate: float) -> dict:
     return postfix
 
 
-def check_resumable(progress: dict, schedule: LearningRateSchedule, recipe: Recipe, source, args) -> None:
-    """Exact continuation needs the same data order and schedule; say which flag changed if not."""
-    expected = {
-        "total_steps": schedule.total_steps, "global_batch_size": recipe.global_batch_size, "seed": args.seed,
-        "num_train_examples": source.num_train_examples, "streaming": source.streaming,
+# What fixes a run's data order, schedule and model, with the flag (or launcher setting) that sets each value.
+RESUME_KEYS = {
+    "model_preset": "--model-preset",
+    "dataset": "--train-dir / --dataset and their options",
+    "data_files": "--data-files",
+    "image_column": "--image-column",
+    "label_column": "--label-column",
+    "streaming": "--streaming",
+    "validation_split": "--validation-split",
+    "validation_examples": "--validation-examples",
+    "seed": "--seed",
+    "total_steps": "--max-steps / --epochs",
+    "decay_steps": "--decay-epochs / --max-steps / --epochs",
+    "global_batch_size": "--global-batch-size",
+    "per_device_batch_size": "--per-device-batch-size",
+    "num_processes": "the launcher's number of processes",
+    "gradient_accumulation_steps": "derived: global batch / (per-device batch x processes)",
+    "shuffle_buffer_size": "--shuffle-buffer-size",
+    "dataloader_num_workers": "--dataloader-num-workers (streaming: workers share the shards)",
+    "recipe": "the recipe flags",
+}
+
+
+def run_signature(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments, recipe: Recipe,
+                  schedule: LearningRateSchedule, source, num_processes: int, accumulation: int) -> dict:
+    """The values of `RESUME_KEYS` for this run: a checkpoint continues exactly only under the same values.
+
+    Map-style data is read by position (the examples of a step do not depend on the number of workers), so
+    the worker count and shuffle buffer only matter for a stream, where workers own shards.
+    """
+    signature = {
+        "model_preset": canonical_preset_name(model_args.model_preset),
+        "dataset": source.description,
+        "data_files": data_args.data_files,
+        "image_column": source.image_column,
+        "label_column": source.label_column,
+        "streaming": source.streaming,
+        "validation_split": data_args.validation_split,
+        "validation_examples": data_args.validation_examples,
+        "seed": args.seed,
+        "total_steps": schedule.total_steps,
+        "decay_steps": list(schedule.decay_steps),
+        "global_batch_size": recipe.global_batch_size,
+        "per_device_batch_size": args.per_device_batch_size,
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": accumulation,
+        "recipe": recipe.to_dict(),
     }
-    changed = [f"{key} {progress.get(key)} -> {value}" for key, value in expected.items() if progress.get(key) != value]
+    if source.streaming:
+        signature["shuffle_buffer_size"] = data_args.shuffle_buffer_size
+        signature["dataloader_num_workers"] = data_args.dataloader_num_workers
+    # The JSON round trip of progress.json turns tuples into lists: compare like with like.
+    return json.loads(json.dumps(signature))
+
+
+def check_resumable(progress: dict, signature: dict, checkpoint: Path) -> None:
+    """Refuse a resume that would not continue exactly, naming each changed value and the checkpoint's."""
+    changed = []
+    for key, value in signature.items():
+        saved = progress.get(key, "(not recorded)")
+        if key == "recipe" and isinstance(saved, dict):
+            changed.extend(
+                f"recipe {name} is {value[name]!r} now, the checkpoint used {saved.get(name)!r}"
+                for name in value if saved.get(name) != value[name]
+            )
+        elif saved != value:
+            changed.append(f"{key} ({RESUME_KEYS[key]}) is {value!r} now, the checkpoint used {saved!r}")
     if changed:
-        raise ValueError(
-            "The checkpoint cannot be continued exactly with these arguments (" + "; ".join(changed) + "). Resume with "
-            "the arguments of the interrupted run, or start a new --output-dir."
+        raise InputError(
+            f"Cannot continue {checkpoint} exactly: " + "; ".join(changed) + ". Resume with the interrupted run's "
+            "arguments and launcher, or start a new --output-dir."
         )
 
 
@@ -594,9 +752,11 @@ def differences_from_paper(recipe: Recipe, schedule: LearningRateSchedule, args)
     """What this run changes in the paper's recipe, one line each."""
     differences = recipe.differences_from_paper()
     if args.max_steps is not None:
+        decays = "/".join(f"{epoch:g}" for epoch in recipe.decay_epochs)
         differences.append(
-            f"length: {schedule.total_steps} steps from --max-steps (paper: {recipe.epochs:g} epochs), decays at "
-            f"the paper's fractions of it"
+            f"length: {schedule.total_steps} steps from --max-steps (paper: {recipe.epochs:g} epochs); the decays after "
+            f"epochs {decays} of {recipe.epochs:g} fall at the same fractions of the steps: "
+            f"{'/'.join(str(step) for step in schedule.decay_steps)}"
         )
     return differences
 

@@ -83,6 +83,18 @@ def few_shot_accuracy(
 
 
 def few_shot_probe(features, labels, examples_per_class=FEW_SHOT_EXAMPLES_PER_CLASS, seed: int = 0) -> list[dict]:
-    """`few_shot_accuracy` for each k, leaving out the ks the held-out set is too small for."""
-    results = [few_shot_accuracy(features, labels, k, seed=seed) for k in examples_per_class]
-    return [result for result in results if result is not None]
+    """`few_shot_accuracy` for each k on one set of classes, so that the accuracies of different k compare.
+
+    The set is the classes with more than the largest k examples (each needs a test example). If fewer than
+    two classes have that many, the largest k is left out and the set chosen again for the next.
+    """
+    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    labels = np.asarray(labels, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    shots = sorted(examples_per_class)
+    while shots and np.sum(counts > shots[-1]) < 2:
+        shots.pop()
+    if not shots:
+        return []
+    keep = np.isin(labels, classes[counts > shots[-1]])
+    return [few_shot_accuracy(features[keep], labels[keep], k, seed=seed) for k in examples_per_class if k in shots]

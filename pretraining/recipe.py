@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .errors import InputError
+
 # --- Optimisation (paper §3.3; BIT_RECIPE.md "Upstream pretraining") -------------------------------
 GLOBAL_BATCH_SIZE = 4096  # §3.3: "We use a global batch size of 4096" (8 images per TPUv3 chip on 512 chips)
 BASE_LEARNING_RATE = 0.03  # §3.3: initial learning rate 0.03 ...
@@ -107,7 +109,7 @@ def recipe_for_schedule(schedule: str, **overrides) -> Recipe:
     Overriding `epochs` without `decay_epochs` moves the decays with it (BiT-M at 9 epochs decays at 3, 6, 8).
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"Unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}.")
+        raise InputError(f"Unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}.")
     overrides = {key: value for key, value in overrides.items() if value is not None}
     fields = {**_schedule_fields(schedule), **overrides}
     if "epochs" in overrides and "decay_epochs" not in overrides:
@@ -165,12 +167,12 @@ def build_schedule(recipe: Recipe, num_examples: int | None, max_steps: int | No
     """
     if max_steps is not None:
         if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+            raise InputError(f"max_steps must be at least 1, got {max_steps}.")
         total_steps = int(max_steps)
         decay_steps = tuple(round(total_steps * epoch / recipe.epochs) for epoch in recipe.decay_epochs)
     else:
         if not num_examples:
-            raise ValueError(
+            raise InputError(
                 "The length of a run in epochs needs the number of training examples, which a streaming dataset "
                 "does not know: pass --max-steps, or --num-train-examples."
             )
@@ -190,13 +192,13 @@ def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: i
     """global batch = per-device batch x processes x accumulation; raise if that has no integer solution."""
     per_step = per_device_batch_size * num_processes
     if per_device_batch_size < 1 or global_batch_size < 1:
-        raise ValueError(
+        raise InputError(
             f"Batch sizes must be positive, got global {global_batch_size} and per-device {per_device_batch_size}."
         )
     if global_batch_size % per_step:
         divisors = [b for b in range(1, per_device_batch_size + 1) if global_batch_size % (b * num_processes) == 0]
         hint = f" e.g. --per-device-batch-size {divisors[-1]}" if divisors else ""
-        raise ValueError(
+        raise InputError(
             f"The global batch size {global_batch_size} is not a multiple of per-device batch "
             f"{per_device_batch_size} x {num_processes} process(es) = {per_step}: choose a per-device batch size "
             f"that divides {global_batch_size} / {num_processes}{hint}, or another global batch size."

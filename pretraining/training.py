@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -13,11 +14,15 @@ import torch.nn.functional as F
 
 from modeling_bit.file_utils import atomic_write_json, atomic_write_text
 
+from .errors import InputError
+
 CHECKPOINTS_FOLDER = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 TRAINING_LOG_FILE = "training_log.jsonl"
 PROBE_RESULTS_FILE = "probe_results.json"
+
+logger = logging.getLogger(__name__)
 
 
 def upstream_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, multi_label: bool) -> torch.Tensor:
@@ -69,7 +74,7 @@ def resolve_checkpoint(output_dir: Path, requested: str) -> Path | None:
         return checkpoints[-1][1] if checkpoints else None
     path = Path(requested)
     if not (path / PROGRESS_FILE).is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"--resume-from-checkpoint {requested}: not a complete checkpoint (expected a folder with {PROGRESS_FILE}, "
             f"as written under {Path(output_dir) / CHECKPOINTS_FOLDER}/step-NNNNNNNN)."
         )
@@ -118,18 +123,46 @@ def _fsync_directory(path: Path) -> None:
 # --- Logs --------------------------------------------------------------------------------------------------
 
 
-def truncate_training_log(path: Path, last_step: int) -> list[dict]:
-    """Keep the log entries up to `last_step` (a resumed run rewrites what came after its checkpoint)."""
+def read_training_log(path: Path) -> list[dict]:
+    """The entries of a training log; a torn last line (the process killed mid-write) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [entry for entry in entries if entry["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
+    lines = path.read_bytes().split(b"\n")
+    # Every complete entry ends with a newline, so the last piece is empty unless the final write was torn.
+    complete, torn = lines[:-1], lines[-1]
+    entries = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError as error:
+            raise InputError(
+                f"{path} line {number} is not a JSON object ({error}): the log was edited or damaged; repair or delete "
+                "that line (the checkpoints do not depend on the log)."
+            ) from error
+    if torn.strip():
+        logger.warning("%s: dropped an incomplete last line (the run was stopped while writing it).", path)
+    return entries
+
+
+def truncate_training_log(path: Path, last_step: int) -> list[dict]:
+    """Keep the log entries up to `last_step`: a resumed run writes again what came after its checkpoint."""
+    # A run starting at step 0 replaces whatever an earlier run left, without reading it.
+    kept = [entry for entry in read_training_log(path) if entry["step"] <= last_step] if last_step > 0 else []
+    if Path(path).exists():
+        atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
     return kept
 
 
 def append_training_log(path: Path, entry: dict) -> None:
-    with open(path, "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(entry) + "\n")
-        stream.flush()
+    """Append one line in a single write, so a kill leaves at worst one torn last line (`read_training_log`)."""
+    line = (json.dumps(entry) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(descriptor, line)
+        while written < len(line):  # only on a full disk or a signal: finish the same line
+            written += os.write(descriptor, line[written:])
+    finally:
+        os.close(descriptor)

@@ -6,10 +6,12 @@ bit-tiny preset and data the tests write; the kill test SIGKILLs a real training
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,14 +29,22 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT, run_clean_python
 from pretraining import data as upstream_data
 from pretraining import embedded_checkpoint_path
-from pretraining.probe import few_shot_accuracy, fit_ridge_classifier
+from pretraining.errors import InputError
+from pretraining.probe import few_shot_accuracy, few_shot_probe, fit_ridge_classifier
 from pretraining.recipe import (
     Recipe,
     build_schedule,
     gradient_accumulation_steps,
     recipe_for_schedule,
 )
-from pretraining.training import upstream_loss
+from pretraining.training import (
+    append_training_log,
+    completed_checkpoints,
+    read_progress,
+    read_training_log,
+    truncate_training_log,
+    upstream_loss,
+)
 
 SCRIPT = REPO_ROOT / "pretraining" / "pretrain.py"
 TINY_RUN = [
@@ -145,6 +155,25 @@ def test_gradient_accumulation_is_derived_or_refused():
         gradient_accumulation_steps(4096, 24, 8)
 
 
+def test_every_recipe_value_has_a_flag():
+    from pretraining import pretrain
+
+    values = {
+        "global_batch_size": 512, "base_learning_rate": 0.1, "base_learning_rate_batch_size": 512, "warmup_steps": 7,
+        "momentum": 0.8, "weight_decay": 5e-5, "learning_rate_decay_factor": 0.2, "schedule": "bit-l", "epochs": 12.0,
+        "decay_epochs": (2.0, 5.0), "image_size": 64, "crop_area_range": (0.2, 0.9), "crop_aspect_ratio_range": (0.5, 2.0),
+        "horizontal_flip_probability": 0.25, "multi_label_head_bias": -4.0,
+    }
+    assert set(values) == {field.name for field in dataclasses.fields(Recipe)}  # a new recipe value needs a flag
+    argv = ["--model-preset", "bit-tiny", "--output-dir", "o", "--train-dir", "d"]
+    for name, value in values.items():
+        argv += [f"--{name.replace('_', '-')}", *(str(v) for v in (value if isinstance(value, tuple) else [value]))]
+    model_args, _, args = pretrain.parse_arguments(argv)
+    assert dataclasses.asdict(pretrain.make_recipe(model_args, args)) == values
+    with pytest.raises(InputError, match="--horizontal-flip-probability 1.5"):
+        pretrain.validate_arguments(*pretrain.parse_arguments([*argv, "--horizontal-flip-probability", "1.5"]))
+
+
 def test_upstream_losses_against_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0], [1.0, 1.0, 1.0]])
     labels = torch.tensor([0, 1, 2])
@@ -204,6 +233,17 @@ def test_few_shot_accuracy_separates_informative_from_random_features():
     assert few_shot_accuracy(informative, labels, examples_per_class=12) is None  # no class has a test example
 
 
+def test_all_shots_of_the_probe_use_the_same_classes():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), [12, 12, 6, 6])  # only two classes have more than 10 examples
+    features = np.eye(4)[labels] + rng.normal(scale=0.5, size=(36, 4))
+    results = few_shot_probe(features, labels, (1, 5, 10))
+    assert [r["examples_per_class"] for r in results] == [1, 5, 10]
+    assert [r["num_classes"] for r in results] == [2, 2, 2]
+    assert [r["num_classes"] for r in few_shot_probe(features, labels, (1, 5))] == [4, 4]
+    assert few_shot_probe(features, labels, (1, 12)) == [few_shot_accuracy(features, labels, 1)]  # 12 cannot be tested
+
+
 # --- sharding: the data position is a function of the step ----------------------------------------------
 
 
@@ -233,11 +273,36 @@ def test_a_streams_held_out_slice_never_reaches_any_process(identity_shards):
     source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=5)
     held_out = {example["label"] for example in source.validation}
     trained = [
-        [example["label"] for example in upstream_data.shard_stream(source.train, 0, 8, rank, 2)] for rank in (0, 1)
+        [example["label"] for example in upstream_data.shard_stream(source.train, 0, rank, 2)] for rank in (0, 1)
     ]
     assert held_out == {0, 1, 2, 3, 4}  # the first examples of the stream
     assert not held_out & (set(trained[0]) | set(trained[1]))
     assert sorted(trained[0] + trained[1]) == list(range(5, 32))  # everything else, once
+
+
+def test_streaming_resume_rereads_at_most_one_window_not_the_stream(identity_shards, monkeypatch):
+    # datasets sleeps 5 s whenever a multi-shard stream stops (an Arrow thread-shutdown workaround); this test
+    # stops one four times.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+    source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=0)
+    reads = []
+
+    def counted(example):
+        reads.append(example["label"])
+        return example
+
+    stream = upstream_data.shard_stream(source.train, 0, 0, 1).map(counted)
+    batch, window = 2, 4
+    full = list(upstream_data.ResumableStream(stream, batch, 0, 32, 0, seed=0, window_size=window))
+    assert sorted(example["label"] for example, _, _ in full[:32]) == list(range(32))  # an epoch, shuffled
+    assert [example["label"] for example, _, _ in full[:32]] != list(range(32))
+    for done in (10, 19):  # micro-batches trained on before the checkpoint (19: into the second epoch)
+        position = json.loads(json.dumps(full[done * batch - 1][2]))  # as progress.json stores it
+        reads.clear()
+        resumed = list(upstream_data.ResumableStream(stream, batch, done, 32, 0, seed=0, window_size=window,
+                                                     resume_positions={0: position}))
+        assert [(e["label"], key) for e, key, _ in resumed] == [(e["label"], key) for e, key, _ in full[done * batch:]]
+        assert len(reads) - len(resumed) <= window  # re-read: the trained part of one window, not the past stream
 
 
 # --- two processes under torchrun -------------------------------------------------------------------------
@@ -361,6 +426,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_sha
         os.killpg(process.pid, signal.SIGKILL)  # the training process and its DataLoader worker
         process.wait()
     assert not (interrupted / "final").exists(), "killed too late: the run had finished"
+    with open(interrupted / "training_log.jsonl", "a") as log:
+        log.write('{"step": 99, "loss": 0.1')  # as if the kill had come in the middle of writing a line
 
     resumed = run(interrupted, "--resume-from-checkpoint", "latest")
     resumed_from = int(resumed.stdout.split("at step ")[1].split(".")[0])
@@ -380,8 +447,68 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_sha
     assert len(list((interrupted / "checkpoints").iterdir())) == 2  # the newest two kept, no half-written ones
 
 
-def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, identity_shards):
+def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_path, identity_shards):
     from pretraining import pretrain
+
+    common = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8",
+              "--checkpoint-every", "1", "--output-dir", str(tmp_path / "run"), "--resume-from-checkpoint", "latest"]
+    pretrain.train([*common, "--per-device-batch-size", "4"])
+    reset_accelerate()
+    with pytest.raises(InputError, match=r"per_device_batch_size \(--per-device-batch-size\) is 8 now, the checkpoint "
+                                         r"used 4; gradient_accumulation_steps .* is 1 now, the checkpoint used 2"):
+        pretrain.train([*common, "--per-device-batch-size", "8"])
+    reset_accelerate()
+    with pytest.raises(InputError, match=r"recipe base_learning_rate is 0.5 now, the checkpoint used 1.0"):
+        pretrain.train([*common, "--per-device-batch-size", "4", "--base-learning-rate", "0.5"])
+    reset_accelerate()
+    with pytest.raises(InputError, match=r"recipe horizontal_flip_probability is 0.0 now, the checkpoint used 0.5"):
+        pretrain.train([*common, "--per-device-batch-size", "4", "--horizontal-flip-probability", "0"])
+
+    checkpoint = completed_checkpoints(tmp_path / "run")[-1][1]
+    progress = read_progress(checkpoint)
+    signature = {key: progress[key] for key in pretrain.RESUME_KEYS if key in progress}
+    pretrain.check_resumable(progress, signature, checkpoint)  # the same run: accepted
+    with pytest.raises(InputError, match=r"num_processes \(the launcher's number of processes\) is 2 now, the checkpoint used 1"):
+        pretrain.check_resumable(progress, {**signature, "num_processes": 2}, checkpoint)
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_resume_truncates_the_log(tmp_path):
+    log = tmp_path / "training_log.jsonl"
+    for step in (1, 2, 3):
+        append_training_log(log, {"step": step, "loss": 1.0 / step})
+    with open(log, "ab") as stream:
+        stream.write(b'{"step": 4, "lo')  # the process was killed in the middle of this line
+    assert [entry["step"] for entry in read_training_log(log)] == [1, 2, 3]
+    assert [entry["step"] for entry in truncate_training_log(log, 2)] == [1, 2]
+    assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    append_training_log(log, {"step": 3, "loss": 0.25})
+    assert [entry["step"] for entry in read_training_log(log)] == [1, 2, 3]
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(InputError, match="line 2 is not a JSON object"):
+        read_training_log(log)
+
+
+def test_bad_input_to_the_script_exits_with_a_message_not_a_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--dataset", str(tmp_path / "missing")], "--dataset .*missing: cannot be loaded .* Expected a Hub dataset id"),
+        (["--train-dir", str(tmp_path / "empty")], "--train-dir .*empty: cannot be loaded .* Expected an image folder"),
+    ]
+    for arguments, message in cases:
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), "--model-preset", "bit-tiny", "--output-dir", str(tmp_path / "o"), *arguments],
+            capture_output=True, text=True, timeout=120, env=subprocess_env(tmp_path), cwd=tmp_path,
+        )
+        assert completed.returncode != 0
+        assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
+        last_line = completed.stderr.strip().splitlines()[-1]
+        assert last_line.startswith("pretrain: error: ") and re.search(message, last_line), last_line
+
+
+def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, identity_shards, monkeypatch):
+    from pretraining import pretrain
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)  # see the test above
 
     arguments = [
         *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--num-labels", "32", "--max-steps", "8",
@@ -575,6 +702,19 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
     with torch.no_grad():
         logits = model(**bit_image_processor(48)(glyph, return_tensors="pt")).logits
     assert logits.shape == (1, len(config["id2label"])) and torch.isfinite(logits).all()
+
+
+def test_embedded_checkpoint_card_is_what_write_model_card_writes_today(tmp_path):
+    import shutil
+
+    from model_cards import write_model_card
+
+    copy = tmp_path / embedded_checkpoint_path().name  # the card is named after its folder
+    shutil.copytree(embedded_checkpoint_path(), copy)
+    (copy / "README.md").unlink()
+    write_model_card(copy)
+    # If this fails, the card template changed: run write_model_card on the embedded folder (regenerate.sh does).
+    assert (copy / "README.md").read_text() == (embedded_checkpoint_path() / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,6 @@ OMP_NUM_THREADS=1 python pretraining/pretrain.py \
   --dataloader-num-workers 1 --seed 0
 
 rm -rf "$target" && cp -r "$work/run/final" "$target"
-# The card names the model after its folder: write it again under the shipped name.
+# The card's usage code loads the model by its folder name: write the card again under the shipped name.
 python -c "import sys; from model_cards import write_model_card; write_model_card(sys.argv[1])" "$target"
 echo "Regenerated $target in $(( $(date +%s) - start )) s"
