@@ -618,9 +618,11 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             save_checkpoint(accelerator, output_dir, done, progress_state(done), args.keep_checkpoints)
     progress_bar.close()
 
+    # Called from Python with `argv`, the process's own sys.argv is the caller's (e.g. pytest's), not this job's.
+    command = list(sys.argv) if argv is None else ["pretraining/pretrain.py", *argv]
     final = save_final(
         accelerator, model, output_dir, recipe, schedule, source, last_loss, unreadable.gathered(accelerator),
-        probe_results, differences,
+        probe_results, differences, command,
     )
     return PretrainingResult(final, model, accelerator)
 
@@ -780,7 +782,8 @@ def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRate
 
 
 def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: LearningRateSchedule, source,
-               final_loss: float, unreadable: dict, probe_results: list, differences: list[str]) -> Path:
+               final_loss: float, unreadable: dict, probe_results: list, differences: list[str],
+               command: list[str]) -> Path:
     """`O/final`: save_pretrained folder + image processor + metadata + logs, then the model card."""
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     final = output_dir / "final"
@@ -791,7 +794,7 @@ def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: L
             unwrapped.save_pretrained(staging, state_dict=contiguous)
             bit_image_processor(recipe.image_size).save_pretrained(staging)
             atomic_write_json(staging / METADATA_FILE, {
-                "command": list(sys.argv),
+                "command": command,
                 "recipe": {**recipe.to_dict(), "total_steps": schedule.total_steps,
                            "decay_steps": list(schedule.decay_steps)},
                 "differences_from_paper": differences,

@@ -603,23 +603,27 @@ class InterruptInTrial(TrainerCallback):
             raise KeyboardInterrupt(f"interrupted in trial {self.trial}")
 
 
+MARKED_ACCURACY = 0.123456789
+
+
 def test_resume_reuses_finished_trials_and_overwrite_output_dir_starts_over(tmp_path, tiny_checkpoint):
     folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
     run = ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--num-workers", "0", "--trials", "2",
            "--save-steps", "2", *SMALL_RUN]
     interrupted = tmp_path / "interrupted"
     assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptInTrial(2, 2)]) == 130
-    # Mark trial 1's finished result with an accuracy no run can reach, to see whether it is reused.
+    # Mark trial 1's finished result with an accuracy no run on these few images can reach (not a multiple of
+    # 1/n for a small n), to see whether it is reused.
     result_file = interrupted / "checkpoints" / "trial-1" / "result.json"
     result = json.loads(result_file.read_text())
-    result["eval_metrics"]["eval_accuracy"] = 7.0
+    result["eval_metrics"]["eval_accuracy"] = MARKED_ACCURACY
     result_file.write_text(json.dumps(result))
     copy = tmp_path / "copy"
     shutil.copytree(interrupted, copy)
     assert cli.main([*run, "--output-dir", str(interrupted), "--resume"]) == 0
-    assert json.loads((interrupted / "eval_results.json").read_text())["eval_accuracy_trials"][0] == 7.0
+    assert json.loads((interrupted / "eval_results.json").read_text())["eval_accuracy_trials"][0] == MARKED_ACCURACY
     assert cli.main([*run, "--output-dir", str(copy), "--overwrite-output-dir"]) == 0
-    assert 7.0 not in json.loads((copy / "eval_results.json").read_text())["eval_accuracy_trials"]
+    assert MARKED_ACCURACY not in json.loads((copy / "eval_results.json").read_text())["eval_accuracy_trials"]
     assert_complete_folder(copy)
 
 

@@ -864,7 +864,9 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
         (e["accuracy"], "imagefolder", "validation") for e in probes if e["step"] == last]
     text = (produced["pretrain.py"] / "README.md").read_text()
     assert produced["pretrain.py"].name == "final" and "\n# bit-tiny pre-trained on photos\n" in text
-    assert "__main__.py" not in text  # pretrain.train() records the caller's argv (here pytest's): not a command
+    # pretrain.train(argv) records the job's own arguments (not pytest's), rerunnable as the card shows them.
+    assert ("accelerate launch pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
+            "--train-dir photos") in text and "__main__.py" not in text
     assert pretrained.model_name == "bit-tiny pre-trained on photos"
 
     for folder, plots in ((produced["bit-finetune"], ["training_curves.png", "few_shot_accuracy.png"]),
