@@ -45,6 +45,10 @@ _ONEDNN_PREPACK_AVAILABLE = (
 
 # BiT downsamples by 32; smaller inputs leave the last stage nothing to see.
 MIN_IMAGE_SIZE = 32
+# Training on CPU: stages run channels-last until their feature maps are smaller than this. Measured on R50x1,
+# batch 8 @128, against stock transformers in one process: 1.16-1.18x, against 1.13-1.15x with every stage in the
+# default layout and 1.05-1.10x with only the first stage channels-last.
+CHANNELS_LAST_TRAINING_MIN_SIZE = 16
 
 
 def standardize_weight(weight: Tensor, eps: float) -> Tensor:
@@ -242,12 +246,7 @@ class BitEmbeddings(nn.Module):
         if pixel_values.device.type != "cpu":
             return self.pooler(self.convolution(pixel_values))
         # On CPU, oneDNN's strided 7x7 conv and the max-pool are several times faster channels-last.
-        embedding = self.pooler(self.convolution(pixel_values.contiguous(memory_format=torch.channels_last)))
-        if self.convolution.weight.requires_grad and torch.is_grad_enabled():
-            # While training, the stages are faster in the default layout (GroupNorm's backward is slower
-            # channels-last); inference runs them channels-last (see WeightStandardizedConv2d).
-            embedding = embedding.contiguous()
-        return embedding
+        return self.pooler(self.convolution(pixel_values.contiguous(memory_format=torch.channels_last)))
 
 
 class BitDropPath(nn.Module):
@@ -390,6 +389,15 @@ class BitEncoder(nn.Module):
         hidden_states = (hidden_state,) if output_hidden_states else None
         for stage in self.stages:
             hidden_state = stage(hidden_state)
+            if (
+                torch.is_grad_enabled()
+                and min(hidden_state.shape[-2:]) < CHANNELS_LAST_TRAINING_MIN_SIZE
+                and hidden_state.is_contiguous(memory_format=torch.channels_last)
+            ):
+                # Training on CPU (where the stem made the layout channels-last): oneDNN's convolutions, forward
+                # and backward, are faster channels-last on large feature maps, but on small ones GroupNorm's
+                # backward is slower there than the gain. Inference stays channels-last throughout.
+                hidden_state = hidden_state.contiguous()
             if output_hidden_states:
                 hidden_states += (hidden_state,)
         if not return_dict:
