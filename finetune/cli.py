@@ -571,6 +571,9 @@ def assemble_output(output_dir, work_dir, saved, results, data, rule, model_args
     finetune_args = {
         "command": ["bit-finetune", *argv],
         "model": model_args.model,
+        # A local folder wins over a Hub repo of the same name (from_pretrained), and a relative path reads like a
+        # Hub id: say which it was, so a model card links a Hub base model only when there is one.
+        "model_is_local_folder": Path(model_args.model).is_dir(),
         "dataset": dataset_record,
         "from_scratch": model_args.from_scratch,
         "unreadable_images": unreadable,

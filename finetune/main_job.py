@@ -370,6 +370,7 @@ def save_main_job_folder(output_dir, model_dir, rule, result, results, argv, che
     finetune_args = {
         "command": ["bit-finetune", *argv],
         "model": str(checkpoint),
+        "model_is_local_folder": True,  # the embedded checkpoint
         "dataset": {
             **data.source,
             "num_train_examples": result.num_train_examples,

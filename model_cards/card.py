@@ -365,7 +365,9 @@ class _CardBuilder:
         args = self.facts.finetune_args or {}
         model = str(args.get("model") or "")
         # Only a namespaced Hub id is known to be a Hub model: a bare name is a published BiT name or a
-        # preset, and a path is a local folder.
+        # preset, and a path is a local folder (bit-finetune records whether it was one).
+        if args.get("model_is_local_folder") is True:
+            return None
         if self.facts.kind is FolderKind.FINE_TUNED and not args.get("from_scratch") and "/" in model:
             if not looks_like_path(model) and valid_repo_id(model) and find_published_checkpoint(model) is None:
                 return model

@@ -402,6 +402,12 @@ def test_dataset_metadata_follows_what_the_producer_recorded_not_the_current_dir
     write_model_card(hub)
     data = card_of(hub).data
     assert data.datasets == ["someone/hymenoptera"] and data.base_model == "google/bit-50"
+    # A relative local folder reads like a Hub id; bit-finetune records that it was a folder.
+    write_json(hub / "bit_finetune_args.json", {**args, "model": "runs/base", "model_is_local_folder": True})
+    write_model_card(hub)
+    assert card_of(hub).data.get("base_model") is None
+    write_json(hub / "bit_finetune_args.json", {**args, "model": "google/bit-50"})
+    write_model_card(hub)
     # No validation split recorded: bit-finetune evaluated on examples it held out of training.
     assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in data.eval_results} == {
         ("someone/hymenoptera", "full", "validation")}
@@ -844,6 +850,8 @@ def produced(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
 
 def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     finetuned = card_of(produced["bit-finetune"]).data
+    assert json.loads((produced["bit-finetune"] / "bit_finetune_args.json").read_text())["model_is_local_folder"] is True
+    assert finetuned.get("base_model") is None  # started from a local folder
     recorded = json.loads((produced["bit-finetune"] / "eval_results.json").read_text())
     assert len(recorded["eval_accuracy_trials"]) == 3 and "few-shot" in finetuned.tags
     assert [(r.metric_name, r.metric_value, r.dataset_type, r.dataset_split) for r in finetuned.eval_results] == [
