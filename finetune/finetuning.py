@@ -207,9 +207,7 @@ def write_output_folder(
     `output_dir` and replaces it (with whatever it held: an earlier result, the run's checkpoints) only
     when complete, so a crash never leaves a half-written folder. `model_dir` may be inside `output_dir`.
 
-    The model card comes last, written into the finished folder: it is named after the folder, which the
-    staging folder is not (a crash just before it leaves a complete model without README.md).
-    """
+    The model card comes last, inside the staging folder, so the folder appears with its card."""
     output_dir, model_dir = Path(output_dir), Path(model_dir)
     with atomic_directory(output_dir) as staging:
         for name in MODEL_FILES:
@@ -220,7 +218,7 @@ def write_output_folder(
         atomic_write_json(staging / "all_results.json", all_results)
         atomic_write_json(staging / ARGS_FILE_NAME, finetune_args)
         atomic_write_json(staging / TRAINING_LOG_FILE_NAME, {"log_history": log_history})
-    write_model_card(output_dir)
+        write_model_card(staging, folder_name=output_dir.absolute().name)
     return output_dir
 
 

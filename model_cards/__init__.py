@@ -43,9 +43,12 @@ def write_card(folder: str | os.PathLike, options: CardOptions = CardOptions(), 
     return path
 
 
-def write_model_card(folder: str | os.PathLike) -> Path:
-    """Write `README.md` (a Hub model card) into a saved BiT folder and return its path."""
-    return write_card(folder)
+def write_model_card(folder: str | os.PathLike, *, folder_name: str | None = None) -> Path:
+    """Write `README.md` (a Hub model card) into a saved BiT folder and return its path.
+
+    `folder_name`: the name the folder will have, when `folder` is a staging folder renamed into place afterwards
+    (the card refers to the folder by name)."""
+    return write_card(folder, CardOptions(folder_name=folder_name))
 
 
 def prepare_hub_folder(folder: str | os.PathLike, options: CardOptions = CardOptions()) -> Path:

@@ -84,6 +84,7 @@ class CardOptions:
     repo_id: str | None = None  # "namespace/name": Hub URLs in the widget and the usage code
     license: str | None = None  # a Hub licence id; published BiT weights default to apache-2.0
     base_model: str | None = None  # Hub id of the model this one derives from
+    folder_name: str | None = None  # the folder's name once in place, for a card written into a staging folder
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ class _CardBuilder:
         model = (facts.finetune_args or {}).get("model")
         self.start_model = public_path(model) if isinstance(model, str) and model else None
         self.title = self.default_title()
-        self.model_reference = options.repo_id or facts.folder.name
+        self.model_reference = options.repo_id or self.folder_name
 
     def default_title(self) -> str:
         """The repository's name; else the published name; else what the folder holds, not its folder name when
@@ -349,8 +350,12 @@ class _CardBuilder:
         network = architecture.preset_name or (f"BiT-{architecture.standard_name}" if architecture.standard_name else "BiT")
         if self.facts.kind is FolderKind.PRETRAINED and self.dataset:
             return f"{network} pre-trained on {self.dataset.short}"
-        folder = self.facts.folder.resolve()
-        return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
+        parent = self.facts.folder.resolve().parent.name  # a staging folder is a sibling of its target
+        return parent if self.folder_name == "final" and parent else self.folder_name
+
+    @property
+    def folder_name(self) -> str:
+        return self.options.folder_name or self.facts.folder.resolve().name
 
     # metadata ------------------------------------------------------------------------------------------------
 
@@ -762,7 +767,7 @@ class _CardBuilder:
         if self.options.repo_id and self.examples:
             image = self.example_url(self.examples[0])
         elif self.examples:
-            image = f"{facts.folder.name}/{self.examples[0].file}"
+            image = f"{self.folder_name}/{self.examples[0].file}"
         else:
             image = "path/to/image.jpg"
         location = "" if self.options.repo_id else "  # this folder (or its Hub id once uploaded)"

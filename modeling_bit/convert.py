@@ -24,18 +24,16 @@ examples), each carded for the Hub repository NS/<name>, and with `--push` uploa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import struct
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -350,41 +348,18 @@ def convert_to_folder(
         return torch.zeros(shapes[name]) if new_head and name in (HEAD_WEIGHT, HEAD_BIAS) else checkpoint.read(name)
 
     try:
-        with staged_folder(output_dir) as staging:
+        with atomic_directory(output_dir.absolute()) as staging:
             config.save_pretrained(staging)
             write_safetensors_streaming(
                 staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
             )
             bit_image_processor(image_size).save_pretrained(staging)
             atomic_write_json(staging / CONVERSION_METADATA, metadata)
-            write_model_card(staging)  # last: the card describes the complete folder
+            write_model_card(staging, folder_name=output_dir.absolute().name)  # last: it describes the complete folder
     except OSError as error:  # e.g. the disk filled up
         raise ConversionError(f"Writing {output_dir} failed ({error}); it was left as it was.") from error
     logger.info("Converted %s into %s", resolved.given, output_dir)
     return output_dir
-
-
-@contextlib.contextmanager
-def staged_folder(output_dir: Path) -> Iterator[Path]:
-    """A folder named like `output_dir` to write into; on success `output_dir` is replaced by it at once.
-
-    The model card calls a folder by its name, so the files are written in `<staging>/_named/<output name>` and
-    moved up into `atomic_directory`'s staging folder just before that is renamed to `output_dir`. A failure at
-    any point, the final renames included, leaves no staging folder behind.
-    """
-    target = output_dir.absolute()
-    staging = None
-    try:
-        with atomic_directory(target) as staging:
-            named = staging / "_named" / target.name
-            named.mkdir(parents=True)
-            yield named
-            for item in named.iterdir():
-                os.replace(item, staging / item.name)
-            shutil.rmtree(staging / "_named")
-    finally:
-        if staging is not None and staging.exists():  # renamed to `target` on success
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _output_config(

@@ -423,8 +423,9 @@ def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_sta
         "preprocessor_config.json",
     ]
 
-    def card_fails(staging):
+    def card_fails(staging, folder_name):
         assert (staging / "bit_conversion.json").is_file()  # the card is written last, into the staging folder
+        assert folder_name in ("my-bit", "new") and staging.name != folder_name  # named for where it will be
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(convert_module, "write_model_card", card_fails)

@@ -644,6 +644,8 @@ def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, 
     assert "Trial 1 of 2 (seed 0)" in printed and "Trial 2 of 2: accuracy" in printed
     assert "resize 32, no random crop (override)" in printed and "random horizontal flip" in printed
     assert json.loads((output / "config.json").read_text())["problem_type"] == "single_label_classification"
+    card = (output / "README.md").read_text()  # written in the staging folder, for the folder's final name
+    assert 'model="out"' in card and ".partial" not in card
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
     assert HYPERRULE_KEYS <= set(hyperrule)
     assert (hyperrule["random_crop"], hyperrule["horizontal_flip"]) == (False, True)
