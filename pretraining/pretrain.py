@@ -784,7 +784,7 @@ def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRate
 def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: LearningRateSchedule, source,
                final_loss: float, unreadable: dict, probe_results: list, differences: list[str],
                command: list[str]) -> Path:
-    """`O/final`: save_pretrained folder + image processor + metadata + logs, then the model card."""
+    """`O/final`: save_pretrained folder + image processor + metadata + logs + the model card, atomically."""
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     final = output_dir / "final"
     if accelerator.is_main_process:
@@ -810,7 +810,7 @@ def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: L
             log = output_dir / TRAINING_LOG_FILE
             (staging / TRAINING_LOG_FILE).write_text(log.read_text() if log.exists() else "")
             atomic_write_json(staging / PROBE_RESULTS_FILE, probe_results)
-        write_model_card(final)
+            write_model_card(staging, folder_name=final.name)  # the folder appears with its card
         accelerator.print(f"Saved the pre-trained model to {final}")
     accelerator.wait_for_everyone()
     return final
