@@ -569,8 +569,8 @@ class CheckpointServer(http.server.ThreadingHTTPServer):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
+    def log_message(self, *args):
+        """No per-request log lines: they would clutter pytest's output."""
 
     def do_GET(self):
         server: CheckpointServer = self.server

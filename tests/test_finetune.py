@@ -719,7 +719,7 @@ class _RecordingHub(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST
 
     def log_message(self, *args):
-        pass
+        """No per-request log lines: they would clutter pytest's output."""
 
 
 def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenoptera_dir, tiny_checkpoint, ant_image_path):
