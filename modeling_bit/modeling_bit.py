@@ -383,21 +383,26 @@ class BitEncoder(nn.Module):
             )
             in_channels = out_channels
 
+    @staticmethod
+    def _training_layout(hidden_state: Tensor) -> Tensor:
+        # Training on CPU (where the stem made the layout channels-last): oneDNN's convolutions, forward and
+        # backward, are faster channels-last on large feature maps, but on small ones GroupNorm's backward is
+        # slower there than the gain. Inference stays channels-last throughout.
+        if (
+            torch.is_grad_enabled()
+            and min(hidden_state.shape[-2:]) < CHANNELS_LAST_TRAINING_MIN_SIZE
+            and hidden_state.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return hidden_state.contiguous()
+        return hidden_state
+
     def forward(
         self, hidden_state: Tensor, output_hidden_states: bool = False, return_dict: bool = True
     ) -> BaseModelOutputWithNoAttention | tuple:
+        hidden_state = self._training_layout(hidden_state)
         hidden_states = (hidden_state,) if output_hidden_states else None
         for stage in self.stages:
-            hidden_state = stage(hidden_state)
-            if (
-                torch.is_grad_enabled()
-                and min(hidden_state.shape[-2:]) < CHANNELS_LAST_TRAINING_MIN_SIZE
-                and hidden_state.is_contiguous(memory_format=torch.channels_last)
-            ):
-                # Training on CPU (where the stem made the layout channels-last): oneDNN's convolutions, forward
-                # and backward, are faster channels-last on large feature maps, but on small ones GroupNorm's
-                # backward is slower there than the gain. Inference stays channels-last throughout.
-                hidden_state = hidden_state.contiguous()
+            hidden_state = self._training_layout(stage(hidden_state))
             if output_hidden_states:
                 hidden_states += (hidden_state,)
         if not return_dict:
