@@ -228,8 +228,10 @@ RECORD_SHAPES = {
     PRETRAINING_FILE: Shape(dict, {"command": list, "recipe": dict, "dataset": dict, "differences_from_paper": list}),
     PROBE_RESULTS_FILE: Shape(list, items=dict),
 }
-# Fields whose items must be JSON objects.
-_OBJECT_LISTS = {(FINETUNE_LOG_FILE, "log_history")}
+# List fields and the type of their items.
+_LIST_ITEMS = {(FINETUNE_LOG_FILE, "log_history"): dict, (HYPERRULE_FILE, "overrides"): str}
+# Accuracies are fractions; a percentage (or anything else) would print as 6000% in a table.
+_FRACTION_FILES = {EVAL_RESULTS_FILE, ALL_RESULTS_FILE, PROBE_RESULTS_FILE}
 
 
 def _read_record(folder: Path, name: str):
@@ -241,10 +243,22 @@ def _read_record(folder: Path, name: str):
     for key, expected in shape.fields.items():
         if value.get(key) is not None:
             _check_type(path, f"{key!r}", value[key], expected)
-            if (name, key) in _OBJECT_LISTS:
+            if (name, key) in _LIST_ITEMS:
                 for item in value[key]:
-                    _check_type(path, f"every entry of {key!r}", item, dict)
+                    _check_type(path, f"every entry of {key!r}", item, _LIST_ITEMS[name, key])
+    if name in _FRACTION_FILES:
+        for entry in value if isinstance(value, list) else [value]:
+            _check_accuracies(path, entry)
     return value
+
+
+def _check_accuracies(path: Path, record: dict) -> None:
+    for key, recorded in record.items():
+        if "accuracy" not in key:
+            continue
+        for number in recorded if isinstance(recorded, list) else [recorded]:
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and not 0 <= number <= 1:
+                raise CardError(f"{path}: {key!r} holds {number!r}; accuracies are fractions in [0, 1].")
 
 
 def _check_type(path: Path, what: str, value, expected: type) -> None:

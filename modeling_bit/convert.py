@@ -50,6 +50,7 @@ from .configuration_bit import BitConfig
 from .download import DownloadError, sha256_of_file
 from .file_utils import atomic_directory, atomic_write_json
 from .image_processing_bit import bit_image_processor
+from .modeling_bit import MIN_IMAGE_SIZE
 from .published import (
     PUBLISHED_CHECKPOINT_NAMES,
     UPSTREAM_RESOLUTION,
@@ -317,8 +318,11 @@ def convert_to_folder(
     dtype_name = dtype or "float32"
     if dtype_name not in DTYPES:
         raise ConversionError(f"--dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}.")
-    if resolution is not None and resolution < 1:
-        raise ConversionError(f"--resolution must be a positive number of pixels, got {resolution}.")
+    if resolution is not None and resolution < MIN_IMAGE_SIZE:
+        raise ConversionError(
+            f"--resolution {resolution}: expected at least {MIN_IMAGE_SIZE} pixels (BiT downsamples by 32; the folder's "
+            "image processor resizes to this size)."
+        )
     head_labels = new_head_labels(num_labels, labels)
     _check_output_dir(output_dir)
     resolved = resolve_source(source, local_files_only=local_files_only)

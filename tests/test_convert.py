@@ -406,6 +406,9 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, server, hf_cac
         for source in (small_npz, "BiT-S-R50x1"):
             with pytest.raises(ConversionError, match=message):
                 convert_to_folder(source, output)
+    # A resolution the network cannot take would make a folder whose own image processor feeds it too little.
+    with pytest.raises(ConversionError, match="--resolution 16: expected at least 32 pixels"):
+        convert_to_folder(small_npz, tmp_path / "small", resolution=16)
     assert server.requests == [] and sorted(tmp_path.rglob("*")) == before
 
 

@@ -306,6 +306,10 @@ MALFORMED = [
     ("training_log.json", '{"log_history": [1, 2]}', "every entry of 'log_history' should be a JSON object"),
     ("eval_results.json", "[0.5]", "the file should be a JSON object, not a JSON list"),
     ("config.json", '{"model_type": "bit", "depths": 3}', "'depths' should be a JSON list, not an integer"),
+    ("bit_hyperrule.json", '{"overrides": [{"a": 1}]}', "every entry of 'overrides' should be a string, not a JSON object"),
+    ("eval_results.json", '{"eval_accuracy": 60, "eval_accuracy_trials": [50, 60, 70]}',
+     "'eval_accuracy' holds 60; accuracies are fractions in [0, 1]"),
+    ("probe_results.json", '[{"step": 4, "examples_per_class": 1, "accuracy": 55.0}]', "'accuracy' holds 55.0"),
 ]
 
 
