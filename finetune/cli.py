@@ -301,6 +301,13 @@ def check_arguments(model_args, data_args, rule_args, run_args) -> None:
         raise FinetuneInputError("--output-dir is required with your own data.")
     if data_args.trials is not None and data_args.trials < 1:
         raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
+    for flag, value, least in (
+        ("--seed", run_args.seed, 0),
+        ("--num-workers", run_args.num_workers, 0),
+        ("--save-steps", run_args.save_steps, 1),
+    ):
+        if value is not None and value < least:
+            raise FinetuneInputError(f"{flag} {value}: expected an integer of at least {least}.")
     if run_args.hub_model_id is not None and not run_args.push_to_hub:
         raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
     if rule_args.paper_rule:
@@ -338,7 +345,13 @@ def check_output_dir(output_dir: Path, run_args, run_record: dict) -> None:
                 f"{output_dir} holds an unfinished run ({run_file.parent}); pass --resume to continue it, or "
                 "--overwrite-output-dir to start over."
             )
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as error:
+            raise FinetuneInputError(
+                f"{run_file} is not readable ({error}); the unfinished run cannot be resumed: pass "
+                "--overwrite-output-dir to start over."
+            ) from error
         changed = sorted(
             key
             for key in set(previous) | set(run_record)
@@ -350,6 +363,11 @@ def check_output_dir(output_dir: Path, run_args, run_record: dict) -> None:
                 + ", ".join(f"{key} (was {previous.get(key)!r}, now {run_record.get(key)!r})" for key in changed)
             )
         return
+    nearest_existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
+    if not nearest_existing.is_dir():
+        raise FinetuneInputError(
+            f"--output-dir {output_dir}: {nearest_existing} is a file; expected a folder (new or empty)."
+        )
     if run_args.overwrite_output_dir or not output_dir.is_dir() or not any(output_dir.iterdir()):
         return
     if is_finished_folder(output_dir):

@@ -149,9 +149,10 @@ def load_hub_dataset(
     """
     try:
         splits = datasets.load_dataset(name, config, streaming=streaming)
-    except (FileNotFoundError, ConnectionError, OSError) as error:
+    except (ConnectionError, OSError, ValueError) as error:  # ValueError: e.g. an unknown --dataset-config
+        shown = repr(name) if config is None else f"{name!r} --dataset-config {config!r}"
         raise FinetuneInputError(
-            f"--dataset {name!r}: could not load it with datasets.load_dataset ({error})."
+            f"--dataset {shown}: could not load it with datasets.load_dataset ({error})."
         ) from error
     if train_split not in splits:
         raise FinetuneInputError(f"--dataset {name!r} has no split {train_split!r}; its splits are {list(splits)}.")
@@ -214,6 +215,11 @@ def _standardize_columns(dataset, image_column: str, label_column: str, *, where
         if isinstance(dataset, datasets.IterableDataset):
             raise FinetuneInputError(
                 f"{where}: column {label_column!r} is {label_feature}; streaming needs a ClassLabel column."
+            )
+        missing = dataset.data.column(LABEL_COLUMN).null_count  # from the Arrow table, no example decoded
+        if missing:
+            raise FinetuneInputError(
+                f"{where}: column {label_column!r} has {missing} missing label(s); every example needs a class."
             )
         dataset = dataset.class_encode_column(LABEL_COLUMN)
     return dataset

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from modeling_bit.file_utils import atomic_write_json
+from modeling_bit.modeling_bit import MIN_IMAGE_SIZE
 
 from .errors import FinetuneInputError
 
@@ -219,6 +220,10 @@ class BitHyperRule:
         for name in ("precrop", "crop", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise FinetuneInputError(f"{name}={getattr(self, name)}: expected a positive integer.")
+        if self.crop < MIN_IMAGE_SIZE:
+            raise FinetuneInputError(
+                f"crop={self.crop}: expected at least {MIN_IMAGE_SIZE} pixels (BiT downsamples by 32)."
+            )
         if self.crop > self.precrop:
             raise FinetuneInputError(
                 f"crop={self.crop} is larger than precrop={self.precrop}: the crop is taken from the resized image."

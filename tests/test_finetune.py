@@ -19,6 +19,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 import torch.nn.functional as F
@@ -489,8 +491,14 @@ def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpo
             ["--batch-size", "8", "--micro-batch-size", "3"],
             "batch_size=8 is not a multiple of micro_batch_size=3",
         ),
+        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--resolution", "30", "24"], "crop=24: expected at least 32"),
+        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--seed", "-1"], "--seed -1: expected an integer"),
+        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--save-steps", "0"], "--save-steps 0: expected"),
     ],
-    ids=["single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model", "micro-batch-not-dividing"],
+    ids=[
+        "single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model", "micro-batch-not-dividing",
+        "crop-below-network-minimum", "negative-seed", "zero-save-steps",
+    ],
 )
 def test_bad_folders_are_refused_before_training(tmp_path, tiny_checkpoint, capsys, make_input, extra, message):
     folder = make_input(tmp_path / "data")
@@ -522,6 +530,30 @@ def test_a_missing_label_column_is_refused_with_the_columns_listed(tmp_path, tin
     ])
     assert status == 2
     assert "no column 'label' (--label-column); the columns are ['img', 'target']" in capsys.readouterr().err
+
+
+def test_more_bad_input_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, capsys):
+    root = _write_parquet_dataset(tmp_path / "data", {"train": 8})
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "torn" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torn" / "checkpoints" / "run.json").write_text("{trunc")
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    pyarrow.parquet.write_table(
+        pyarrow.table({"image": [str(tmp_path / "x.png")] * 3, "label": ["cat", None, "dog"]}),
+        unlabelled / "train.parquet",
+    )
+    for arguments, message in [
+        (["--dataset", str(root), "--output-dir", str(tmp_path / "a-file" / "out")], "a-file is a file; expected a folder"),
+        (["--dataset", str(root), "--dataset-config", "nope", "--output-dir", str(tmp_path / "out")],
+         "--dataset-config 'nope': could not load it"),
+        (["--dataset", str(unlabelled), "--output-dir", str(tmp_path / "out")], "has 1 missing label(s)"),
+        (["--dataset", str(root), "--output-dir", str(tmp_path / "torn"), "--resume"], "run.json is not readable"),
+    ]:
+        assert cli.main(["--model", str(tiny_checkpoint), *arguments]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, error
+    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_dataset_with_named_columns_trains(tmp_path, tiny_checkpoint):
