@@ -861,8 +861,8 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     assert [(r.metric_name, r.metric_value, r.dataset_type, r.dataset_split) for r in finetuned.eval_results] == [
         ("Accuracy (median of 3 fine-tuning trials, 5 examples per class)", recorded["eval_accuracy"], "imagefolder", "validation")]
     text = (produced["bit-finetune"] / "README.md").read_text()
-    assert (f"bit-finetune --model base --train-dir photos/train --validation-dir photos/validation --output-dir "
-            f"bit-finetune --examples-per-class 5") in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
+    assert ("bit-finetune --model base --train-dir photos/train --validation-dir photos/validation --output-dir "
+            "bit-finetune --examples-per-class 5") in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
     low, high = (f"{100 * recorded[key]:.2f}%" for key in ("eval_accuracy_min", "eval_accuracy_max"))
     assert f"| 5 | 3 | {100 * recorded['eval_accuracy']:.2f}% | {low} | {high} |" in text
     saved = json.loads((produced["bit-finetune"] / "all_results.json").read_text())["saved_trial"]  # from 1
