@@ -120,6 +120,9 @@ def write_published_folders(
     if push:
         check_can_push()  # before hours of downloads, not after
     output_root = Path(output_root)
+    nearest_existing = next(path for path in (output_root, *output_root.absolute().parents) if path.exists())
+    if not nearest_existing.is_dir():  # every checkpoint would fail the same way
+        raise HubReadyError(f"--output-root {output_root}: {nearest_existing} is a file; expected a folder.")
     selected = {checkpoint.name for checkpoint in checkpoints}
     outcomes = []
     for checkpoint in hf_tqdm(checkpoints, desc="Published checkpoints", unit="checkpoint"):

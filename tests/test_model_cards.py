@@ -750,6 +750,11 @@ def test_bit_convert_all_refuses_bad_options_before_any_work(tmp_path, capsys):
         assert "--all needs --namespace NS" in capsys.readouterr().err
     assert bit_convert(["--all", "--output-root", str(tmp_path), "--namespace", "some one"]) == 1
     assert "--namespace 'some one' cannot name Hub repositories" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    assert bit_convert(["--all", "--output-root", str(a_file / "hub"), "--namespace", "someone"]) == 1
+    assert "a-file is a file; expected a folder" in capsys.readouterr().err
+    a_file.unlink()
     for argv in (["BiT-M-R50x1", "--all", "--output-root", str(tmp_path)], ["--all"], ["--push", "x.npz", "--output", "y"]):
         with pytest.raises(SystemExit) as exit_info:
             bit_convert(argv)
