@@ -35,6 +35,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from datasets.distributed import split_dataset_by_node
@@ -124,6 +126,7 @@ def load_upstream_data(
         raise InputError("The dataset does not declare its features; pass --image-column and --label-column.")
     image_column = _pick_column(features, image_column, IMAGE_COLUMN_CANDIDATES, "image", datasets.Image)
     label_column = _pick_column(features, label_column, LABEL_COLUMN_CANDIDATES, "label", datasets.ClassLabel)
+    _check_column_types(features, image_column, label_column)
     is_list = isinstance(features[label_column], (datasets.List, datasets.Sequence, datasets.LargeList))
     if multi_label and not is_list:
         raise InputError(
@@ -147,6 +150,11 @@ def load_upstream_data(
             # Not `train.skip(n)`: once the stream is split between processes and workers, datasets spreads the
             # skip over the shards, which would leave held-out examples in training and drop others.
             train = train.filter(WithoutExamples(image_column, validation))
+            if _is_empty(train):
+                raise InputError(
+                    f"--validation-examples {validation_examples} held out the whole stream: no example is left to "
+                    "train on. Lower --validation-examples, or give a --validation-split."
+                )
         size = num_train_examples
     else:
         if len(train) == 0:
@@ -158,8 +166,19 @@ def load_upstream_data(
                 train, validation = parts["train"], parts["test"]
         size = len(train)
     labels = _label_space(train, label_column, multi_label, num_labels)
+    for split, name in ((train, train_split), (validation, validation_split or "held-out")):
+        if isinstance(split, datasets.Dataset):
+            _check_label_range(split, label_column, labels.num_classes, name)
     description.update({"num_examples": size, "num_classes": labels.num_classes, "multi_label": labels.multi_label})
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
+
+
+def _is_empty(stream: datasets.IterableDataset) -> bool:
+    examples = iter(stream)
+    try:
+        return next(examples, None) is None
+    finally:
+        examples.close()
 
 
 @contextlib.contextmanager
@@ -202,6 +221,51 @@ def _pick_column(features, given: str | None, candidates, role: str, preferred_t
 
 def _element(feature):
     return feature.feature if isinstance(feature, (datasets.List, datasets.Sequence, datasets.LargeList)) else feature
+
+
+IMAGE_VALUE_TYPES = ("string", "large_string", "binary", "large_binary")  # file paths or encoded image bytes
+
+
+def _check_column_types(features, image_column: str, label_column: str) -> None:
+    """Refuse columns that cannot hold images or class ids, before anything is decoded."""
+    image = features[image_column]
+    is_image = isinstance(image, datasets.Image) or (
+        isinstance(image, datasets.Value) and image.dtype in IMAGE_VALUE_TYPES
+    ) or (isinstance(image, dict) and {"bytes", "path"} & set(image))
+    if not is_image:
+        raise InputError(
+            f"The image column {image_column!r} holds {image}: expected images (an Image feature, file paths or "
+            "encoded image bytes). Pass --image-column."
+        )
+    label = _element(features[label_column])
+    is_class_id = isinstance(label, datasets.ClassLabel) or (
+        isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint"))
+    )
+    if not is_class_id:
+        raise InputError(
+            f"The label column {label_column!r} holds {features[label_column]}: labels must be integer class ids "
+            "(0..C-1) or a ClassLabel; encode string labels first (datasets' `class_encode_column`), or pass "
+            "--label-column."
+        )
+
+
+def _check_label_range(dataset: datasets.Dataset, label_column: str, num_classes: int, split: str) -> None:
+    """Every label id of a map-style split within 0..num_classes-1, checked on the Arrow column (no decoding)."""
+    column = dataset.with_format("arrow")[label_column]
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    if column.null_count:
+        raise InputError(f"The {split} split has {column.null_count} example(s) without a label in {label_column!r}.")
+    if len(column) == 0:
+        return
+    extremes = pc.min_max(column)
+    low, high = extremes["min"].as_py(), extremes["max"].as_py()
+    if low < 0 or high >= num_classes:
+        raise InputError(
+            f"The {split} split's label column {label_column!r} has class ids from {low} to {high}: expected ids in "
+            f"0..{num_classes - 1} ({num_classes} classes; pass --num-labels if the data "
+            "does not declare them all)."
+        )
 
 
 def _label_space(train, label_column: str, multi_label: bool, num_labels: int | None) -> LabelSpace:
@@ -471,7 +535,7 @@ class ResumableStream(torch.utils.data.IterableDataset):
             finally:
                 examples.close()
             if not produced:
-                raise RuntimeError(
+                raise InputError(
                     f"DataLoader worker {worker} of process {self.rank} received no data: the stream has fewer shards "
                     "than processes x workers. Use fewer --dataloader-num-workers or more shards."
                 )
