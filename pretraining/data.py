@@ -149,12 +149,14 @@ def load_upstream_data(
             validation = train.take(validation_examples)
             # Not `train.skip(n)`: once the stream is split between processes and workers, datasets spreads the
             # skip over the shards, which would leave held-out examples in training and drop others.
-            train = train.filter(WithoutExamples(image_column, validation))
-            if _is_empty(train):
+            without_held_out = WithoutExamples(image_column, validation)
+            if without_held_out.count < validation_examples:  # the stream ended inside the hold-out
                 raise InputError(
-                    f"--validation-examples {validation_examples} held out the whole stream: no example is left to "
-                    "train on. Lower --validation-examples, or give a --validation-split."
+                    f"--validation-examples {validation_examples} held out the whole stream (it has "
+                    f"{without_held_out.count} examples): none is left to train on. Lower --validation-examples, or "
+                    "give a --validation-split."
                 )
+            train = train.filter(without_held_out)
         size = num_train_examples
     else:
         if len(train) == 0:
@@ -173,14 +175,6 @@ def load_upstream_data(
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
 
 
-def _is_empty(stream: datasets.IterableDataset) -> bool:
-    examples = iter(stream)
-    try:
-        return next(examples, None) is None
-    finally:
-        examples.close()
-
-
 @contextlib.contextmanager
 def _explained_load_errors(given: str, expected: str):
     """Turn `datasets.load_dataset`'s failures on unusable input into an InputError saying what was expected."""
@@ -195,7 +189,8 @@ class WithoutExamples:
 
     def __init__(self, image_column: str, held_out):
         self.image_column = image_column
-        self.fingerprints = {self.fingerprint(example) for example in held_out}
+        fingerprints = [self.fingerprint(example) for example in held_out]
+        self.count, self.fingerprints = len(fingerprints), set(fingerprints)
 
     def fingerprint(self, example) -> str:
         source, name = _image_source(example[self.image_column])
@@ -537,7 +532,8 @@ class ResumableStream(torch.utils.data.IterableDataset):
             if not produced:
                 raise InputError(
                     f"DataLoader worker {worker} of process {self.rank} received no data: the stream has fewer shards "
-                    "than processes x workers. Use fewer --dataloader-num-workers or more shards."
+                    "than processes x workers (use fewer --dataloader-num-workers or more shards), or the "
+                    "--validation-examples hold-out took all of its examples."
                 )
             epoch, window, state = epoch + 1, 0, None
 

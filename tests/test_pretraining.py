@@ -719,7 +719,7 @@ SMALL_IMAGES = [{"bytes": _png(i), "path": None} for i in range(8)]
          r"label column 'label' has class ids from 0 to 3: expected ids in 0..1"),
         ({"label": (datasets.Value("int64"), [0, 1, -1, 1] * 2)}, [], "has class ids from -1 to 1: expected ids in 0..1"),
         ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--streaming", "--num-labels", "2", "--validation-examples", "100"],
-         "--validation-examples 100 held out the whole stream"),
+         r"--validation-examples 100 held out the whole stream \(it has 8 examples\)"),
     ],
 )
 def test_unusable_data_is_refused_before_training(tmp_path, columns, arguments, message):
