@@ -240,6 +240,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a datasets name or path).")
     if args.max_steps is not None and args.epochs is not None:
         raise InputError("Give --max-steps or --epochs, not both.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise InputError("--overwrite-output-dir deletes the checkpoints a --resume-from-checkpoint would continue: give one.")
     for name in ("checkpoint_every", "keep_checkpoints", "logging_steps", "per_device_batch_size", "global_batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")

@@ -676,6 +676,7 @@ def test_the_script_runs_by_path_from_anywhere(tmp_path):
         (["--max-steps", "2", "--epochs", "1"], "--max-steps or --epochs"),
         (["--resume-from-checkpoint", "/nonexistent/step-1"], "not a complete checkpoint"),
         (["--image-size", "16"], "at least 32 pixels"),
+        (["--resume-from-checkpoint", "latest", "--overwrite-output-dir", "true"], "--overwrite-output-dir deletes the checkpoints"),
         (["--base-learning-rate", "-0.1"], "--base-learning-rate -0.1: expected a positive number"),
         (["--momentum", "-0.9"], r"--momentum -0.9: expected a value in \[0, 1\)"),
         (["--weight-decay", "-0.0001"], "--weight-decay -0.0001: expected 0 or more"),
