@@ -35,6 +35,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from datasets.distributed import split_dataset_by_node
@@ -124,6 +126,7 @@ def load_upstream_data(
         raise InputError("The dataset does not declare its features; pass --image-column and --label-column.")
     image_column = _pick_column(features, image_column, IMAGE_COLUMN_CANDIDATES, "image", datasets.Image)
     label_column = _pick_column(features, label_column, LABEL_COLUMN_CANDIDATES, "label", datasets.ClassLabel)
+    _check_column_types(features, image_column, label_column)
     is_list = isinstance(features[label_column], (datasets.List, datasets.Sequence, datasets.LargeList))
     if multi_label and not is_list:
         raise InputError(
@@ -146,7 +149,14 @@ def load_upstream_data(
             validation = train.take(validation_examples)
             # Not `train.skip(n)`: once the stream is split between processes and workers, datasets spreads the
             # skip over the shards, which would leave held-out examples in training and drop others.
-            train = train.filter(WithoutExamples(image_column, validation))
+            without_held_out = WithoutExamples(image_column, validation)
+            if without_held_out.count < validation_examples:  # the stream ended inside the hold-out
+                raise InputError(
+                    f"--validation-examples {validation_examples} held out the whole stream (it has "
+                    f"{without_held_out.count} examples): none is left to train on. Lower --validation-examples, or "
+                    "give a --validation-split."
+                )
+            train = train.filter(without_held_out)
         size = num_train_examples
     else:
         if len(train) == 0:
@@ -158,6 +168,9 @@ def load_upstream_data(
                 train, validation = parts["train"], parts["test"]
         size = len(train)
     labels = _label_space(train, label_column, multi_label, num_labels)
+    for split, name in ((train, train_split), (validation, validation_split or "held-out")):
+        if isinstance(split, datasets.Dataset):
+            _check_label_range(split, label_column, labels.num_classes, name)
     description.update({"num_examples": size, "num_classes": labels.num_classes, "multi_label": labels.multi_label})
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
 
@@ -176,7 +189,8 @@ class WithoutExamples:
 
     def __init__(self, image_column: str, held_out):
         self.image_column = image_column
-        self.fingerprints = {self.fingerprint(example) for example in held_out}
+        fingerprints = [self.fingerprint(example) for example in held_out]
+        self.count, self.fingerprints = len(fingerprints), set(fingerprints)
 
     def fingerprint(self, example) -> str:
         source, name = _image_source(example[self.image_column])
@@ -202,6 +216,51 @@ def _pick_column(features, given: str | None, candidates, role: str, preferred_t
 
 def _element(feature):
     return feature.feature if isinstance(feature, (datasets.List, datasets.Sequence, datasets.LargeList)) else feature
+
+
+IMAGE_VALUE_TYPES = ("string", "large_string", "binary", "large_binary")  # file paths or encoded image bytes
+
+
+def _check_column_types(features, image_column: str, label_column: str) -> None:
+    """Refuse columns that cannot hold images or class ids, before anything is decoded."""
+    image = features[image_column]
+    is_image = isinstance(image, datasets.Image) or (
+        isinstance(image, datasets.Value) and image.dtype in IMAGE_VALUE_TYPES
+    ) or (isinstance(image, dict) and {"bytes", "path"} & set(image))
+    if not is_image:
+        raise InputError(
+            f"The image column {image_column!r} holds {image}: expected images (an Image feature, file paths or "
+            "encoded image bytes). Pass --image-column."
+        )
+    label = _element(features[label_column])
+    is_class_id = isinstance(label, datasets.ClassLabel) or (
+        isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint"))
+    )
+    if not is_class_id:
+        raise InputError(
+            f"The label column {label_column!r} holds {features[label_column]}: labels must be integer class ids "
+            "(0..C-1) or a ClassLabel; encode string labels first (datasets' `class_encode_column`), or pass "
+            "--label-column."
+        )
+
+
+def _check_label_range(dataset: datasets.Dataset, label_column: str, num_classes: int, split: str) -> None:
+    """Every label id of a map-style split within 0..num_classes-1, checked on the Arrow column (no decoding)."""
+    column = dataset.with_format("arrow")[label_column]
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    if column.null_count:
+        raise InputError(f"The {split} split has {column.null_count} example(s) without a label in {label_column!r}.")
+    if len(column) == 0:
+        return
+    extremes = pc.min_max(column)
+    low, high = extremes["min"].as_py(), extremes["max"].as_py()
+    if low < 0 or high >= num_classes:
+        raise InputError(
+            f"The {split} split's label column {label_column!r} has class ids from {low} to {high}: expected ids in "
+            f"0..{num_classes - 1} ({num_classes} classes; pass --num-labels if the data "
+            "does not declare them all)."
+        )
 
 
 def _label_space(train, label_column: str, multi_label: bool, num_labels: int | None) -> LabelSpace:
@@ -471,9 +530,10 @@ class ResumableStream(torch.utils.data.IterableDataset):
             finally:
                 examples.close()
             if not produced:
-                raise RuntimeError(
+                raise InputError(
                     f"DataLoader worker {worker} of process {self.rank} received no data: the stream has fewer shards "
-                    "than processes x workers. Use fewer --dataloader-num-workers or more shards."
+                    "than processes x workers (use fewer --dataloader-num-workers or more shards), or the "
+                    "--validation-examples hold-out took all of its examples."
                 )
             epoch, window, state = epoch + 1, 0, None
 

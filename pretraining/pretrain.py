@@ -21,9 +21,11 @@ Writes checkpoints (`O/checkpoints/step-N`, atomic, the newest --keep-checkpoint
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,9 +74,11 @@ from pretraining.recipe import (
     recipe_for_schedule,
 )
 from pretraining.training import (
+    CHECKPOINTS_FOLDER,
     PROBE_RESULTS_FILE,
     TRAINING_LOG_FILE,
     append_training_log,
+    checkpoint_folders,
     init_multi_label_head,
     read_progress,
     resolve_checkpoint,
@@ -206,6 +210,10 @@ class PretrainingArguments:
     resume_from_checkpoint: str | None = dataclasses.field(
         default=None, metadata={"help": "'latest' (newest in --output-dir, or start fresh) or a checkpoint folder."}
     )
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Start afresh in an --output-dir that holds another run's checkpoints: delete them first."},
+    )
     logging_steps: int = dataclasses.field(default=50, metadata={"help": "Log loss, lr and throughput every N steps."})
     probe_every: int = dataclasses.field(
         default=0, metadata={"help": "Few-shot probe every M steps (0: only at the end)."}
@@ -232,6 +240,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a datasets name or path).")
     if args.max_steps is not None and args.epochs is not None:
         raise InputError("Give --max-steps or --epochs, not both.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise InputError("--overwrite-output-dir deletes the checkpoints a --resume-from-checkpoint would continue: give one.")
     for name in ("checkpoint_every", "keep_checkpoints", "logging_steps", "per_device_batch_size", "global_batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
@@ -255,14 +265,57 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
         raise InputError(f"--base-learning-rate-batch-size {args.base_learning_rate_batch_size}: expected at least 1.")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise InputError(f"--warmup-steps {args.warmup_steps}: expected 0 or more.")
-    for name in ("base_learning_rate", "weight_decay", "momentum", "multi_label_head_bias"):
+    for name in ("base_learning_rate", "weight_decay", "momentum", "multi_label_head_bias", "epochs"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} {value}: expected a finite number.")
+    if args.base_learning_rate is not None and args.base_learning_rate <= 0:
+        raise InputError(f"--base-learning-rate {args.base_learning_rate}: expected a positive number.")
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        raise InputError(f"--momentum {args.momentum}: expected a value in [0, 1).")
+    if args.weight_decay is not None and args.weight_decay < 0:
+        raise InputError(f"--weight-decay {args.weight_decay}: expected 0 or more.")
+    if args.epochs is not None and args.epochs <= 0:
+        raise InputError(f"--epochs {args.epochs}: expected a positive number.")
+    if args.decay_epochs is not None:
+        epochs = args.epochs if args.epochs is not None else SCHEDULES[args.schedule].epochs
+        decays = args.decay_epochs
+        if not all(0 < epoch <= epochs for epoch in decays) or any(b <= a for a, b in zip(decays, decays[1:])):
+            raise InputError(
+                f"--decay-epochs {' '.join(f'{epoch:g}' for epoch in decays)}: expected increasing epochs within "
+                f"(0, {epochs:g}] (the run's {'--epochs' if args.epochs is not None else args.schedule + ' epochs'})."
+            )
+    for name in ("max_steps", "num_train_examples", "probe_examples_per_class", "probe_classes"):
+        arguments = data_args if name == "num_train_examples" else args
+        value = getattr(arguments, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} {value}: expected at least 1.")
     if args.report_to in ("tensorboard", "all") and not is_tensorboard_available():
         raise InputError("--report-to tensorboard needs tensorboard: pip install tensorboard.")
     if args.report_to in ("trackio", "all") and not is_trackio_available():
         raise InputError("--report-to trackio needs trackio: pip install trackio.")
+
+
+def checkpoints_of_another_run(output_dir: Path, args: PretrainingArguments) -> list[Path]:
+    """The checkpoints a fresh run would have to delete (--overwrite-output-dir); refuse to mix runs otherwise.
+
+    A save never replaces a checkpoint folder, so a new run among another run's checkpoints would keep theirs
+    and lose its own work.
+    """
+    if args.resume_from_checkpoint == "latest":
+        return []
+    existing = checkpoint_folders(output_dir)
+    if args.resume_from_checkpoint is not None:
+        resumed = Path(args.resume_from_checkpoint).resolve()
+        if any(resumed == folder.resolve() for folder in existing):
+            return []  # continuing this folder's own run from an earlier checkpoint
+    if existing and not args.overwrite_output_dir:
+        raise InputError(
+            f"--output-dir {output_dir} already holds {len(existing)} checkpoint(s) of another run (newest "
+            f"{existing[-1].name}). Continue that run with --resume-from-checkpoint latest, choose another "
+            "--output-dir, or pass --overwrite-output-dir to delete them."
+        )
+    return existing
 
 
 def make_recipe(model_args: ModelArguments, args: PretrainingArguments) -> Recipe:
@@ -420,19 +473,22 @@ def choose_held_out(source: upstream_data.UpstreamData, per_class: int, classes:
 
 
 class Throughput:
-    """Images per second since the previous report."""
+    """Images per second and seconds per optimizer step since the previous report."""
 
     def __init__(self):
-        self.since, self.images = time.perf_counter(), 0
+        self.since, self.images, self.steps = time.perf_counter(), 0, 0
 
-    def add(self, images: int) -> None:
+    def add_step(self, images: int) -> None:
         self.images += images
+        self.steps += 1
 
-    def report(self) -> float:
+    def report(self) -> tuple[float, float]:
+        """(images per second, seconds per step) over the steps since the previous report."""
         now = time.perf_counter()
-        rate = self.images / max(now - self.since, 1e-9)
-        self.since, self.images = now, 0
-        return rate
+        elapsed = max(now - self.since, 1e-9)
+        rates = self.images / elapsed, elapsed / max(self.steps, 1)
+        self.since, self.images, self.steps = now, 0, 0
+        return rates
 
 
 @dataclasses.dataclass
@@ -456,6 +512,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"--output-dir {output_dir}: cannot create it ({error}); expected a writable folder.") from error
+    foreign_checkpoints = checkpoints_of_another_run(output_dir, args)
     recipe = make_recipe(model_args, args)
 
     # accelerate treats a torchrun launch on CPU-only machines as multi-CPU (gloo) only when told to use the CPU.
@@ -471,6 +528,10 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         project_dir=str(output_dir),
     )
     set_seed(args.seed)
+    if foreign_checkpoints and accelerator.is_main_process:
+        shutil.rmtree(output_dir / CHECKPOINTS_FOLDER)
+        accelerator.print(f"--overwrite-output-dir: deleted {len(foreign_checkpoints)} checkpoint(s) of an earlier run.")
+    accelerator.wait_for_everyone()
 
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with accelerator.main_process_first():
@@ -503,7 +564,13 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     start_step, unreadable = 0, UnreadableImages()
     stream_positions: dict[int, dict] = {}  # DataLoader worker -> position of its last example trained on
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except FileNotFoundError as error:
+            raise InputError(
+                f"{checkpoint} is incomplete ({error}): expected the model, optimizer and RNG files "
+                "accelerator.save_state writes. Resume from an earlier checkpoint or delete this one."
+            ) from error
         start_step = progress["step"]
         if source.streaming:
             saved = progress["stream_positions"][accelerator.process_index]
@@ -569,6 +636,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         learning_rate = schedule.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
+        readable = 0
         for _ in range(accumulation):
             batch = next(batches)
             if source.streaming:
@@ -577,6 +645,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             if on_batch is not None:
                 on_batch(step, batch)
             unreadable.add(batch["unreadable"])
+            readable += len(batch["weights"]) - len(batch["unreadable"])
             pixel_values = batch["pixel_values"]
             if model_args.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
@@ -587,7 +656,8 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach() / accumulation
-        throughput.add(recipe.global_batch_size)
+        refuse_unreadable_step(accelerator, readable, step, unreadable)
+        throughput.add_step(recipe.global_batch_size)
         steps_since_log += 1
         done = step + 1
         progress_bar.update(1)
@@ -596,11 +666,13 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         probe_now = (args.probe_every and done % args.probe_every == 0) or done == schedule.total_steps
         if done % args.logging_steps == 0 or probe_now:
             last_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
-            images_per_second = throughput.report()
+            images_per_second, seconds_per_step = throughput.report()
             metrics = {
                 "step": done, "loss": last_loss, "learning_rate": learning_rate,
                 "images_per_second": images_per_second,
                 "images_per_second_per_device": images_per_second / accelerator.num_processes,
+                # From the steps since the previous log entry (probes and checkpoints included), not the whole run.
+                "eta_seconds": (schedule.total_steps - done) * seconds_per_step,
                 "epoch": done * recipe.global_batch_size / source.num_train_examples if source.num_train_examples else None,
                 "unreadable_images": unreadable.total(accelerator),
             }
@@ -632,9 +704,34 @@ def main(argv: list[str] | None = None) -> Path:
         result = train(argv)
     except InputError as error:
         # Bad input is explained in the message; a traceback would only bury it.
-        raise SystemExit(f"pretrain: error: {error}") from None
+        raise SystemExit(f"pretrain: error: {input_error_message(error)}") from None
     result.accelerator.end_training()  # finish the trackers, then leave the process group cleanly
     return result.final
+
+
+def refuse_unreadable_step(accelerator: Accelerator, readable: int, step: int, unreadable: "UnreadableImages") -> None:
+    """Stop when no image of a whole optimizer step could be read: the data (or --image-column) is wrong."""
+    if accelerator.num_processes > 1:
+        readable = int(accelerator.reduce(torch.tensor(readable, device=accelerator.device), reduction="sum").item())
+    if readable == 0:
+        examples = f" (e.g. {', '.join(unreadable.names[:3])})" if unreadable.names else ""
+        raise InputError(
+            f"None of the images of step {step + 1} could be read{examples}: expected image files or encoded images "
+            "in the image column. Check --image-column and the data."
+        )
+
+
+def input_error_message(error: InputError) -> str:
+    """The message of an InputError, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception as the same type with the worker's traceback as its message; the
+    original message is that traceback's last line, after the exception's name.
+    """
+    message = str(error)
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(f"{InputError.__name__}: ", 1)[-1]
 
 
 class UnreadableImages:
@@ -673,6 +770,7 @@ def _postfix(metrics: dict, learning_rate: float) -> dict:
         postfix["loss"] = f"{metrics['loss']:.4f}"
         postfix["img/s/dev"] = f"{metrics['images_per_second_per_device']:.0f}"
         postfix["img/s"] = f"{metrics['images_per_second']:.0f}"
+        postfix["eta"] = str(datetime.timedelta(seconds=round(metrics["eta_seconds"])))
     return postfix
 
 

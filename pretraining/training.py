@@ -67,6 +67,14 @@ def completed_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Every `step-N` folder of `output_dir`, complete or not (a save never overwrites one)."""
+    folder = Path(output_dir) / CHECKPOINTS_FOLDER
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if CHECKPOINT_PATTERN.match(path.name))
+
+
 def resolve_checkpoint(output_dir: Path, requested: str) -> Path | None:
     """`latest` -> the newest complete checkpoint of `output_dir` (None if there is none yet); else a path."""
     if requested == "latest":
@@ -82,7 +90,20 @@ def resolve_checkpoint(output_dir: Path, requested: str) -> Path | None:
 
 
 def read_progress(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / PROGRESS_FILE).read_text())
+    path = Path(checkpoint) / PROGRESS_FILE
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{path} cannot be read as JSON ({error}): the checkpoint is damaged. Resume from an earlier checkpoint "
+            f"(--resume-from-checkpoint {Path(checkpoint).parent}/step-NNNNNNNN) or delete this one."
+        ) from error
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
+        raise InputError(
+            f"{path} is not a checkpoint's progress record (expected a JSON object with an integer 'step'): the "
+            "checkpoint is damaged. Resume from an earlier checkpoint or delete this one."
+        )
+    return progress
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, progress: dict, keep: int) -> Path:

@@ -8,8 +8,9 @@ random initialisation:
 
 - linear probe: ridge regression on the frozen pre-logits with 1, 5, 10 examples per class (median of 5
   draws) and with the whole training set;
-- fine-tuning: --finetune-steps SGD steps (lr 0.003, momentum 0.9, batch 64, zero head, random crop of a
-  1.25x resize + flip, x0.1 at 30/60/90%: the BiT-HyperRule's shape, shortened) on 10 per class and all.
+- fine-tuning: --finetune-steps SGD steps (the BiT-HyperRule's lr, momentum and staircase decays from
+  `finetune.hyperrule`, batch 64, zero head, random crop of a 1.25x resize + flip: the HyperRule's shape,
+  shortened) on 10 per class and all.
 
 A quick check of an upstream run; the fine-tuning package's main job is the full BiT-HyperRule comparison.
 """
@@ -33,13 +34,10 @@ from transformers import HfArgumentParser
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from pretraining import embedded_checkpoint_path
 from pretraining.probe import fit_ridge_classifier
+from finetune.hyperrule import DECAY_FACTOR, DECAY_FRACTIONS, LEARNING_RATE, SGD_MOMENTUM
 from pretraining.recipe import FEW_SHOT_EXAMPLES_PER_CLASS, FEW_SHOT_TRIALS
 
 TEST_EXAMPLES = 600
-# The BiT-HyperRule's fine-tuning settings (BIT_RECIPE.md): lr 0.003, momentum 0.9, decays at 30/60/90%.
-FINETUNE_LEARNING_RATE = 0.003
-FINETUNE_MOMENTUM = 0.9
-FINETUNE_DECAY_FRACTIONS = (0.3, 0.6, 0.9)
 FINETUNE_BATCH_SIZE = 64
 FINETUNE_WARMUP_STEPS = 10
 PRECROP_FACTOR = 1.25  # resize to 1.25x, then a random crop at the input size (160 -> 128 in the HyperRule)
@@ -108,13 +106,13 @@ class DigitsTransfer:
         pool = self.train if per_class is None else balanced_subset(self.labels, self.train, per_class, rng)
         precrop = round(self.image_size * PRECROP_FACTOR)
         pixels, labels = self.pixels(pool, precrop), torch.tensor(self.labels[pool])
-        optimizer = torch.optim.SGD(model.parameters(), lr=FINETUNE_LEARNING_RATE, momentum=FINETUNE_MOMENTUM)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=SGD_MOMENTUM)
         model.train()
         for step in range(steps):
-            decays = sum(step >= fraction * steps for fraction in FINETUNE_DECAY_FRACTIONS)
+            decays = sum(step >= fraction * steps for fraction in DECAY_FRACTIONS)
             warmup = min(1.0, (step + 1) / FINETUNE_WARMUP_STEPS)
             for group in optimizer.param_groups:
-                group["lr"] = FINETUNE_LEARNING_RATE * warmup * 0.1**decays
+                group["lr"] = LEARNING_RATE * warmup * DECAY_FACTOR**decays
             batch = torch.from_numpy(rng.integers(0, len(pool), FINETUNE_BATCH_SIZE))
             top, left = rng.integers(0, precrop - self.image_size + 1, 2)
             inputs = pixels[batch][:, :, top : top + self.image_size, left : left + self.image_size]

@@ -441,6 +441,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_sha
     reference_log = [json.loads(line) for line in (tmp_path / "uninterrupted" / "training_log.jsonl").open()]
     resumed_log = [json.loads(line) for line in (interrupted / "training_log.jsonl").open()]
     assert [entry["step"] for entry in resumed_log] == list(range(1, 61))
+    # Remaining steps x recent seconds per step: positive until the last step, which leaves nothing.
+    assert all(entry["eta_seconds"] > 0 for entry in resumed_log[:-1]) and resumed_log[-1]["eta_seconds"] == 0
     assert [e["learning_rate"] for e in resumed_log] == [e["learning_rate"] for e in reference_log]
     np.testing.assert_allclose([e["loss"] for e in resumed_log], [e["loss"] for e in reference_log], rtol=1e-5)
     assert math.isclose(reference_log[0]["loss"], math.log(32), rel_tol=1e-6)  # zero head: uniform over 32 classes
@@ -470,6 +472,36 @@ def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_pat
     pretrain.check_resumable(progress, signature, checkpoint)  # the same run: accepted
     with pytest.raises(InputError, match=r"num_processes \(the launcher's number of processes\) is 2 now, the checkpoint used 1"):
         pretrain.check_resumable(progress, {**signature, "num_processes": 2}, checkpoint)
+
+
+def test_a_fresh_run_refuses_another_runs_checkpoints_and_damaged_checkpoints_are_explained(tmp_path, identity_shards):
+    from pretraining import pretrain
+
+    run = tmp_path / "run"
+    fresh = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8",
+             "--per-device-batch-size", "8", "--checkpoint-every", "1", "--output-dir", str(run)]
+    pretrain.train(fresh)
+    first_run = {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)}
+    for arguments in ([], ["--resume-from-checkpoint", str(identity_shards)]):
+        reset_accelerate()
+        with pytest.raises(InputError, match=r"already holds 2 checkpoint\(s\) of another run \(newest step-00000002\)\. "
+                                             r"Continue that run with --resume-from-checkpoint latest"):
+            pretrain.train([*fresh, "--seed", "1", *arguments])
+    assert {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)} == first_run
+
+    reset_accelerate()
+    pretrain.train([*fresh, "--seed", "1", "--overwrite-output-dir"])  # the seed-1 run's own checkpoints now
+    assert read_progress(completed_checkpoints(run)[-1][1])["seed"] == 1
+    assert {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)} != first_run
+
+    newest, older = completed_checkpoints(run)[-1][1], completed_checkpoints(run)[0][1]
+    (newest / "progress.json").write_text('{"step": 2, "se')
+    (older / "model.safetensors").unlink()
+    for resume, message in (("latest", r"progress.json cannot be read as JSON .*: the checkpoint is damaged"),
+                            (str(older), r"step-00000001 is incomplete .*: expected the model, optimizer and RNG files")):
+        reset_accelerate()
+        with pytest.raises(InputError, match=message):
+            pretrain.train([*fresh, "--seed", "1", "--resume-from-checkpoint", resume])
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_resume_truncates_the_log(tmp_path):
@@ -599,7 +631,8 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
     assert metadata["recipe"]["warmup_steps"] == 2 and metadata["recipe"]["momentum"] == 0.9
     assert math.isfinite(metadata["final_loss"])
     log = [json.loads(line) for line in (final / "training_log.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "learning_rate", "images_per_second"} <= set(log[-1])
+    assert {"step", "loss", "learning_rate", "images_per_second", "eta_seconds"} <= set(log[-1])
+    assert log[-1]["eta_seconds"] == 0  # the last step: nothing remains
     probe = json.loads((final / "probe_results.json").read_text())
     assert [(entry["step"], entry["examples_per_class"]) for entry in probe] == [(1, 1)]  # 4 held out per class
     assert 0.0 <= probe[0]["accuracy"] <= 1.0
@@ -643,6 +676,16 @@ def test_the_script_runs_by_path_from_anywhere(tmp_path):
         (["--max-steps", "2", "--epochs", "1"], "--max-steps or --epochs"),
         (["--resume-from-checkpoint", "/nonexistent/step-1"], "not a complete checkpoint"),
         (["--image-size", "16"], "at least 32 pixels"),
+        (["--resume-from-checkpoint", "latest", "--overwrite-output-dir", "true"], "--overwrite-output-dir deletes the checkpoints"),
+        (["--base-learning-rate", "-0.1"], "--base-learning-rate -0.1: expected a positive number"),
+        (["--momentum", "-0.9"], r"--momentum -0.9: expected a value in \[0, 1\)"),
+        (["--weight-decay", "-0.0001"], "--weight-decay -0.0001: expected 0 or more"),
+        (["--epochs", "0"], "--epochs 0.0: expected a positive number"),
+        (["--decay-epochs", "95"], r"--decay-epochs 95: expected increasing epochs within \(0, 90\]"),
+        (["--epochs", "10", "--decay-epochs", "0"], r"--decay-epochs 0: expected increasing epochs within \(0, 10\]"),
+        (["--num-train-examples", "0"], "--num-train-examples 0: expected at least 1"),
+        (["--probe-examples-per-class", "0"], "--probe-examples-per-class 0: expected at least 1"),
+        (["--probe-classes", "-1"], "--probe-classes -1: expected at least 1"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(tmp_path, arguments, message):
@@ -653,6 +696,65 @@ def test_bad_arguments_are_refused_before_training(tmp_path, arguments, message)
     argv = [item for pair in merged.items() for item in pair]
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pretrain.train(argv)
+
+
+def write_parquet(folder: Path, rows: dict, features: datasets.Features) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+SMALL_IMAGES = [{"bytes": _png(i), "path": None} for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    "columns, arguments, message",
+    [
+        ({"label": (datasets.Value("string"), list("abababab"))}, [],
+         r"label column 'label' holds Value\('string'\): labels must be integer class ids \(0..C-1\) or a ClassLabel"),
+        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--label-column", "image"],
+         "label column 'image' holds Image.*: labels must be integer class ids"),
+        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--image-column", "label"],
+         r"image column 'label' holds Value\('int64'\): expected images"),
+        ({"label": (datasets.Value("int64"), [0, 1, 2, 3] * 2)}, ["--num-labels", "2"],
+         r"label column 'label' has class ids from 0 to 3: expected ids in 0..1"),
+        ({"label": (datasets.Value("int64"), [0, 1, -1, 1] * 2)}, [], "has class ids from -1 to 1: expected ids in 0..1"),
+        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--streaming", "--num-labels", "2", "--validation-examples", "100"],
+         r"--validation-examples 100 held out the whole stream \(it has 8 examples\)"),
+    ],
+)
+def test_unusable_data_is_refused_before_training(tmp_path, columns, arguments, message):
+    from pretraining import pretrain
+
+    features = datasets.Features({"image": datasets.Image(), **{name: feature for name, (feature, _) in columns.items()}})
+    rows = {"image": SMALL_IMAGES, **{name: values for name, (_, values) in columns.items()}}
+    folder = write_parquet(tmp_path / "data", rows, features)
+    with pytest.raises(InputError, match=message):
+        pretrain.train([*TINY_RUN, "--dataset", str(folder), "--max-steps", "1", "--global-batch-size", "4",
+                        "--per-device-batch-size", "4", "--output-dir", str(tmp_path / "out"), *arguments])
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_bad_labels_found_by_a_streams_worker_and_unreadable_steps_stop_the_script_with_a_message(tmp_path, monkeypatch):
+    from pretraining import pretrain
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)  # see the streaming tests above
+
+    out_of_range = write_parquet(tmp_path / "range", {"image": SMALL_IMAGES, "label": [0, 1, 2, 3] * 2},
+                                 datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    not_images = write_parquet(tmp_path / "paths", {"image": [f"missing-{i}.png" for i in range(8)], "label": [0, 1] * 4},
+                               datasets.Features({"image": datasets.Value("string"), "label": datasets.Value("int64")}))
+    cases = [
+        ([out_of_range, "--streaming", "--num-labels", "2", "--dataloader-num-workers", "1"],
+         r"^pretrain: error: Label ids \[.*\] outside 0..1.$"),
+        ([not_images], r"^pretrain: error: None of the images of step 1 could be read \(e.g. missing-\d.png"),
+    ]
+    for (folder, *arguments), message in cases:
+        reset_accelerate()
+        with pytest.raises(SystemExit) as exited:
+            pretrain.main([*TINY_RUN, "--dataset", str(folder), "--max-steps", "1", "--global-batch-size", "4",
+                           "--per-device-batch-size", "4", "--output-dir", str(tmp_path / folder.name), *arguments])
+        assert re.search(message, str(exited.value)) and "Traceback" not in str(exited.value), str(exited.value)
 
 
 def test_synthetic_glyphs_are_deterministic_many_class_data_pretrain_reads(tmp_path):
