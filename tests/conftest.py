@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,14 @@ def run_clean_python(code: str, timeout: float = 300) -> dict:
         raise AssertionError(f"clean process failed:\n{completed.stdout}\n{completed.stderr}")
     line = [line for line in completed.stdout.splitlines() if line.startswith("RESULT:")][-1]
     return json.loads(line[len("RESULT:") :])
+
+
+def serving(server) -> Iterator:
+    """Run a loopback `socketserver` in a background thread for the duration of a fixture; yield it."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

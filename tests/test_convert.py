@@ -17,7 +17,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from modeling_bit.convert import ConversionError, convert_to_folder
 from modeling_bit.download import DownloadError, cached_download_path
 from modeling_bit.published import converted_published_folder, find_published_checkpoint, resolve_pretrained_name
 
-from conftest import REPO_ROOT, randomize_, run_clean_python
+from conftest import REPO_ROOT, randomize_, run_clean_python, serving
 from published_layout import published_arrays, write_npz
 
 R50 = (3, 4, 6, 3)
@@ -613,12 +612,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = CheckpointServer()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    yield from serving(CheckpointServer())
 
 
 @pytest.fixture

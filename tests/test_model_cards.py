@@ -39,7 +39,7 @@ from modeling_bit import BitConfig, BitForImageClassification, bit_image_process
 from modeling_bit.convert import convert_to_folder
 from modeling_bit.convert import main as bit_convert
 
-from conftest import REPO_ROOT, randomize_, run_clean_python
+from conftest import REPO_ROOT, randomize_, run_clean_python, serving
 from published_layout import published_arrays, write_npz
 
 SMALL_DEPTHS = (1, 2, 1, 1)
@@ -638,12 +638,7 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub():
-    server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving(FakeHub())
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
