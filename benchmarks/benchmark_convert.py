@@ -26,8 +26,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]  # the package, and the synthetic-checkpoint writer
 
-from modeling_bit.configuration_bit import PUBLISHED_ARCHITECTURES, RESNET_DEPTHS  # noqa: E402
 from published_layout import published_arrays, write_npz  # noqa: E402
+
+from modeling_bit.configuration_bit import PUBLISHED_ARCHITECTURES, RESNET_DEPTHS  # noqa: E402
 
 ARCHITECTURES = {f"R{depth}x{width}": (RESNET_DEPTHS[depth], width) for depth, width in PUBLISHED_ARCHITECTURES}
 

@@ -151,14 +151,14 @@ def peak_rss_mb() -> float:
 def peak_memory_of_training(which: str, preset: str) -> float:
     """Peak RSS (MB) of a fresh process that builds `which` and runs three training steps."""
     code = (
-        "import sys, torch; sys.path.insert(0, %r)\n"
+        f"import sys, torch; sys.path.insert(0, {sys.path[0]!r})\n"
         "from benchmark_model import build_one, peak_rss_mb, training_step\n"
-        "m = build_one(%r, %r).train()\n"
+        f"m = build_one({preset!r}, {which!r}).train()\n"
         "x = torch.randn(8, 3, 128, 128); y = torch.randint(0, 1000, (8,))\n"
         "step = training_step(m, x, y)\n"
         "for _ in range(3): step()\n"
         "print(peak_rss_mb())\n"
-    ) % (sys.path[0], preset, which)
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 

@@ -87,7 +87,9 @@ class ModelArguments:
 
 @dataclasses.dataclass
 class DataArguments:
-    train_dir: str | None = dataclasses.field(default=None, metadata={"help": "Image folder: one subfolder per class."})
+    train_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Image folder: one subfolder per class."}
+    )
     validation_dir: str | None = dataclasses.field(default=None, metadata={"help": "Image folder to evaluate on."})
     dataset: str | None = dataclasses.field(default=None, metadata={"help": "A datasets.load_dataset name or folder."})
     dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Configuration of --dataset."})
@@ -97,7 +99,9 @@ class DataArguments:
     validation_split: str | None = dataclasses.field(
         default=None, metadata={"help": "Split of --dataset to evaluate on (default: validation/valid/val/test)."}
     )
-    streaming: bool = dataclasses.field(default=False, metadata={"help": "Stream --dataset instead of downloading it."})
+    streaming: bool = dataclasses.field(
+        default=False, metadata={"help": "Stream --dataset instead of downloading it."}
+    )
     validation_fraction: float = dataclasses.field(
         default=data_module.DEFAULT_VALIDATION_FRACTION,
         metadata={"help": "Share of each class held out for evaluation when there is no validation split."},
@@ -469,7 +473,9 @@ def run_finetuning(
     if not PartialState().is_main_process:
         return output_dir
     saved = median_trial([result.accuracy for result in results])
-    eval_results, unreadable = assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv)
+    eval_results, unreadable = assemble_output(
+        output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv
+    )
     report(output_dir, eval_results, unreadable, saved)
     if run_args.push_to_hub:
         logger.info("Uploaded to the Hub as %s", push_to_hub(output_dir, run_args.hub_model_id))
@@ -497,7 +503,9 @@ def plan_run(model_args, data_args, rule_args, run_args):
         model_args.model, data.label_names, from_scratch=model_args.from_scratch, seed=run_args.seed
     )
     if rule.micro_batch_size is None:
-        micro = choose_micro_batch_size(model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes)
+        micro = choose_micro_batch_size(
+            model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes
+        )
         rule = rule.with_micro_batch_size(micro)
     rule.gradient_accumulation_steps(state.num_processes)  # a batch the micro-batches cannot make fails here
     logger.info(rule.describe(world_size=state.num_processes))

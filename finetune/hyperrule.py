@@ -90,7 +90,9 @@ def resolution_for_area(median_image_area: float, large_resolution: tuple[int, i
     return SMALL_IMAGE_RESOLUTION if median_image_area < SMALL_IMAGE_AREA else tuple(large_resolution)
 
 
-def learning_rate_multiplier(step: int, *, warmup_steps: int, decay_steps: Sequence[int], decay_factor: float) -> float:
+def learning_rate_multiplier(
+    step: int, *, warmup_steps: int, decay_steps: Sequence[int], decay_factor: float
+) -> float:
     """The HyperRule schedule as a multiple of the base rate at optimizer step `step` (0-based).
 
     Linear warmup from 0 over `warmup_steps`, then constant, times `decay_factor` after each decay step.
@@ -200,7 +202,9 @@ class BitHyperRule:
             crop=int(given.get("crop", crop)),
             steps=steps,
             warmup_steps=int(given.get("warmup_steps", warmup_steps)),
-            decay_steps=tuple(int(s) for s in given.get("decay_steps", [max(1, round(f * steps)) for f in DECAY_FRACTIONS])),
+            decay_steps=tuple(
+                int(s) for s in given.get("decay_steps", [max(1, round(f * steps)) for f in DECAY_FRACTIONS])
+            ),
             mixup_alpha=float(given.get("mixup_alpha", MIXUP_ALPHA if dataset_size >= MIXUP_MIN_EXAMPLES else 0.0)),
             learning_rate=learning_rate,
             batch_size=batch_size,
@@ -232,7 +236,9 @@ class BitHyperRule:
             raise FinetuneInputError(
                 f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps={self.steps}."
             )
-        if list(self.decay_steps) != sorted(self.decay_steps) or any(not 0 < s <= self.steps for s in self.decay_steps):
+        if list(self.decay_steps) != sorted(self.decay_steps) or any(
+            not 0 < s <= self.steps for s in self.decay_steps
+        ):
             raise FinetuneInputError(
                 f"decay_steps={list(self.decay_steps)}: expected increasing steps in (0, {self.steps}]."
             )
@@ -314,7 +320,9 @@ class BitHyperRule:
             f"  optimizer   SGD momentum {self.momentum:g}{mark('momentum')}, "
             + (f"weight decay {self.weight_decay:g}{mark('weight_decay')}" if self.weight_decay else "no weight decay")
             + f", learning rate {self.learning_rate_reason}",
-            "  MixUp       " + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off") + mark("mixup_alpha"),
+            "  MixUp       "
+            + (f"alpha {self.mixup_alpha:g}" if self.mixup_alpha > 0 else "off")
+            + mark("mixup_alpha"),
         ]
         batch = f"  batch       {self.batch_size}{mark('batch_size')}"
         if self.micro_batch_size is not None:

@@ -351,7 +351,9 @@ def _run_main_job(checkpoint: Path, model_args, data_args, rule_args, run_args, 
         )
         arm_name = "embedded checkpoint" if model_args.model is None else checkpoint.name
         logger.info(
-            format_table([(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name)
+            format_table(
+                [(name, results[name]["transfer"], results[name]["scratch"]) for name, _, _ in rows], arm_name
+            )
         )
         logger.info("%d runs in %.0f s.", total_runs, time.perf_counter() - started)
         if kept_model is not None and PartialState().is_main_process:

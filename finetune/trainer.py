@@ -57,7 +57,9 @@ class BitTrainingArguments(TrainingArguments):
             "help": "Optimizer steps after which the learning rate is multiplied by lr_decay_factor (staircase)."
         },
     )
-    lr_decay_factor: float = dataclasses.field(default=DECAY_FACTOR, metadata={"help": "Factor of each staircase decay."})
+    lr_decay_factor: float = dataclasses.field(
+        default=DECAY_FACTOR, metadata={"help": "Factor of each staircase decay."}
+    )
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 turns it off."})
 
     @classmethod

@@ -27,7 +27,9 @@ from .plots import plan_plots, save_plots
 README = "README.md"
 
 
-def write_card(folder: str | os.PathLike, options: CardOptions = CardOptions(), *, with_examples: bool = False) -> Path:
+def write_card(
+    folder: str | os.PathLike, options: CardOptions = CardOptions(), *, with_examples: bool = False
+) -> Path:
     """Render `README.md` (and its plots; with `with_examples`, the widget's example images) for the saved BiT folder
     `folder`; return the card's path. The card is built and checked in full before the first file is written."""
     folder = Path(folder)

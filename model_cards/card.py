@@ -154,7 +154,9 @@ def checked_eval_result(*, dataset_type: str, metric_type: str, metric_value: fl
     if metric_type not in HUB_METRIC_IDS:
         raise CardError(f"metric {metric_type!r} is not one of the Hub metric ids {sorted(HUB_METRIC_IDS)}.")
     if dataset_type not in PACKAGED_DATASET_LOADERS and hub_dataset_id(dataset_type) is None:
-        raise CardError(f"dataset {dataset_type!r} is neither a Hub dataset id nor one of {sorted(PACKAGED_DATASET_LOADERS)}.")
+        raise CardError(
+            f"dataset {dataset_type!r} is neither a Hub dataset id nor one of {sorted(PACKAGED_DATASET_LOADERS)}."
+        )
     if not finite(metric_value) or not 0 <= metric_value <= 1:
         raise CardError(f"{metric_type} = {metric_value!r} on {dataset_type}: expected a fraction in [0, 1].")
     return EvalResult(
@@ -302,8 +304,11 @@ def dataset_reference(record: dict) -> DatasetReference | None:
     if isinstance(record.get("train_dir"), str) and record["train_dir"]:
         folder = _split_folder_name(record["train_dir"])
         return DatasetReference(
-            display=f"the local image folder {_code(folder)}", name=f"{folder} (image folder)", short=folder,
-            index_type="imagefolder", split=split,
+            display=f"the local image folder {_code(folder)}",
+            name=f"{folder} (image folder)",
+            short=folder,
+            index_type="imagefolder",
+            split=split,
         )
     name = record.get("name")
     if not isinstance(name, str) or not name:
@@ -312,20 +317,30 @@ def dataset_reference(record: dict) -> DatasetReference | None:
     configured = f" (configuration {_code(config)})" if config else ""
     hub_id = hub_dataset_id(name)
     if hub_id is not None:
-        return DatasetReference(display=f"the Hub dataset {_code(hub_id)}{configured}", name=hub_id, short=hub_id,
-                                hub_id=hub_id, index_type=hub_id, config=config, split=split)
+        return DatasetReference(
+            display=f"the Hub dataset {_code(hub_id)}{configured}",
+            name=hub_id,
+            short=hub_id,
+            hub_id=hub_id,
+            index_type=hub_id,
+            config=config,
+            split=split,
+        )
     if name in NON_HUB_DATASETS:
         return DatasetReference(display=NON_HUB_DATASETS[name], name=name, short=name, split=split)
     local = _split_folder_name(name)
-    return DatasetReference(display=f"the local dataset {_code(local)}{configured}", name=local, short=local,
-                            config=config, split=split)
+    return DatasetReference(
+        display=f"the local dataset {_code(local)}{configured}", name=local, short=local, config=config, split=split
+    )
 
 
 class _CardBuilder:
     def __init__(self, facts: FolderFacts, plots: list[Plot], examples: list[ExampleImage], options: CardOptions):
         self.facts, self.plots, self.examples, self.options = facts, plots, examples, options
         conversion = facts.conversion or {}
-        self.published = find_published_checkpoint(conversion["published_name"]) if conversion.get("published_name") else None
+        self.published = (
+            find_published_checkpoint(conversion["published_name"]) if conversion.get("published_name") else None
+        )
         self.trials = few_shot_trials(facts)
         if facts.kind is FolderKind.PRETRAINED:
             dataset_record = (facts.pretraining or {}).get("dataset") or {}
@@ -347,7 +362,9 @@ class _CardBuilder:
         if self.published and self.facts.kind is FolderKind.CONVERTED:
             return self.published.name
         architecture = self.facts.architecture
-        network = architecture.preset_name or (f"BiT-{architecture.standard_name}" if architecture.standard_name else "BiT")
+        network = architecture.preset_name or (
+            f"BiT-{architecture.standard_name}" if architecture.standard_name else "BiT"
+        )
         if self.facts.kind is FolderKind.PRETRAINED and self.dataset:
             return f"{network} pre-trained on {self.dataset.short}"
         parent = self.facts.folder.resolve().parent.name  # a staging folder is a sibling of its target
@@ -373,9 +390,15 @@ class _CardBuilder:
         # preset, and a path is a local folder (bit-finetune records whether it was one).
         if args.get("model_is_local_folder") is True:
             return None
-        if self.facts.kind is FolderKind.FINE_TUNED and not args.get("from_scratch") and "/" in model:
-            if not looks_like_path(model) and valid_repo_id(model) and find_published_checkpoint(model) is None:
-                return model
+        if (
+            self.facts.kind is FolderKind.FINE_TUNED
+            and not args.get("from_scratch")
+            and "/" in model
+            and not looks_like_path(model)
+            and valid_repo_id(model)
+            and find_published_checkpoint(model) is None
+        ):
+            return model
         return None
 
     def datasets(self) -> list[str]:
@@ -411,17 +434,30 @@ class _CardBuilder:
         if self.facts.kind is FolderKind.FINE_TUNED:
             for metric in evaluation_metrics(self.facts):
                 if metric.name == "accuracy":
-                    results.append(checked_eval_result(metric_type="accuracy", metric_value=metric.value,
-                                                       metric_name=self.accuracy_label(), **common))
+                    results.append(
+                        checked_eval_result(
+                            metric_type="accuracy",
+                            metric_value=metric.value,
+                            metric_name=self.accuracy_label(),
+                            **common,
+                        )
+                    )
                 elif metric.name == "top_5_accuracy":
-                    results.append(checked_eval_result(metric_type="accuracy", metric_value=metric.value,
-                                                       metric_name="Top-5 accuracy", **common))
+                    results.append(
+                        checked_eval_result(
+                            metric_type="accuracy", metric_value=metric.value, metric_name="Top-5 accuracy", **common
+                        )
+                    )
         elif self.facts.kind is FolderKind.PRETRAINED:
             for entry in final_probe_results(self.facts):
-                results.append(checked_eval_result(
-                    metric_type="accuracy", metric_value=entry["accuracy"], metric_name=self.probe_label(entry),
-                    **common,
-                ))
+                results.append(
+                    checked_eval_result(
+                        metric_type="accuracy",
+                        metric_value=entry["accuracy"],
+                        metric_name=self.probe_label(entry),
+                        **common,
+                    )
+                )
         return results
 
     def widget(self) -> list[dict] | None:
@@ -526,16 +562,30 @@ class _CardBuilder:
 
     def architecture(self) -> Table:
         a = self.facts.architecture
-        rows = [["Network", f"{self.network_name()}: pre-activation bottleneck units, Group Normalization and "
-                            "Weight Standardization (BiT)"]]
+        rows = [
+            [
+                "Network",
+                f"{self.network_name()}: pre-activation bottleneck units, Group Normalization and "
+                "Weight Standardization (BiT)",
+            ]
+        ]
         rows.append(["Depth", f"{a.layers} layers; {len(a.depths)} stages of {', '.join(map(str, a.depths))} units"])
         width = a.standard_name.split("x")[1] if a.standard_name else None
-        rows.append(["Width", (f"×{width}; " if width else "")
-                     + f"stem {a.stem_channels} channels, stage outputs {', '.join(map(str, a.stage_channels))} channels"])
+        rows.append(
+            [
+                "Width",
+                (f"×{width}; " if width else "")
+                + f"stem {a.stem_channels} channels, stage outputs {', '.join(map(str, a.stage_channels))} channels",
+            ]
+        )
         if a.num_groups:
             rows.append(["Group Normalization", f"{a.num_groups} groups"])
         if a.parameters is not None:
-            head = f" (backbone {_count(a.parameters - a.head_parameters)} + head {_count(a.head_parameters)})" if a.head_parameters else ""
+            head = (
+                f" (backbone {_count(a.parameters - a.head_parameters)} + head {_count(a.head_parameters)})"
+                if a.head_parameters
+                else ""
+            )
             rows.append(["Parameters", f"{_count(a.parameters)}{head}"])
         rows.append(["Classes", f"{_count(a.num_labels)}; names in `config.json` → `id2label`{self.label_source()}"])
         if self.facts.multi_label:
@@ -562,10 +612,12 @@ class _CardBuilder:
             return self.finetuning_section()
         if kind is FolderKind.PRETRAINED:
             return self.pretraining_section()
-        return Section(paragraphs=[
-            "Not recorded: this folder has none of bit-transfer's provenance files (`bit_conversion.json`, "
-            "`bit_hyperrule.json`, `bit_pretraining.json`). Treat its outputs as untested."
-        ])
+        return Section(
+            paragraphs=[
+                "Not recorded: this folder has none of bit-transfer's provenance files (`bit_conversion.json`, "
+                "`bit_hyperrule.json`, `bit_pretraining.json`). Treat its outputs as untested."
+            ]
+        )
 
     def conversion_source(self) -> str:
         record = self.facts.conversion or {}
@@ -598,10 +650,18 @@ class _CardBuilder:
                 "same score."
             )
         labels = {
-            "source": "source (as given)", "source_kind": "source kind", "published_name": "published name",
-            "source_url": "downloaded from", "source_sha256": "SHA-256 of the source", "upstream_dataset":
-            "pre-training data", "fine_tuned_on": "fine-tuned on", "head": "head", "num_labels": "classes",
-            "dtype": "weights dtype", "architecture": "architecture", "bit_transfer_version": "bit-transfer version",
+            "source": "source (as given)",
+            "source_kind": "source kind",
+            "published_name": "published name",
+            "source_url": "downloaded from",
+            "source_sha256": "SHA-256 of the source",
+            "upstream_dataset": "pre-training data",
+            "fine_tuned_on": "fine-tuned on",
+            "head": "head",
+            "num_labels": "classes",
+            "dtype": "weights dtype",
+            "architecture": "architecture",
+            "bit_transfer_version": "bit-transfer version",
         }
         table = _record_table(record, labels, "Conversion record (`bit_conversion.json`)")
         return Section(paragraphs=paragraphs, tables=[table] if table else [])
@@ -610,7 +670,9 @@ class _CardBuilder:
         args, rule = self.facts.finetune_args or {}, self.facts.hyperrule or {}
         dataset = args.get("dataset") or {}
         counts = [
-            f"{_count(dataset['num_train_examples'])} training images" if finite(dataset.get("num_train_examples")) else "",
+            f"{_count(dataset['num_train_examples'])} training images"
+            if finite(dataset.get("num_train_examples"))
+            else "",
             f"{_count(dataset['num_classes'])} classes" if finite(dataset.get("num_classes")) else "",
             f"{self.examples_per_class} per class, drawn at random for each trial" if self.examples_per_class else "",
             f"{dataset['trials']} trials" if finite(dataset.get("trials")) and dataset["trials"] > 1 else "",
@@ -622,7 +684,7 @@ class _CardBuilder:
             f"({BIT_PAPER}, §3.3 and Table 1) derives the setting from the training data: SGD with momentum 0.9 and no "
             "weight decay, a zero-initialised head, linear warmup, the learning rate divided by 10 at 30%, 60% and 90% "
             "of the steps, the resolution from the image size, the number of steps from the dataset size, and MixUp "
-            "from 20k examples on. Settings given on the command line replace the rule's (marked \"given\" below)."
+            'from 20k examples on. Settings given on the command line replace the rule\'s (marked "given" below).'
         ]
         if self.trials is not None and self.trials.saved_trial is not None:
             drew = "its own training examples and seed" if self.trials.examples_per_class else "its own seed"
@@ -633,17 +695,26 @@ class _CardBuilder:
         unreadable = (self.facts.all_results or {}).get("unreadable_images")
         if finite(unreadable) and unreadable > 0:
             files = "file was" if unreadable == 1 else "files were"
-            paragraphs.append(f"{_count(unreadable)} unreadable image {files} skipped (listed in `bit_finetune_args.json`).")
+            paragraphs.append(
+                f"{_count(unreadable)} unreadable image {files} skipped (listed in `bit_finetune_args.json`)."
+            )
         tables = []
         if rule:
             overrides = set(rule.get("overrides") or [])
             rows = [
-                [HYPERRULE_LABELS.get(key, _code(key)), _value(value),
-                 "given" if key in overrides else ("chosen for the device" if key == "micro_batch_size" else "BiT-HyperRule")]
+                [
+                    HYPERRULE_LABELS.get(key, _code(key)),
+                    _value(value),
+                    "given"
+                    if key in overrides
+                    else ("chosen for the device" if key == "micro_batch_size" else "BiT-HyperRule"),
+                ]
                 for key, value in rule.items()
                 if key != "overrides" and value is not None
             ]
-            tables.append(_table(["setting", "value", "from"], rows, title="BiT-HyperRule record (`bit_hyperrule.json`)"))
+            tables.append(
+                _table(["setting", "value", "from"], rows, title="BiT-HyperRule record (`bit_hyperrule.json`)")
+            )
         command = shell_command(args.get("command") or [])
         return Section(paragraphs=paragraphs, tables=[t for t in tables if t], command=command)
 
@@ -653,18 +724,26 @@ class _CardBuilder:
         counts = [
             f"{_count(dataset['num_examples'])} images" if finite(dataset.get("num_examples")) else "",
             f"{_count(dataset['num_classes'])} classes" if finite(dataset.get("num_classes")) else "",
-            ("multi-label, per-class sigmoid loss" if dataset.get("multi_label") else "single-label, softmax cross-entropy")
-            if "multi_label" in dataset else "",
+            (
+                "multi-label, per-class sigmoid loss"
+                if dataset.get("multi_label")
+                else "single-label, softmax cross-entropy"
+            )
+            if "multi_label" in dataset
+            else "",
         ]
         described = ", ".join(part for part in counts if part)
         on = f" on {self.dataset.display}" if self.dataset else ""
-        run = [f"{_count(record['steps'])} steps" if finite(record.get("steps")) else "",
-               f"global batch {_count(record['global_batch_size'])}" if finite(record.get("global_batch_size")) else "",
-               f"final training loss {record['final_loss']:.4g}" if finite(record.get("final_loss")) else ""]
+        run = [
+            f"{_count(record['steps'])} steps" if finite(record.get("steps")) else "",
+            f"global batch {_count(record['global_batch_size'])}" if finite(record.get("global_batch_size")) else "",
+            f"final training loss {record['final_loss']:.4g}" if finite(record.get("final_loss")) else "",
+        ]
         version = f" (bit-transfer {record['bit_transfer_version']})" if record.get("bit_transfer_version") else ""
         paragraphs = [
             f"Pre-trained from random initialisation with `pretraining/pretrain.py`{version}{on}"
-            + (f" ({described})" if described else "") + ": "
+            + (f" ({described})" if described else "")
+            + ": "
             + ", ".join(part for part in run if part)
             + f". The recipe is BiT's upstream one ({BIT_PAPER}, §3.3): SGD with momentum 0.9, weight decay, "
             "learning rate scaled with the batch size, linear warmup and step decays; the record below lists every "
@@ -672,7 +751,9 @@ class _CardBuilder:
         ]
         differences = record.get("differences_from_paper") or []
         if differences:
-            paragraphs.append("Where this run differs from the paper's recipe:\n\n" + "\n".join(f"- {line}" for line in differences))
+            paragraphs.append(
+                "Where this run differs from the paper's recipe:\n\n" + "\n".join(f"- {line}" for line in differences)
+            )
         tables = [_record_table(record.get("recipe") or {}, {}, "Recipe record (`bit_pretraining.json` → `recipe`)")]
         command = shell_command(pretraining_command(record.get("command") or [], record.get("num_processes")))
         if record.get("command") and not command:
@@ -699,13 +780,23 @@ class _CardBuilder:
                 t = self.trials
                 summary = _table(
                     ["examples per class", "trials", "median", "min", "max"],
-                    [[self.trial_examples_per_class(), str(len(t.accuracies)),
-                      _percent(t.median), _percent(t.minimum), _percent(t.maximum)]],
+                    [
+                        [
+                            self.trial_examples_per_class(),
+                            str(len(t.accuracies)),
+                            _percent(t.median),
+                            _percent(t.minimum),
+                            _percent(t.maximum),
+                        ]
+                    ],
                     title="Accuracy over trials (the paper's few-shot protocol: median over random draws)",
                 )
                 per_trial = _table(
                     ["trial", "accuracy", "weights in this folder"],
-                    [[str(i + 1), _percent(a), "yes" if i == t.saved_trial else ""] for i, a in enumerate(t.accuracies)],
+                    [
+                        [str(i + 1), _percent(a), "yes" if i == t.saved_trial else ""]
+                        for i, a in enumerate(t.accuracies)
+                    ],
                 )
                 section.tables += [summary, per_trial]
         elif facts.kind is FolderKind.PRETRAINED:
@@ -718,14 +809,23 @@ class _CardBuilder:
                     "on the frozen pre-logits, fit on k random examples per class of held-out images and tested on the "
                     "rest of them."
                 )
-                rows = [[str(e["examples_per_class"]), _percent(e["accuracy"]),
-                         _value(e["trials"]) if finite(e.get("trials")) else "",
-                         _count(e["num_classes"]) if finite(e.get("num_classes")) else "",
-                         _count(e["num_test_examples"]) if finite(e.get("num_test_examples")) else ""] for e in entries]
-                section.tables.append(_table(
-                    ["examples per class", "accuracy (median)", "trials", "classes", "test images"], rows,
-                    title=f"Few-shot linear probe after step {_count(step)}",
-                ))
+                rows = [
+                    [
+                        str(e["examples_per_class"]),
+                        _percent(e["accuracy"]),
+                        _value(e["trials"]) if finite(e.get("trials")) else "",
+                        _count(e["num_classes"]) if finite(e.get("num_classes")) else "",
+                        _count(e["num_test_examples"]) if finite(e.get("num_test_examples")) else "",
+                    ]
+                    for e in entries
+                ]
+                section.tables.append(
+                    _table(
+                        ["examples per class", "accuracy (median)", "trials", "classes", "test images"],
+                        rows,
+                        title=f"Few-shot linear probe after step {_count(step)}",
+                    )
+                )
             final_loss = (facts.pretraining or {}).get("final_loss")
             if finite(final_loss):
                 section.tables.append(_table(["", "value"], [["Final training loss", f"{final_loss:.4f}"]]))
@@ -787,7 +887,7 @@ class _CardBuilder:
             f'model = AutoModelForImageClassification.from_pretrained("{self.model_reference}").eval()\n'
             f'image = load_image("{image}")  # a path or an http(s) URL\n'
             "with torch.no_grad():\n"
-            "    logits = model(**processor(image, return_tensors=\"pt\")).logits\n"
+            '    logits = model(**processor(image, return_tensors="pt")).logits\n'
             f"scores = logits.{'sigmoid()' if sigmoid else 'softmax(-1)'}[0]\n"
             f"top = scores.topk({k})\n"
             "for score, index in zip(top.values.tolist(), top.indices.tolist()):\n"
@@ -861,7 +961,9 @@ class _CardBuilder:
                 f"{_percent(self.trials.maximum)}."
             )
         if conversion.get("head") == "replaced":
-            items.append("**Untrained head.** The zero-initialised head gives every class the same score until fine-tuned.")
+            items.append(
+                "**Untrained head.** The zero-initialised head gives every class the same score until fine-tuned."
+            )
         if facts.preprocessing and facts.preprocessing.height:
             items.append(
                 f"**Input.** The model expects photographs preprocessed as described above, at "
@@ -935,7 +1037,10 @@ HYPERRULE_LABELS = {
 @cache
 def _template() -> jinja2.Template:
     environment = jinja2.Environment(
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
         autoescape=False,  # Markdown, not HTML; values are prepared (and table cells escaped) in Python
     )
     source = resources.files(__package__).joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")

@@ -27,12 +27,16 @@ class ModelCardArguments:
     """Options of `bit-model-card` (FOLDER is positional)."""
 
     repo_id: str | None = field(
-        default=None, metadata={"help": "The Hub repository the folder is for, 'namespace/name'.", "metavar": "NS/NAME"}
+        default=None,
+        metadata={"help": "The Hub repository the folder is for, 'namespace/name'.", "metavar": "NS/NAME"},
     )
     license: str | None = field(
         default=None,
-        metadata={"help": "Hub licence id of the weights (e.g. apache-2.0, mit, cc-by-4.0). Not set unless given, "
-                          "except for published BiT weights (apache-2.0).", "metavar": "ID"},
+        metadata={
+            "help": "Hub licence id of the weights (e.g. apache-2.0, mit, cc-by-4.0). Not set unless given, "
+            "except for published BiT weights (apache-2.0).",
+            "metavar": "ID",
+        },
     )
     base_model: str | None = field(
         default=None, metadata={"help": "Hub id of the model these weights derive from.", "metavar": "ID"}
@@ -42,8 +46,11 @@ class ModelCardArguments:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = HfArgumentParser(ModelCardArguments, prog="bit-model-card", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", metavar="FOLDER", help="A folder written by bit-convert, bit-finetune, pretraining "
-                                                         "or save_pretrained.")
+    parser.add_argument(
+        "folder",
+        metavar="FOLDER",
+        help="A folder written by bit-convert, bit-finetune, pretraining or save_pretrained.",
+    )
     arguments, positional = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if arguments.push and not arguments.repo_id:

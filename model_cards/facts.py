@@ -77,7 +77,7 @@ class Architecture:
 
     @property
     def standard_name(self) -> str | None:
-        """"R50x1"-style name when this is one of ResNet-v2 50/101/152 at an integer width, else None."""
+        """ "R50x1"-style name when this is one of ResNet-v2 50/101/152 at an integer width, else None."""
         for depth, stage_depths in RESNET_DEPTHS.items():
             if tuple(self.depths) != tuple(stage_depths) or self.stem_channels % RESNET_STEM_CHANNELS:
                 continue
@@ -127,9 +127,18 @@ class Preprocessing:
             steps.append(f"resized so the shorter edge is {self.shortest_edge} pixels ({self.resample or 'default'})")
         steps.append("centre-cropped" if self.center_crop else "no centre crop")
         if self.rescale_factor is not None:
-            steps.append("scaled to [0, 1]" if math.isclose(self.rescale_factor, 1 / 255) else f"multiplied by {self.rescale_factor:g}")
+            steps.append(
+                "scaled to [0, 1]"
+                if math.isclose(self.rescale_factor, 1 / 255)
+                else f"multiplied by {self.rescale_factor:g}"
+            )
         if self.mean is not None and self.std is not None:
-            if set(self.mean) == {0.5} and set(self.std) == {0.5} and self.rescale_factor and math.isclose(self.rescale_factor, 1 / 255):
+            if (
+                set(self.mean) == {0.5}
+                and set(self.std) == {0.5}
+                and self.rescale_factor
+                and math.isclose(self.rescale_factor, 1 / 255)
+            ):
                 steps.append("normalised with mean 0.5 and standard deviation 0.5 per channel, i.e. to [-1, 1]")
             else:
                 steps.append(f"normalised with mean {list(self.mean)} and standard deviation {list(self.std)}")
@@ -216,8 +225,18 @@ _JSON_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int:
 # The shape of every file a card reads, as its producer writes it (contracts.md); anything else is refused with
 # the file's name rather than failing later inside the card code.
 RECORD_SHAPES = {
-    CONFIG_FILE: Shape(dict, {"id2label": dict, "depths": list, "hidden_sizes": list, "embedding_size": int,
-                              "width_factor": int, "num_groups": int, "problem_type": str}),
+    CONFIG_FILE: Shape(
+        dict,
+        {
+            "id2label": dict,
+            "depths": list,
+            "hidden_sizes": list,
+            "embedding_size": int,
+            "width_factor": int,
+            "num_groups": int,
+            "problem_type": str,
+        },
+    ),
     PREPROCESSOR_FILE: Shape(dict),
     CONVERSION_FILE: Shape(dict, {"architecture": dict}),
     HYPERRULE_FILE: Shape(dict, {"overrides": list}),

@@ -154,8 +154,21 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, api: HfApi | None = 
         ) from error
     if differences is None:  # a new repository: everything is sent
         differences = Differences(changed=list(local_files(folder)), stale=[])
-    return PushResult(repo_id, uploaded=True, changed_files=differences.changed, deleted_files=differences.stale,
-                      commit_url=commit.commit_url)
+    return PushResult(
+        repo_id,
+        uploaded=True,
+        changed_files=differences.changed,
+        deleted_files=differences.stale,
+        commit_url=commit.commit_url,
+    )
 
 
-__all__ = ["Differences", "HubPushError", "PushResult", "check_can_push", "differences_from_hub", "local_files", "push_folder"]
+__all__ = [
+    "Differences",
+    "HubPushError",
+    "PushResult",
+    "check_can_push",
+    "differences_from_hub",
+    "local_files",
+    "push_folder",
+]

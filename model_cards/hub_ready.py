@@ -78,7 +78,9 @@ def select_checkpoints(names: Sequence[str] | None) -> list[PublishedCheckpoint]
     found = {name: find_published_checkpoint(name) for name in names}
     unknown = [name for name, checkpoint in found.items() if checkpoint is None]
     if unknown:
-        raise HubReadyError(f"Not published BiT names: {', '.join(unknown)}. Published names (any case): {published_names_help()}.")
+        raise HubReadyError(
+            f"Not published BiT names: {', '.join(unknown)}. Published names (any case): {published_names_help()}."
+        )
     return list(dict.fromkeys(found.values()))
 
 
@@ -150,7 +152,9 @@ def write_published_folders(
 def describe(outcome: Outcome) -> str:
     if outcome.error:
         return f"{outcome.name}: FAILED: {outcome.error}"
-    line = f"{outcome.name} -> {outcome.folder} ({'converted' if outcome.converted else 'kept the earlier conversion'})"
+    line = (
+        f"{outcome.name} -> {outcome.folder} ({'converted' if outcome.converted else 'kept the earlier conversion'})"
+    )
     if outcome.push is not None:
         line += f"; {outcome.push.describe()}"
     return line
@@ -163,8 +167,17 @@ def run(output_root: str, names: Sequence[str] | None, namespace: str | None, pu
         print(describe(outcome))
     failed = [outcome.name for outcome in outcomes if outcome.error]
     if failed:
-        print(f"{len(failed)} of {len(outcomes)} failed: {', '.join(failed)}. Run the same command again to retry them.")
+        print(
+            f"{len(failed)} of {len(outcomes)} failed: {', '.join(failed)}. Run the same command again to retry them."
+        )
     return 1 if failed else 0
 
 
-__all__ = ["HubReadyError", "Outcome", "holds_complete_conversion", "run", "upstream_checkpoint", "write_published_folders"]
+__all__ = [
+    "HubReadyError",
+    "Outcome",
+    "holds_complete_conversion",
+    "run",
+    "upstream_checkpoint",
+    "write_published_folders",
+]

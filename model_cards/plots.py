@@ -49,21 +49,36 @@ def plan_plots(facts: FolderFacts) -> list[Plot]:
     plots = []
     curve = logged_training_curve(facts)
     if curve.steps:
-        plots.append(Plot(TRAINING_CURVES_FILE, "Training loss and learning rate by step",
-                          "Training loss and learning rate (log scale) at every logged step.",
-                          partial(training_curves_figure, curve)))
+        plots.append(
+            Plot(
+                TRAINING_CURVES_FILE,
+                "Training loss and learning rate by step",
+                "Training loss and learning rate (log scale) at every logged step.",
+                partial(training_curves_figure, curve),
+            )
+        )
     trials = few_shot_trials(facts)
     if trials is not None:
-        plots.append(Plot(FEW_SHOT_FILE, "Accuracy of every fine-tuning trial",
-                          "Accuracy of every trial (the filled point is the trial whose weights this folder holds), "
-                          "their median (line) and range (band).",
-                          partial(trials_figure, trials)))
+        plots.append(
+            Plot(
+                FEW_SHOT_FILE,
+                "Accuracy of every fine-tuning trial",
+                "Accuracy of every trial (the filled point is the trial whose weights this folder holds), "
+                "their median (line) and range (band).",
+                partial(trials_figure, trials),
+            )
+        )
     by_step = probe_results_by_step(facts)
     if _probe_panels(by_step):
-        plots.append(Plot(PROBE_FILE, "Few-shot linear-probe accuracy",
-                          "Few-shot linear-probe accuracy on held-out images: by examples per class after the last "
-                          "probed step, and over the run.",
-                          partial(probe_figure, by_step)))
+        plots.append(
+            Plot(
+                PROBE_FILE,
+                "Few-shot linear-probe accuracy",
+                "Few-shot linear-probe accuracy on held-out images: by examples per class after the last "
+                "probed step, and over the run.",
+                partial(probe_figure, by_step),
+            )
+        )
     if plots and not _matplotlib_available():
         logger.info("matplotlib is not installed (pip install bit-transfer[plots]): the card has no plots.")
         return []
@@ -91,7 +106,7 @@ def _matplotlib_available() -> bool:
 
 
 def _probe_panels(by_step: dict[int, list[dict]]) -> list[str]:
-    """"shots" when the last probed step has several examples-per-class values, "steps" when several steps were
+    """ "shots" when the last probed step has several examples-per-class values, "steps" when several steps were
     probed; none for a single number, which the card's table already shows."""
     final_shots = {entry["examples_per_class"] for entry in by_step[max(by_step)]} if by_step else set()
     return [name for name, wanted in (("shots", len(final_shots) > 1), ("steps", len(by_step) > 1)) if wanted]
@@ -142,8 +157,13 @@ def trials_figure(trials: Trials):
     plot_axes.axhline(trials.median, color="black", linewidth=1.5, label=f"median {100 * trials.median:.2f}%")
     plot_axes.scatter(numbers, trials.accuracies, facecolors="none", edgecolors="tab:blue", s=50, label="trial")
     if trials.saved_trial is not None and 0 <= trials.saved_trial < len(trials.accuracies):
-        plot_axes.scatter([trials.saved_trial + 1], [trials.accuracies[trials.saved_trial]], color="tab:blue", s=50,
-                          label="weights in this folder")
+        plot_axes.scatter(
+            [trials.saved_trial + 1],
+            [trials.accuracies[trials.saved_trial]],
+            color="tab:blue",
+            s=50,
+            label="weights in this folder",
+        )
     plot_axes.set_xticks(numbers)
     plot_axes.set_xlim(0.5, len(numbers) + 0.5)
     plot_axes.set_xlabel("trial")
@@ -172,14 +192,19 @@ def probe_figure(by_step: dict[int, list[dict]]):
             plot_axes.plot([e["examples_per_class"] for e in final], [e["accuracy"] for e in final], marker="o")
             plot_axes.set_xscale("log")
             plot_axes.minorticks_off()
-            plot_axes.set_xticks([e["examples_per_class"] for e in final],
-                                 labels=[str(e["examples_per_class"]) for e in final])
+            plot_axes.set_xticks(
+                [e["examples_per_class"] for e in final], labels=[str(e["examples_per_class"]) for e in final]
+            )
             plot_axes.set_xlabel("examples per class")
             plot_axes.set_title(f"After step {final_step}")
         else:
             for k in shots:
-                points = [(step, e["accuracy"]) for step, entries in sorted(by_step.items()) for e in entries
-                          if e["examples_per_class"] == k]
+                points = [
+                    (step, e["accuracy"])
+                    for step, entries in sorted(by_step.items())
+                    for e in entries
+                    if e["examples_per_class"] == k
+                ]
                 plot_axes.plot([s for s, _ in points], [a for _, a in points], marker="o", label=f"{k}-shot")
             plot_axes.set_xlabel("optimizer step")
             _integer_steps(plot_axes)

@@ -32,7 +32,9 @@ def gradient_image(size: int) -> Image.Image:
 
 def run_demo(args: DemoArguments) -> None:
     if args.resolution < MIN_IMAGE_SIZE:
-        raise ValueError(f"--resolution {args.resolution}: expected at least {MIN_IMAGE_SIZE} (BiT downsamples by 32).")
+        raise ValueError(
+            f"--resolution {args.resolution}: expected at least {MIN_IMAGE_SIZE} (BiT downsamples by 32)."
+        )
     config = BitConfig.from_preset(args.preset)
     image = load_rgb_image(args.image) if args.image else gradient_image(args.resolution)
     model = BitForImageClassification(config).eval()

@@ -295,7 +295,7 @@ def open_safetensors(paths: list[Path]) -> TensorContainer:
             handle = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable .safetensors file: {error}") from error
-        for name in handle.keys():
+        for name in handle:
             sliced = handle.get_slice(name)
             infos[name] = TensorInfo(tuple(sliced.get_shape()), sliced.get_dtype() in ("F16", "BF16", "F32", "F64"))
             owner[name] = handle
@@ -353,7 +353,7 @@ def _shard_files(index: Path) -> list[str]:
         raise CheckpointError(f"{index} is not a readable safetensors index ({error}); {expected}.") from error
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index} has no \"weight_map\" of tensor names to shard files; {expected}.")
+        raise CheckpointError(f'{index} has no "weight_map" of tensor names to shard files; {expected}.')
     shards = sorted(set(weight_map.values()), key=str)
     for shard in shards:
         if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):

@@ -214,7 +214,7 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
         return self.hidden_sizes[-1]
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "BitConfig":
+    def from_preset(cls, name: str, **overrides) -> BitConfig:
         """Build the configuration of a named BiT architecture.
 
         `name` is one of `BitConfig.preset_names()` (case-insensitive: `"bit-m-r101x3"` works). `overrides`

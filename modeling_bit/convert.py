@@ -463,18 +463,24 @@ class ConvertArguments:
         metadata={"help": "Write a Hub-ready folder for every published checkpoint (or --names) into --output-root."},
     )
     output_root: str | None = field(
-        default=None, metadata={"help": "With --all: the folder that receives one folder per checkpoint.", "metavar": "R"}
+        default=None,
+        metadata={"help": "With --all: the folder that receives one folder per checkpoint.", "metavar": "R"},
     )
     names: list[str] | None = field(
         default=None, metadata={"help": "With --all: only these published names (any case).", "metavar": "NAME"}
     )
     namespace: str | None = field(
         default=None,
-        metadata={"help": "Required with --all: write the cards for the Hub repositories NS/<name> (and push there).", "metavar": "NS"},
+        metadata={
+            "help": "Required with --all: write the cards for the Hub repositories NS/<name> (and push there).",
+            "metavar": "NS",
+        },
     )
     push: bool = field(
         default=False,
-        metadata={"help": "With --all: upload each folder to NS/<name> (create_repo + upload_folder; identical repos are left alone)."},
+        metadata={
+            "help": "With --all: upload each folder to NS/<name> (create_repo + upload_folder; identical repos are left alone)."
+        },
     )
 
 
@@ -501,8 +507,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if arguments.all:
         return _convert_all(parser, arguments, positional.source)
-    all_only = [flag for flag, value in (("--output-root", arguments.output_root), ("--names", arguments.names),
-                                          ("--namespace", arguments.namespace), ("--push", arguments.push)) if value]
+    all_only = [
+        flag
+        for flag, value in (
+            ("--output-root", arguments.output_root),
+            ("--names", arguments.names),
+            ("--namespace", arguments.namespace),
+            ("--push", arguments.push),
+        )
+        if value
+    ]
     if all_only:
         parser.error(f"{', '.join(all_only)} only go with --all.")
     if positional.source is None or arguments.output is None:
@@ -528,13 +542,23 @@ def _convert_all(parser, arguments: ConvertArguments, source: str | None) -> int
     from model_cards.hub import HubPushError
     from model_cards.hub_ready import HubReadyError, run
 
-    single = [flag for flag, value in (("SOURCE", source), ("--output", arguments.output),
-                                        ("--num-labels", arguments.num_labels), ("--labels", arguments.labels),
-                                        ("--resolution", arguments.resolution)) if value is not None]
+    single = [
+        flag
+        for flag, value in (
+            ("SOURCE", source),
+            ("--output", arguments.output),
+            ("--num-labels", arguments.num_labels),
+            ("--labels", arguments.labels),
+            ("--resolution", arguments.resolution),
+        )
+        if value is not None
+    ]
     if arguments.dtype != "float32":
         single.append("--dtype")
     if single:
-        parser.error(f"--all writes the published checkpoints as published (float32, published heads): drop {', '.join(single)}.")
+        parser.error(
+            f"--all writes the published checkpoints as published (float32, published heads): drop {', '.join(single)}."
+        )
     if arguments.output_root is None:
         parser.error("--all needs --output-root R, the folder that receives one folder per checkpoint.")
     try:

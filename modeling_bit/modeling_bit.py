@@ -113,7 +113,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
         state["_cached_weight"] = state["_cached_key"] = None
         return state
 
-    def train(self, mode: bool = True) -> "WeightStandardizedConv2d":
+    def train(self, mode: bool = True) -> WeightStandardizedConv2d:
         # `model.eval()` / `model.train()` start from fresh weights, even after edits the version counter
         # cannot see (through `weight.data`).
         self._cached_weight = self._cached_key = None

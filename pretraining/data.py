@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from PIL import Image
 from datasets.distributed import split_dataset_by_node
+from PIL import Image
 
 from modeling_bit import bit_image_processor, load_rgb_image
 from modeling_bit.image_processing_bit import UnreadableImageError
@@ -100,12 +100,18 @@ def load_upstream_data(
         raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a dataset name or path).")
     if train_dir is not None:
         if not Path(train_dir).is_dir():
-            raise InputError(f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class).")
-        with _explained_load_errors(f"--train-dir {train_dir}", "an image folder, one subfolder of image files per class"):
+            raise InputError(
+                f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class)."
+            )
+        with _explained_load_errors(
+            f"--train-dir {train_dir}", "an image folder, one subfolder of image files per class"
+        ):
             splits = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
         description = {"train_dir": str(Path(train_dir).resolve())}
     else:
-        expected = "a Hub dataset id, a local folder of parquet/webdataset shards, or a datasets builder with --data-files"
+        expected = (
+            "a Hub dataset id, a local folder of parquet/webdataset shards, or a datasets builder with --data-files"
+        )
         with _explained_load_errors(f"--dataset {dataset}", expected):
             splits = datasets.load_dataset(
                 dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
@@ -181,7 +187,9 @@ def _explained_load_errors(given: str, expected: str):
     try:
         yield
     except (OSError, ValueError) as error:  # datasets' not-found, empty and offline errors are OSErrors
-        raise InputError(f"{given}: cannot be loaded with datasets ({type(error).__name__}: {error}). Expected {expected}.") from error
+        raise InputError(
+            f"{given}: cannot be loaded with datasets ({type(error).__name__}: {error}). Expected {expected}."
+        ) from error
 
 
 class WithoutExamples:
@@ -210,7 +218,9 @@ def _pick_column(features, given: str | None, candidates, role: str, preferred_t
     named = [name for name in candidates if name in features]
     found = typed or named
     if not found:
-        raise InputError(f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column.")
+        raise InputError(
+            f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column."
+        )
     return found[0]
 
 
@@ -224,9 +234,11 @@ IMAGE_VALUE_TYPES = ("string", "large_string", "binary", "large_binary")  # file
 def _check_column_types(features, image_column: str, label_column: str) -> None:
     """Refuse columns that cannot hold images or class ids, before anything is decoded."""
     image = features[image_column]
-    is_image = isinstance(image, datasets.Image) or (
-        isinstance(image, datasets.Value) and image.dtype in IMAGE_VALUE_TYPES
-    ) or (isinstance(image, dict) and {"bytes", "path"} & set(image))
+    is_image = (
+        isinstance(image, datasets.Image)
+        or (isinstance(image, datasets.Value) and image.dtype in IMAGE_VALUE_TYPES)
+        or (isinstance(image, dict) and {"bytes", "path"} & set(image))
+    )
     if not is_image:
         raise InputError(
             f"The image column {image_column!r} holds {image}: expected images (an Image feature, file paths or "
@@ -360,7 +372,9 @@ class BatchBuilder:
 
     def augment(self, image: Image.Image, key: tuple[int, ...]) -> Image.Image:
         rng = np.random.default_rng([self.seed, *key])
-        box = inception_crop_box(rng, *image.size, self.crop_area_range, self.crop_aspect_ratio_range, self.crop_attempts)
+        box = inception_crop_box(
+            rng, *image.size, self.crop_area_range, self.crop_aspect_ratio_range, self.crop_attempts
+        )
         image = image.crop(box)
         if rng.random() < self.flip_probability:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -441,8 +455,15 @@ class EpochStream(torch.utils.data.Dataset):
 class StepBatchSampler(torch.utils.data.Sampler):
     """One process's micro-batches of stream positions for optimizer steps `start_step` .. `total_steps - 1`."""
 
-    def __init__(self, per_device_batch_size: int, num_processes: int, process_index: int, accumulation_steps: int,
-                 start_step: int, total_steps: int):
+    def __init__(
+        self,
+        per_device_batch_size: int,
+        num_processes: int,
+        process_index: int,
+        accumulation_steps: int,
+        start_step: int,
+        total_steps: int,
+    ):
         self.batch, self.processes, self.rank = per_device_batch_size, num_processes, process_index
         self.accumulation, self.start_step, self.total_steps = accumulation_steps, start_step, total_steps
 
@@ -489,9 +510,17 @@ class ResumableStream(torch.utils.data.IterableDataset):
     examples across a window boundary, so the state_dict there is the whole state.
     """
 
-    def __init__(self, dataset: datasets.IterableDataset, per_device_batch_size: int, batches_done: int,
-                 total_batches: int, process_index: int, seed: int, window_size: int,
-                 resume_positions: dict[int, dict] | None = None):
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        per_device_batch_size: int,
+        batches_done: int,
+        total_batches: int,
+        process_index: int,
+        seed: int,
+        window_size: int,
+        resume_positions: dict[int, dict] | None = None,
+    ):
         self.dataset, self.batch = dataset, per_device_batch_size
         self.batches_done, self.total_batches, self.rank = batches_done, total_batches, process_index
         self.seed, self.window_size = int(seed), int(window_size)
@@ -519,7 +548,9 @@ class ResumableStream(torch.utils.data.IterableDataset):
                         break
                     produced = True
                     state = self.dataset.state_dict()  # where the next window starts
-                    order = np.random.default_rng([self.seed, self.rank, worker, epoch, window]).permutation(len(chunk))
+                    order = np.random.default_rng([self.seed, self.rank, worker, epoch, window]).permutation(
+                        len(chunk)
+                    )
                     for index in order:
                         if count >= stop:
                             return
@@ -565,8 +596,9 @@ def _quiet_empty_shuffle_buffer_warning() -> None:
         iterable_logger.addFilter(_EmptyShuffleBufferFilter())
 
 
-def shard_stream(stream: datasets.IterableDataset, seed: int, process_index: int,
-                 num_processes: int) -> datasets.IterableDataset:
+def shard_stream(
+    stream: datasets.IterableDataset, seed: int, process_index: int, num_processes: int
+) -> datasets.IterableDataset:
     """Shuffle the shard order (seeded, the same on every process, re-drawn each epoch), keep this process's share.
 
     A one-example buffer: `datasets` shuffles shard order only through `shuffle`, and `ResumableStream`
@@ -579,4 +611,3 @@ def shard_stream(stream: datasets.IterableDataset, seed: int, process_index: int
 def max_stream_workers(stream: datasets.IterableDataset, requested: int) -> int:
     """`datasets` gives each DataLoader worker whole shards: more workers than shards would idle or hang."""
     return max(0, min(requested, stream.num_shards))
-

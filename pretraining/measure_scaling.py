@@ -53,7 +53,9 @@ def _prepared(preset: str, num_labels: int, gradient_checkpointing: bool, mixed_
     model = BitForImageClassification(BitConfig.from_preset(preset, num_labels=num_labels))
     if gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=BASE_LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     return accelerator, model, optimizer
@@ -66,7 +68,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_throughput(args) -> None:
-    accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
+    accelerator, model, optimizer = _prepared(
+        args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision
+    )
     generator = torch.Generator().manual_seed(accelerator.process_index)
     pixel_values = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator) * 2 - 1
     labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
@@ -82,15 +86,24 @@ def measure_throughput(args) -> None:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     if accelerator.is_main_process:
-        print(json.dumps({
-            "measurement": "throughput", "preset": args.preset, "image_size": args.image_size,
-            "per_device_batch_size": args.batch_size, "processes": accelerator.num_processes,
-            "threads_per_process": torch.get_num_threads(), "mixed_precision": args.mixed_precision,
-            "gradient_checkpointing": args.gradient_checkpointing, "median_step_seconds": median,
-            "images_per_second_per_process": args.batch_size / median,
-            "images_per_second_total": args.batch_size * accelerator.num_processes / median,
-            "steps": args.steps,
-        }))
+        print(
+            json.dumps(
+                {
+                    "measurement": "throughput",
+                    "preset": args.preset,
+                    "image_size": args.image_size,
+                    "per_device_batch_size": args.batch_size,
+                    "processes": accelerator.num_processes,
+                    "threads_per_process": torch.get_num_threads(),
+                    "mixed_precision": args.mixed_precision,
+                    "gradient_checkpointing": args.gradient_checkpointing,
+                    "median_step_seconds": median,
+                    "images_per_second_per_process": args.batch_size / median,
+                    "images_per_second_total": args.batch_size * accelerator.num_processes / median,
+                    "steps": args.steps,
+                }
+            )
+        )
     accelerator.end_training()
 
 
@@ -127,7 +140,9 @@ def memory_probe(args) -> None:
     that, is what the step needs on top: gradients, saved activations, temporaries.
     """
     baseline = _current_rss_bytes()
-    accelerator, model, optimizer = _prepared(args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision)
+    accelerator, model, optimizer = _prepared(
+        args.preset, args.num_labels, args.gradient_checkpointing, args.mixed_precision
+    )
     parameters = sum(p.numel() for p in model.parameters())
     pixel_values = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
     labels = torch.randint(0, args.num_labels, (args.batch_size,))
@@ -137,18 +152,38 @@ def memory_probe(args) -> None:
     start = time.perf_counter()
     with PeakMemorySampler() as sampler:
         _training_step(model, optimizer, accelerator, pixel_values, labels)
-    print(json.dumps({
-        "batch_size": args.batch_size, "parameters": parameters, "state_bytes": state - baseline,
-        "step_bytes": sampler.peak - state, "seconds_per_step": time.perf_counter() - start,
-    }))
+    print(
+        json.dumps(
+            {
+                "batch_size": args.batch_size,
+                "parameters": parameters,
+                "state_bytes": state - baseline,
+                "step_bytes": sampler.peak - state,
+                "seconds_per_step": time.perf_counter() - start,
+            }
+        )
+    )
 
 
 def measure_memory(args) -> None:
     rows = []
     for batch_size in args.batch_sizes:
-        command = [sys.executable, str(Path(__file__).resolve()), "--measure", "memory-probe", "--preset", args.preset,
-                   "--image-size", str(args.image_size), "--batch-size", str(batch_size), "--num-labels", str(args.num_labels),
-                   "--mixed-precision", args.mixed_precision]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--measure",
+            "memory-probe",
+            "--preset",
+            args.preset,
+            "--image-size",
+            str(args.image_size),
+            "--batch-size",
+            str(batch_size),
+            "--num-labels",
+            str(args.num_labels),
+            "--mixed-precision",
+            args.mixed_precision,
+        ]
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
         # Every large tensor gets its own mapping, returned to the system when freed: resident memory then
@@ -165,13 +200,22 @@ def measure_memory(args) -> None:
             f"Activations did not set the peak at batch sizes {args.batch_sizes} (step peaks {small['step_bytes']} and "
             f"{large['step_bytes']} bytes): measure again with larger --batch-sizes."
         )
-    print(json.dumps({
-        "measurement": "memory", "preset": args.preset, "image_size": args.image_size,
-        "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-        "parameters": small["parameters"], "rows": rows, "bytes_per_image": per_image,
-        # model state (weights, momentum) + what a step needs whatever the batch (gradients, temporaries)
-        "fixed_bytes": small["state_bytes"] + small["step_bytes"] - small["batch_size"] * per_image,
-    }))
+    print(
+        json.dumps(
+            {
+                "measurement": "memory",
+                "preset": args.preset,
+                "image_size": args.image_size,
+                "mixed_precision": args.mixed_precision,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "parameters": small["parameters"],
+                "rows": rows,
+                "bytes_per_image": per_image,
+                # model state (weights, momentum) + what a step needs whatever the batch (gradients, temporaries)
+                "fixed_bytes": small["state_bytes"] + small["step_bytes"] - small["batch_size"] * per_image,
+            }
+        )
+    )
 
 
 def count_flops(args) -> None:
@@ -180,16 +224,22 @@ def count_flops(args) -> None:
     with torch.device("meta"):
         model = BitForImageClassification(BitConfig.from_preset(args.preset))
         pixel_values = torch.empty(1, 3, args.image_size, args.image_size)
-    with FlopCounterMode(display=False) as forward:
-        with torch.no_grad():
-            model(pixel_values=pixel_values)
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(pixel_values=pixel_values)
     with FlopCounterMode(display=False) as training:
         model(pixel_values=pixel_values).logits.sum().backward()
-    print(json.dumps({
-        "measurement": "flops", "preset": args.preset, "image_size": args.image_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "forward_flops_per_image": forward.get_total_flops(), "training_flops_per_image": training.get_total_flops(),
-    }))
+    print(
+        json.dumps(
+            {
+                "measurement": "flops",
+                "preset": args.preset,
+                "image_size": args.image_size,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "forward_flops_per_image": forward.get_total_flops(),
+                "training_flops_per_image": training.get_total_flops(),
+            }
+        )
+    )
 
 
 @dataclasses.dataclass
@@ -200,7 +250,9 @@ class MeasureArguments:
     preset: str = "bit-tiny"
     image_size: int = IMAGE_SIZE
     batch_size: int = 8
-    batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2], metadata={"help": "Two sizes, for memory."})
+    batch_sizes: list[int] = dataclasses.field(
+        default_factory=lambda: [1, 2], metadata={"help": "Two sizes, for memory."}
+    )
     num_labels: int = 1000
     steps: int = 10
     warmup: int = 3
@@ -212,8 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(MeasureArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.measure == "memory" and (len(args.batch_sizes) != 2 or args.batch_sizes[0] >= args.batch_sizes[1]):
         raise ValueError(f"--batch-sizes {args.batch_sizes}: give two increasing batch sizes.")
-    commands = {"throughput": measure_throughput, "memory": measure_memory, "memory-probe": memory_probe, "flops": count_flops}
+    commands = {
+        "throughput": measure_throughput,
+        "memory": measure_memory,
+        "memory-probe": memory_probe,
+        "flops": count_flops,
+    }
     commands[args.measure](args)
+
 
 if __name__ == "__main__":
     main()

@@ -125,9 +125,12 @@ class ModelArguments:
 
 @dataclasses.dataclass
 class DataArguments:
-    train_dir: str | None = dataclasses.field(default=None, metadata={"help": "Image folder, one subfolder per class."})
+    train_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Image folder, one subfolder per class."}
+    )
     dataset: str | None = dataclasses.field(
-        default=None, metadata={"help": "A datasets name: Hub id, local folder of parquet/webdataset shards, or builder."}
+        default=None,
+        metadata={"help": "A datasets name: Hub id, local folder of parquet/webdataset shards, or builder."},
     )
     dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Configuration of --dataset."})
     data_files: list[str] | None = dataclasses.field(default=None, metadata={"help": "Files or globs for --dataset."})
@@ -136,10 +139,12 @@ class DataArguments:
     )
     train_split: str = "train"
     validation_split: str | None = dataclasses.field(
-        default=None, metadata={"help": "Held-out split; default: 'validation'/'val' if present, else a slice of train."}
+        default=None,
+        metadata={"help": "Held-out split; default: 'validation'/'val' if present, else a slice of train."},
     )
     validation_examples: int = dataclasses.field(
-        default=10000, metadata={"help": "Size of the held-out slice taken from train (at most a tenth of it; 0: none)."}
+        default=10000,
+        metadata={"help": "Size of the held-out slice taken from train (at most a tenth of it; 0: none)."},
     )
     image_column: str | None = None
     label_column: str | None = None
@@ -149,8 +154,10 @@ class DataArguments:
     )
     shuffle_buffer_size: int = dataclasses.field(
         default=10000,
-        metadata={"help": "Streaming: each DataLoader worker shuffles its examples in windows of this many (the shard "
-                          "order is shuffled each epoch too); a resume re-reads at most one window."},
+        metadata={
+            "help": "Streaming: each DataLoader worker shuffles its examples in windows of this many (the shard "
+            "order is shuffled each epoch too); a resume re-reads at most one window."
+        },
     )
     dataloader_num_workers: int = dataclasses.field(default=2, metadata={"help": "Decoding processes per process."})
     cache_dir: str | None = None
@@ -172,12 +179,15 @@ class PretrainingArguments:
     )
     per_device_batch_size: int = 32
     base_learning_rate: float | None = dataclasses.field(
-        default=None, metadata={"help": f"Learning rate at --base-learning-rate-batch-size (paper: {BASE_LEARNING_RATE:g})."}
+        default=None,
+        metadata={"help": f"Learning rate at --base-learning-rate-batch-size (paper: {BASE_LEARNING_RATE:g})."},
     )
     base_learning_rate_batch_size: int | None = dataclasses.field(
         default=None,
-        metadata={"help": f"Batch size the base learning rate is given for; the peak scales with global batch / this "
-                          f"(paper: {BASE_LEARNING_RATE_BATCH_SIZE})."},
+        metadata={
+            "help": f"Batch size the base learning rate is given for; the peak scales with global batch / this "
+            f"(paper: {BASE_LEARNING_RATE_BATCH_SIZE})."
+        },
     )
     warmup_steps: int | None = dataclasses.field(
         default=None, metadata={"help": f"Linear warmup steps (paper: {WARMUP_STEPS})."}
@@ -196,7 +206,9 @@ class PretrainingArguments:
     )
     crop_aspect_ratio_range: list[float] | None = dataclasses.field(
         default=None,
-        metadata={"help": "Inception crop: aspect ratio LOW HIGH (paper: " + _show_range(CROP_ASPECT_RATIO_RANGE) + ")."},
+        metadata={
+            "help": "Inception crop: aspect ratio LOW HIGH (paper: " + _show_range(CROP_ASPECT_RATIO_RANGE) + ")."
+        },
     )
     horizontal_flip_probability: float | None = dataclasses.field(
         default=None, metadata={"help": f"Paper: {HORIZONTAL_FLIP_PROBABILITY:g}."}
@@ -218,7 +230,9 @@ class PretrainingArguments:
     probe_every: int = dataclasses.field(
         default=0, metadata={"help": "Few-shot probe every M steps (0: only at the end)."}
     )
-    probe_examples_per_class: int = dataclasses.field(default=20, metadata={"help": "Held-out examples per probe class."})
+    probe_examples_per_class: int = dataclasses.field(
+        default=20, metadata={"help": "Held-out examples per probe class."}
+    )
     probe_classes: int = dataclasses.field(default=100, metadata={"help": "Classes in the few-shot probe."})
     report_to: Literal["none", "tensorboard", "trackio", "all"] = dataclasses.field(
         default="none", metadata={"help": "Experiment tracker (if installed)."}
@@ -233,7 +247,9 @@ def parse_arguments(argv: list[str] | None = None):
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments) -> None:
     """Refuse bad combinations before any data is read or any process group is used."""
     if canonical_preset_name(model_args.model_preset) is None:
-        raise InputError(f"Unknown --model-preset {model_args.model_preset!r}: expected one of {', '.join(BitConfig.preset_names())}.")
+        raise InputError(
+            f"Unknown --model-preset {model_args.model_preset!r}: expected one of {', '.join(BitConfig.preset_names())}."
+        )
     if model_args.image_size < MIN_IMAGE_SIZE:
         raise InputError(f"--image-size {model_args.image_size}: BiT needs at least {MIN_IMAGE_SIZE} pixels.")
     if (data_args.train_dir is None) == (data_args.dataset is None):
@@ -241,8 +257,16 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     if args.max_steps is not None and args.epochs is not None:
         raise InputError("Give --max-steps or --epochs, not both.")
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
-        raise InputError("--overwrite-output-dir deletes the checkpoints a --resume-from-checkpoint would continue: give one.")
-    for name in ("checkpoint_every", "keep_checkpoints", "logging_steps", "per_device_batch_size", "global_batch_size"):
+        raise InputError(
+            "--overwrite-output-dir deletes the checkpoints a --resume-from-checkpoint would continue: give one."
+        )
+    for name in (
+        "checkpoint_every",
+        "keep_checkpoints",
+        "logging_steps",
+        "per_device_batch_size",
+        "global_batch_size",
+    ):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if data_args.shuffle_buffer_size < 1:
@@ -254,13 +278,20 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, arg
     ):
         raise InputError(f"--crop-area-range {args.crop_area_range}: expected LOW HIGH with 0 < LOW <= HIGH <= 1.")
     if args.crop_aspect_ratio_range is not None and not (
-        len(args.crop_aspect_ratio_range) == 2 and 0 < args.crop_aspect_ratio_range[0] <= args.crop_aspect_ratio_range[1]
+        len(args.crop_aspect_ratio_range) == 2
+        and 0 < args.crop_aspect_ratio_range[0] <= args.crop_aspect_ratio_range[1]
     ):
-        raise InputError(f"--crop-aspect-ratio-range {args.crop_aspect_ratio_range}: expected LOW HIGH with 0 < LOW <= HIGH.")
+        raise InputError(
+            f"--crop-aspect-ratio-range {args.crop_aspect_ratio_range}: expected LOW HIGH with 0 < LOW <= HIGH."
+        )
     if args.horizontal_flip_probability is not None and not 0 <= args.horizontal_flip_probability <= 1:
-        raise InputError(f"--horizontal-flip-probability {args.horizontal_flip_probability}: expected a value in [0, 1].")
+        raise InputError(
+            f"--horizontal-flip-probability {args.horizontal_flip_probability}: expected a value in [0, 1]."
+        )
     if args.learning_rate_decay_factor is not None and not 0 < args.learning_rate_decay_factor <= 1:
-        raise InputError(f"--learning-rate-decay-factor {args.learning_rate_decay_factor}: expected a value in (0, 1].")
+        raise InputError(
+            f"--learning-rate-decay-factor {args.learning_rate_decay_factor}: expected a value in (0, 1]."
+        )
     if args.base_learning_rate_batch_size is not None and args.base_learning_rate_batch_size < 1:
         raise InputError(f"--base-learning-rate-batch-size {args.base_learning_rate_batch_size}: expected at least 1.")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -338,7 +369,9 @@ def make_recipe(model_args: ModelArguments, args: PretrainingArguments) -> Recip
     )
 
 
-def build_model(model_args: ModelArguments, labels: upstream_data.LabelSpace, recipe: Recipe) -> BitForImageClassification:
+def build_model(
+    model_args: ModelArguments, labels: upstream_data.LabelSpace, recipe: Recipe
+) -> BitForImageClassification:
     config = BitConfig.from_preset(
         model_args.model_preset,
         id2label=dict(enumerate(labels.names)),
@@ -355,9 +388,17 @@ def build_model(model_args: ModelArguments, labels: upstream_data.LabelSpace, re
     return model
 
 
-def build_train_loader(source: upstream_data.UpstreamData, builder, accelerator: Accelerator, args: PretrainingArguments,
-                       data_args: DataArguments, accumulation: int, start_step: int, total_steps: int,
-                       stream_positions: dict[int, dict]):
+def build_train_loader(
+    source: upstream_data.UpstreamData,
+    builder,
+    accelerator: Accelerator,
+    args: PretrainingArguments,
+    data_args: DataArguments,
+    accumulation: int,
+    start_step: int,
+    total_steps: int,
+    stream_positions: dict[int, dict],
+):
     """This process's micro-batches from `start_step` on (a stream's workers restart at `stream_positions`).
 
     Sharding is ours (the data position is a function of the step); accelerate only moves batches to the
@@ -365,24 +406,40 @@ def build_train_loader(source: upstream_data.UpstreamData, builder, accelerator:
     not consume the global RNG that checkpoints restore.
     """
     if source.streaming:
-        stream = upstream_data.shard_stream(source.train, args.seed, accelerator.process_index, accelerator.num_processes)
+        stream = upstream_data.shard_stream(
+            source.train, args.seed, accelerator.process_index, accelerator.num_processes
+        )
         examples = upstream_data.ResumableStream(
-            stream, args.per_device_batch_size, start_step * accumulation, total_steps * accumulation,
-            accelerator.process_index, args.seed, data_args.shuffle_buffer_size, stream_positions,
+            stream,
+            args.per_device_batch_size,
+            start_step * accumulation,
+            total_steps * accumulation,
+            accelerator.process_index,
+            args.seed,
+            data_args.shuffle_buffer_size,
+            stream_positions,
         )
         loader = torch.utils.data.DataLoader(
-            examples, batch_size=args.per_device_batch_size,
+            examples,
+            batch_size=args.per_device_batch_size,
             num_workers=upstream_data.max_stream_workers(stream, data_args.dataloader_num_workers),
-            collate_fn=upstream_data.StreamBatchBuilder(builder), generator=torch.Generator().manual_seed(args.seed),
+            collate_fn=upstream_data.StreamBatchBuilder(builder),
+            generator=torch.Generator().manual_seed(args.seed),
         )
     else:
         sampler = upstream_data.StepBatchSampler(
-            args.per_device_batch_size, accelerator.num_processes, accelerator.process_index, accumulation,
-            start_step, total_steps,
+            args.per_device_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            accumulation,
+            start_step,
+            total_steps,
         )
         loader = torch.utils.data.DataLoader(
-            upstream_data.EpochStream(source.train, args.seed), batch_sampler=sampler,
-            num_workers=data_args.dataloader_num_workers, collate_fn=builder,
+            upstream_data.EpochStream(source.train, args.seed),
+            batch_sampler=sampler,
+            num_workers=data_args.dataloader_num_workers,
+            collate_fn=builder,
             generator=torch.Generator().manual_seed(args.seed),
         )
     return prepare_data_loader(
@@ -397,8 +454,16 @@ class HeldOutSet:
     examples each; for multi-label data, the examples with exactly one label.
     """
 
-    def __init__(self, source: upstream_data.UpstreamData, builder, accelerator: Accelerator, per_class: int,
-                 classes: int, batch_size: int, scan_limit: int):
+    def __init__(
+        self,
+        source: upstream_data.UpstreamData,
+        builder,
+        accelerator: Accelerator,
+        per_class: int,
+        classes: int,
+        batch_size: int,
+        scan_limit: int,
+    ):
         self.accelerator = accelerator
         items = choose_held_out(source, per_class, classes, scan_limit)
         self.size = len(items)
@@ -435,7 +500,12 @@ class HeldOutSet:
             hook.remove()
             model.train(was_training)
         device = self.accelerator.device
-        local = (torch.cat(logits), torch.cat(self.labels).to(device), torch.cat(self.weights).to(device), torch.cat(captured))
+        local = (
+            torch.cat(logits),
+            torch.cat(self.labels).to(device),
+            torch.cat(self.weights).to(device),
+            torch.cat(captured),
+        )
         logits, labels, weights, features = (self.accelerator.gather(tensor).cpu() for tensor in local)
         keep = weights > 0
         logits, labels, features = logits[keep], labels[keep], features[keep]
@@ -511,14 +581,18 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--output-dir {output_dir}: cannot create it ({error}); expected a writable folder.") from error
+        raise InputError(
+            f"--output-dir {output_dir}: cannot create it ({error}); expected a writable folder."
+        ) from error
     foreign_checkpoints = checkpoints_of_another_run(output_dir, args)
     recipe = make_recipe(model_args, args)
 
     # accelerate treats a torchrun launch on CPU-only machines as multi-CPU (gloo) only when told to use the CPU.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     state = PartialState(cpu=cpu)
-    accumulation = gradient_accumulation_steps(recipe.global_batch_size, args.per_device_batch_size, state.num_processes)
+    accumulation = gradient_accumulation_steps(
+        recipe.global_batch_size, args.per_device_batch_size, state.num_processes
+    )
     trackers = {"none": None, "all": ["tensorboard", "trackio"]}.get(args.report_to, [args.report_to])
     accelerator = Accelerator(
         cpu=cpu,
@@ -530,18 +604,29 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     set_seed(args.seed)
     if foreign_checkpoints and accelerator.is_main_process:
         shutil.rmtree(output_dir / CHECKPOINTS_FOLDER)
-        accelerator.print(f"--overwrite-output-dir: deleted {len(foreign_checkpoints)} checkpoint(s) of an earlier run.")
+        accelerator.print(
+            f"--overwrite-output-dir: deleted {len(foreign_checkpoints)} checkpoint(s) of an earlier run."
+        )
     accelerator.wait_for_everyone()
 
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with accelerator.main_process_first():
         source = upstream_data.load_upstream_data(
-            train_dir=data_args.train_dir, dataset=data_args.dataset, dataset_config=data_args.dataset_config,
-            data_files=data_args.data_files, streaming=data_args.streaming, train_split=data_args.train_split,
-            validation_split=data_args.validation_split, validation_examples=data_args.validation_examples,
-            image_column=data_args.image_column, label_column=data_args.label_column,
-            multi_label=model_args.multi_label, num_labels=data_args.num_labels,
-            num_train_examples=data_args.num_train_examples, seed=args.seed, cache_dir=data_args.cache_dir,
+            train_dir=data_args.train_dir,
+            dataset=data_args.dataset,
+            dataset_config=data_args.dataset_config,
+            data_files=data_args.data_files,
+            streaming=data_args.streaming,
+            train_split=data_args.train_split,
+            validation_split=data_args.validation_split,
+            validation_examples=data_args.validation_examples,
+            image_column=data_args.image_column,
+            label_column=data_args.label_column,
+            multi_label=model_args.multi_label,
+            num_labels=data_args.num_labels,
+            num_train_examples=data_args.num_train_examples,
+            seed=args.seed,
+            cache_dir=data_args.cache_dir,
         )
     schedule = build_schedule(recipe, source.num_train_examples, args.max_steps)
     announce_run(accelerator, model_args, recipe, schedule, source, args, accumulation)
@@ -581,17 +666,37 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
         accelerator.print(f"No checkpoint in {output_dir} yet: starting from step 0.")
 
     train_builder = upstream_data.BatchBuilder(
-        source.image_column, source.label_column, source.labels, recipe.image_size, args.seed, train=True,
-        crop_area_range=recipe.crop_area_range, crop_aspect_ratio_range=recipe.crop_aspect_ratio_range,
+        source.image_column,
+        source.label_column,
+        source.labels,
+        recipe.image_size,
+        args.seed,
+        train=True,
+        crop_area_range=recipe.crop_area_range,
+        crop_aspect_ratio_range=recipe.crop_aspect_ratio_range,
         flip_probability=recipe.horizontal_flip_probability,
     )
     eval_builder = upstream_data.BatchBuilder(
         source.image_column, source.label_column, source.labels, recipe.image_size, args.seed, train=False
     )
-    held_out = HeldOutSet(source, eval_builder, accelerator, args.probe_examples_per_class, args.probe_classes,
-                          args.per_device_batch_size, scan_limit=max(data_args.validation_examples, 1))
+    held_out = HeldOutSet(
+        source,
+        eval_builder,
+        accelerator,
+        args.probe_examples_per_class,
+        args.probe_classes,
+        args.per_device_batch_size,
+        scan_limit=max(data_args.validation_examples, 1),
+    )
     loader = build_train_loader(
-        source, train_builder, accelerator, args, data_args, accumulation, start_step, schedule.total_steps,
+        source,
+        train_builder,
+        accelerator,
+        args,
+        data_args,
+        accumulation,
+        start_step,
+        schedule.total_steps,
         stream_positions,
     )
 
@@ -616,7 +721,9 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             return {}
         metrics = {"heldout_loss": result["loss"], "heldout_accuracy": result["accuracy"]}
         if accelerator.is_main_process:
-            for entry in few_shot_probe(result["features"], result["labels"], FEW_SHOT_EXAMPLES_PER_CLASS, seed=args.seed):
+            for entry in few_shot_probe(
+                result["features"], result["labels"], FEW_SHOT_EXAMPLES_PER_CLASS, seed=args.seed
+            ):
                 probe_results.append({"step": step, **entry})
                 metrics[f"probe_{entry['examples_per_class']}shot_accuracy"] = entry["accuracy"]
                 metrics["probe_classes"] = entry["num_classes"]  # the same for every k
@@ -625,8 +732,12 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
 
     model.train()
     progress_bar = tqdm(
-        total=schedule.total_steps, initial=start_step, desc="pretraining", unit="step",
-        disable=not accelerator.is_main_process, dynamic_ncols=True,
+        total=schedule.total_steps,
+        initial=start_step,
+        desc="pretraining",
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
     )
     throughput = Throughput()
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -668,12 +779,16 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
             last_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
             images_per_second, seconds_per_step = throughput.report()
             metrics = {
-                "step": done, "loss": last_loss, "learning_rate": learning_rate,
+                "step": done,
+                "loss": last_loss,
+                "learning_rate": learning_rate,
                 "images_per_second": images_per_second,
                 "images_per_second_per_device": images_per_second / accelerator.num_processes,
                 # From the steps since the previous log entry (probes and checkpoints included), not the whole run.
                 "eta_seconds": (schedule.total_steps - done) * seconds_per_step,
-                "epoch": done * recipe.global_batch_size / source.num_train_examples if source.num_train_examples else None,
+                "epoch": done * recipe.global_batch_size / source.num_train_examples
+                if source.num_train_examples
+                else None,
                 "unreadable_images": unreadable.total(accelerator),
             }
             loss_sum.zero_()
@@ -693,8 +808,17 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
     # Called from Python with `argv`, the process's own sys.argv is the caller's (e.g. pytest's), not this job's.
     command = list(sys.argv) if argv is None else ["pretraining/pretrain.py", *argv]
     final = save_final(
-        accelerator, model, output_dir, recipe, schedule, source, last_loss, unreadable.gathered(accelerator),
-        probe_results, differences, command,
+        accelerator,
+        model,
+        output_dir,
+        recipe,
+        schedule,
+        source,
+        last_loss,
+        unreadable.gathered(accelerator),
+        probe_results,
+        differences,
+        command,
     )
     return PretrainingResult(final, model, accelerator)
 
@@ -709,7 +833,7 @@ def main(argv: list[str] | None = None) -> Path:
     return result.final
 
 
-def refuse_unreadable_step(accelerator: Accelerator, readable: int, step: int, unreadable: "UnreadableImages") -> None:
+def refuse_unreadable_step(accelerator: Accelerator, readable: int, step: int, unreadable: UnreadableImages) -> None:
     """Stop when no image of a whole optimizer step could be read: the data (or --image-column) is wrong."""
     if accelerator.num_processes > 1:
         readable = int(accelerator.reduce(torch.tensor(readable, device=accelerator.device), reduction="sum").item())
@@ -797,8 +921,16 @@ RESUME_KEYS = {
 }
 
 
-def run_signature(model_args: ModelArguments, data_args: DataArguments, args: PretrainingArguments, recipe: Recipe,
-                  schedule: LearningRateSchedule, source, num_processes: int, accumulation: int) -> dict:
+def run_signature(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: PretrainingArguments,
+    recipe: Recipe,
+    schedule: LearningRateSchedule,
+    source,
+    num_processes: int,
+    accumulation: int,
+) -> dict:
     """The values of `RESUME_KEYS` for this run: a checkpoint continues exactly only under the same values.
 
     Map-style data is read by position (the examples of a step do not depend on the number of workers), so
@@ -837,7 +969,8 @@ def check_resumable(progress: dict, signature: dict, checkpoint: Path) -> None:
         if key == "recipe" and isinstance(saved, dict):
             changed.extend(
                 f"recipe {name} is {value[name]!r} now, the checkpoint used {saved.get(name)!r}"
-                for name in value if saved.get(name) != value[name]
+                for name in value
+                if saved.get(name) != value[name]
             )
         elif saved != value:
             changed.append(f"{key} ({RESUME_KEYS[key]}) is {value!r} now, the checkpoint used {saved!r}")
@@ -861,7 +994,9 @@ def differences_from_paper(recipe: Recipe, schedule: LearningRateSchedule, args)
     return differences
 
 
-def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRateSchedule, source, args, accumulation) -> None:
+def announce_run(
+    accelerator, model_args, recipe: Recipe, schedule: LearningRateSchedule, source, args, accumulation
+) -> None:
     differences = differences_from_paper(recipe, schedule, args)
     lines = [
         f"BiT upstream pre-training: {model_args.model_preset} at {recipe.image_size} px, {source.labels.num_classes} classes"
@@ -872,16 +1007,28 @@ def announce_run(accelerator, model_args, recipe: Recipe, schedule: LearningRate
         f"{schedule.total_steps} steps, warmup {schedule.warmup_steps}, decays at steps {list(schedule.decay_steps)}.",
     ]
     if differences:
-        lines.append(f"Differs from the paper's {recipe.schedule} recipe ({SCHEDULES[recipe.schedule].epochs:g} epochs):")
+        lines.append(
+            f"Differs from the paper's {recipe.schedule} recipe ({SCHEDULES[recipe.schedule].epochs:g} epochs):"
+        )
         lines.extend(f"  - {line}" for line in differences)
     else:
         lines.append(f"The paper's {recipe.schedule} recipe, unmodified.")
     accelerator.print("\n".join(lines))
 
 
-def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: LearningRateSchedule, source,
-               final_loss: float, unreadable: dict, probe_results: list, differences: list[str],
-               command: list[str]) -> Path:
+def save_final(
+    accelerator,
+    model,
+    output_dir: Path,
+    recipe: Recipe,
+    schedule: LearningRateSchedule,
+    source,
+    final_loss: float,
+    unreadable: dict,
+    probe_results: list,
+    differences: list[str],
+    command: list[str],
+) -> Path:
     """`O/final`: save_pretrained folder + image processor + metadata + logs + the model card, atomically."""
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers shards)
     final = output_dir / "final"
@@ -891,20 +1038,26 @@ def save_final(accelerator, model, output_dir: Path, recipe: Recipe, schedule: L
             contiguous = {name: tensor.contiguous() for name, tensor in state_dict.items()}
             unwrapped.save_pretrained(staging, state_dict=contiguous)
             bit_image_processor(recipe.image_size).save_pretrained(staging)
-            atomic_write_json(staging / METADATA_FILE, {
-                "command": command,
-                "recipe": {**recipe.to_dict(), "total_steps": schedule.total_steps,
-                           "decay_steps": list(schedule.decay_steps)},
-                "differences_from_paper": differences,
-                "dataset": source.description,
-                "steps": schedule.total_steps,
-                "global_batch_size": recipe.global_batch_size,
-                "final_loss": final_loss,
-                "num_processes": accelerator.num_processes,
-                "unreadable_images": unreadable["count"],
-                "unreadable_image_names": unreadable["names"],
-                "bit_transfer_version": _version(),
-            })
+            atomic_write_json(
+                staging / METADATA_FILE,
+                {
+                    "command": command,
+                    "recipe": {
+                        **recipe.to_dict(),
+                        "total_steps": schedule.total_steps,
+                        "decay_steps": list(schedule.decay_steps),
+                    },
+                    "differences_from_paper": differences,
+                    "dataset": source.description,
+                    "steps": schedule.total_steps,
+                    "global_batch_size": recipe.global_batch_size,
+                    "final_loss": final_loss,
+                    "num_processes": accelerator.num_processes,
+                    "unreadable_images": unreadable["count"],
+                    "unreadable_image_names": unreadable["names"],
+                    "bit_transfer_version": _version(),
+                },
+            )
             log = output_dir / TRAINING_LOG_FILE
             (staging / TRAINING_LOG_FILE).write_text(log.read_text() if log.exists() else "")
             atomic_write_json(staging / PROBE_RESULTS_FILE, probe_results)

@@ -145,7 +145,9 @@ def class_name(label: int) -> str:
     return f"glyph-{label:04d}"
 
 
-def generate_examples(num_classes: int, examples_per_class: int, image_size: int, seed: int) -> Iterator[tuple[bytes, int]]:
+def generate_examples(
+    num_classes: int, examples_per_class: int, image_size: int, seed: int
+) -> Iterator[tuple[bytes, int]]:
     """(PNG bytes, label), class-major; every example is fixed by (seed, class, index)."""
     style = GlyphStyle()
     for label in range(num_classes):
@@ -157,13 +159,22 @@ def generate_examples(num_classes: int, examples_per_class: int, image_size: int
             yield buffer.getvalue(), label
 
 
-def write_dataset(output_dir: str | Path, num_classes: int = 1000, examples_per_class: int = 64, image_size: int = 40,
-                  seed: int = 0, num_shards: int = 8, format: str = "parquet") -> Path:
+def write_dataset(
+    output_dir: str | Path,
+    num_classes: int = 1000,
+    examples_per_class: int = 64,
+    image_size: int = 40,
+    seed: int = 0,
+    num_shards: int = 8,
+    format: str = "parquet",
+) -> Path:
     """Write the dataset; shards are written atomically and examples shuffled across them (seeded)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     total = num_classes * examples_per_class
-    examples = tqdm(generate_examples(num_classes, examples_per_class, image_size, seed), total=total, desc="rendering glyphs")
+    examples = tqdm(
+        generate_examples(num_classes, examples_per_class, image_size, seed), total=total, desc="rendering glyphs"
+    )
     if format == "imagefolder":
         counts = {}
         for png, label in examples:
@@ -172,10 +183,12 @@ def write_dataset(output_dir: str | Path, num_classes: int = 1000, examples_per_
         return output_dir
     rows = list(examples)
     order = np.random.default_rng([seed, 2**31 - 1]).permutation(len(rows))
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "label": datasets.ClassLabel(names=[class_name(label) for label in range(num_classes)]),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[class_name(label) for label in range(num_classes)]),
+        }
+    )
     for shard, indices in enumerate(np.array_split(order, num_shards)):
         table = datasets.Dataset.from_dict(
             {"image": [{"bytes": rows[i][0], "path": None} for i in indices], "label": [rows[i][1] for i in indices]},
@@ -201,11 +214,21 @@ class SyntheticArguments:
 def main(argv: list[str] | None = None) -> Path:
     (args,) = HfArgumentParser(SyntheticArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.num_classes < 2 or args.examples_per_class < 1 or args.image_size < 8 or args.num_shards < 1:
-        raise ValueError("Need --num-classes >= 2, --examples-per-class >= 1, --image-size >= 8 and --num-shards >= 1.")
-    path = write_dataset(args.output_dir, args.num_classes, args.examples_per_class, args.image_size, args.seed,
-                         args.num_shards, args.format)
+        raise ValueError(
+            "Need --num-classes >= 2, --examples-per-class >= 1, --image-size >= 8 and --num-shards >= 1."
+        )
+    path = write_dataset(
+        args.output_dir,
+        args.num_classes,
+        args.examples_per_class,
+        args.image_size,
+        args.seed,
+        args.num_shards,
+        args.format,
+    )
     print(f"Wrote {args.num_classes * args.examples_per_class} examples of {args.num_classes} glyph classes to {path}")
     return path
+
 
 if __name__ == "__main__":
     main()

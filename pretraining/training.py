@@ -25,7 +25,9 @@ PROBE_RESULTS_FILE = "probe_results.json"
 logger = logging.getLogger(__name__)
 
 
-def upstream_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, multi_label: bool) -> torch.Tensor:
+def upstream_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, multi_label: bool
+) -> torch.Tensor:
     """Mean over the readable examples of the per-example upstream loss.
 
     Single-label: softmax cross-entropy. Multi-label: per-class sigmoid cross-entropy summed over classes

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import HfArgumentParser
 
+from finetune.hyperrule import DECAY_FACTOR, DECAY_FRACTIONS, LEARNING_RATE, SGD_MOMENTUM
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from pretraining import embedded_checkpoint_path
 from pretraining.probe import fit_ridge_classifier
-from finetune.hyperrule import DECAY_FACTOR, DECAY_FRACTIONS, LEARNING_RATE, SGD_MOMENTUM
 from pretraining.recipe import FEW_SHOT_EXAMPLES_PER_CLASS, FEW_SHOT_TRIALS
 
 TEST_EXAMPLES = 600
@@ -78,7 +78,9 @@ class DigitsTransfer:
         """The checkpoint with a new zero head for the 10 digits, or its architecture from random init."""
         digit_names = {"id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
         if pretrained:
-            return BitForImageClassification.from_pretrained(self.checkpoint, ignore_mismatched_sizes=True, **digit_names)
+            return BitForImageClassification.from_pretrained(
+                self.checkpoint, ignore_mismatched_sizes=True, **digit_names
+            )
         return BitForImageClassification(BitConfig.from_pretrained(self.checkpoint, **digit_names))
 
     @torch.no_grad()
@@ -93,7 +95,9 @@ class DigitsTransfer:
         for k in FEW_SHOT_EXAMPLES_PER_CLASS:
             accuracies = []
             for trial in range(FEW_SHOT_TRIALS):
-                chosen = balanced_subset(self.labels, np.arange(len(self.train)), k, np.random.default_rng([self.seed, k, trial]))
+                chosen = balanced_subset(
+                    self.labels, np.arange(len(self.train)), k, np.random.default_rng([self.seed, k, trial])
+                )
                 predict = fit_ridge_classifier(train_features[chosen], self.labels[self.train][chosen], 10)
                 accuracies.append(float(np.mean(predict(test_features) == self.labels[self.test])))
             results[f"probe_{k}_shot"] = float(np.median(accuracies))
@@ -123,7 +127,9 @@ class DigitsTransfer:
             optimizer.zero_grad()
         model.eval()
         with torch.no_grad():
-            predicted = torch.cat([model(pixel_values=chunk).logits.argmax(1) for chunk in self.test_pixels.split(256)])
+            predicted = torch.cat(
+                [model(pixel_values=chunk).logits.argmax(1) for chunk in self.test_pixels.split(256)]
+            )
         return float((predicted.numpy() == self.labels[self.test]).mean())
 
     def run(self, steps: int) -> dict:

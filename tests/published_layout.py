@@ -30,7 +30,9 @@ def published_arrays(depths, width: int = 1, num_classes: int = 10, seed: int = 
         mid = 64 * width * 2 ** (block - 1)
         for unit in range(1, depth + 1):
             prefix = f"resnet/block{block}/unit{unit:02d}"
-            for part, (cin, cout, k) in zip("abc", ((channels, mid, 1), (mid, mid, 3), (mid, 4 * mid, 1)), strict=True):
+            for part, (cin, cout, k) in zip(
+                "abc", ((channels, mid, 1), (mid, mid, 3), (mid, 4 * mid, 1)), strict=True
+            ):
                 yield f"{prefix}/{part}/group_norm/gamma", 1.0 + normal(cin, scale=0.2)
                 yield f"{prefix}/{part}/group_norm/beta", normal(cin, scale=0.2)
                 yield f"{prefix}/{part}/standardized_conv2d/kernel", normal(k, k, cin, cout)

@@ -25,18 +25,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import REPO_ROOT, randomize_, run_clean_python, serving
 from huggingface_hub import constants
+from published_layout import published_arrays, write_npz
 from safetensors.torch import load_file, save_file
 
 from modeling_bit import BitForImageClassification, BitModel
-from modeling_bit.checkpoint_reading import CheckpointError
 from modeling_bit import convert as convert_module
+from modeling_bit.checkpoint_reading import CheckpointError
 from modeling_bit.convert import ConversionError, convert_to_folder
 from modeling_bit.download import DownloadError, cached_download_path
 from modeling_bit.published import converted_published_folder, find_published_checkpoint, resolve_pretrained_name
-
-from conftest import REPO_ROOT, randomize_, run_clean_python, serving
-from published_layout import published_arrays, write_npz
 
 R50 = (3, 4, 6, 3)
 SMALL = (1, 2, 1, 1)  # a second unit in stage 2 exercises the identity shortcut

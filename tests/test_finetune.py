@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
-import logging
-import shutil
-import statistics
 import io
 import json
+import logging
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -39,14 +39,13 @@ from finetune.data import (
     stratified_split,
 )
 from finetune.errors import FinetuneInputError
-from finetune.finetuning import training_inputs
+from finetune.finetuning import training_inputs, write_output_folder
 from finetune.hyperrule import (
     BitHyperRule,
     choose_micro_batch_size,
     learning_rate_multiplier,
     training_memory_per_example,
 )
-from finetune.finetuning import write_output_folder
 from finetune.main_job import checkpoint_resolution, run_main_job
 from finetune.metrics import ClassificationMetrics
 from finetune.models import load_model_for_labels
@@ -158,7 +157,7 @@ def test_overrides_are_recorded_and_derived_fields_follow(tmp_path):
     given = BitHyperRule.from_dataset(1000, 64, batch_size=64, learning_rate=0.01)
     assert given.learning_rate == 0.01 and given.overrides == ("learning_rate", "batch_size")
     record = json.loads(rule.save(tmp_path).read_text())
-    assert HYPERRULE_KEYS <= set(record)
+    assert set(record) >= HYPERRULE_KEYS
     assert record["overrides"] == ["steps", "batch_size", "micro_batch_size"]
     with pytest.raises(FinetuneInputError, match="crop=200 is larger than precrop=160"):
         BitHyperRule.from_dataset(1000, 64, crop=200)
@@ -374,7 +373,9 @@ def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
         augmented = dataclasses.replace(rule, horizontal_flip=flip, random_crop=random_crop)
         stream, _ = training_inputs(data.train, augmented, seed=0, num_workers=0)
         assert (stream.flip, stream.random_crop) == (flip, random_crop)
-        one = HyperRuleTrainingStream(stream.source.select([0]), 12, crop=32, seed=0, flip=flip, random_crop=random_crop)
+        one = HyperRuleTrainingStream(
+            stream.source.select([0]), 12, crop=32, seed=0, flip=flip, random_crop=random_crop
+        )
         return one.source.pixel_values[0], [one[position]["pixel_values"] for position in range(12)]
 
     # Neither crop nor flip: the training view is exactly the evaluation preprocessing.
@@ -432,7 +433,12 @@ def write_bad_image_corpus(root: Path) -> tuple[Path, set[str]]:
     (left / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (right / "notes.jpg").write_text("this is a text file, not a JPEG\n")
     (right / "bomb.png").write_bytes(_png_with_header_size(40_000, 40_000))
-    bad = {str(left / "zero_bytes.jpg"), str(left / "truncated.jpg"), str(right / "notes.jpg"), str(right / "bomb.png")}
+    bad = {
+        str(left / "zero_bytes.jpg"),
+        str(left / "truncated.jpg"),
+        str(right / "notes.jpg"),
+        str(right / "bomb.png"),
+    }
     return root, bad
 
 
@@ -464,10 +470,21 @@ def test_unreadable_images_are_skipped_and_named_and_odd_modes_converted(tmp_pat
 def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpoint, capsys):
     folder, bad = write_bad_image_corpus(tmp_path / "corpus")
     output = tmp_path / "out"
-    status = cli.main([
-        "--model", str(tiny_checkpoint), "--train-dir", str(folder), "--output-dir", str(output),
-        "--validation-fraction", "0.2", "--num-workers", "0", *SMALL_RUN,
-    ])
+    status = cli.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--train-dir",
+            str(folder),
+            "--output-dir",
+            str(output),
+            "--validation-fraction",
+            "0.2",
+            "--num-workers",
+            "0",
+            *SMALL_RUN,
+        ]
+    )
     assert status == 0
     recorded = json.loads((output / "bit_finetune_args.json").read_text())
     assert set(recorded["unreadable_images"]) == bad
@@ -491,13 +508,23 @@ def test_a_run_over_bad_images_completes_and_reports_them(tmp_path, tiny_checkpo
             ["--batch-size", "8", "--micro-batch-size", "3"],
             "batch_size=8 is not a multiple of micro_batch_size=3",
         ),
-        (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--resolution", "30", "24"], "crop=24: expected at least 32"),
+        (
+            lambda root: write_image_folder(root, {"a": 8, "b": 8}),
+            ["--resolution", "30", "24"],
+            "crop=24: expected at least 32",
+        ),
         (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--seed", "-1"], "--seed -1: expected an integer"),
         (lambda root: write_image_folder(root, {"a": 8, "b": 8}), ["--save-steps", "0"], "--save-steps 0: expected"),
     ],
     ids=[
-        "single-class", "empty-folder", "k-larger-than-smallest-class", "unloadable-model", "micro-batch-not-dividing",
-        "crop-below-network-minimum", "negative-seed", "zero-save-steps",
+        "single-class",
+        "empty-folder",
+        "k-larger-than-smallest-class",
+        "unloadable-model",
+        "micro-batch-not-dividing",
+        "crop-below-network-minimum",
+        "negative-seed",
+        "zero-save-steps",
     ],
 )
 def test_bad_folders_are_refused_before_training(tmp_path, tiny_checkpoint, capsys, make_input, extra, message):
@@ -516,7 +543,9 @@ def _write_parquet_dataset(root: Path, splits: dict[str, int], columns=("image",
     rng = np.random.default_rng(0)
     for split, count in splits.items():
         labels = [index % 2 for index in range(count)]
-        images = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8) // (1 + label)) for label in labels]
+        images = [
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8) // (1 + label)) for label in labels
+        ]
         dataset = from_images(images, labels, ["even", "odd"]).rename_columns(dict(zip(("image", "label"), columns)))
         dataset.to_parquet(str(root / f"{split}.parquet"))
     return root
@@ -524,10 +553,18 @@ def _write_parquet_dataset(root: Path, splits: dict[str, int], columns=("image",
 
 def test_a_missing_label_column_is_refused_with_the_columns_listed(tmp_path, tiny_checkpoint, capsys):
     root = _write_parquet_dataset(tmp_path, {"train": 8}, columns=("img", "target"))
-    status = cli.main([
-        "--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img", "--output-dir",
-        str(tmp_path / "out"),
-    ])
+    status = cli.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--dataset",
+            str(root),
+            "--image-column",
+            "img",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert status == 2
     assert "no column 'label' (--label-column); the columns are ['img', 'target']" in capsys.readouterr().err
 
@@ -544,9 +581,14 @@ def test_more_bad_input_is_refused_before_anything_is_written(tmp_path, tiny_che
         unlabelled / "train.parquet",
     )
     for arguments, message in [
-        (["--dataset", str(root), "--output-dir", str(tmp_path / "a-file" / "out")], "a-file is a file; expected a folder"),
-        (["--dataset", str(root), "--dataset-config", "nope", "--output-dir", str(tmp_path / "out")],
-         "--dataset-config 'nope': could not load it"),
+        (
+            ["--dataset", str(root), "--output-dir", str(tmp_path / "a-file" / "out")],
+            "a-file is a file; expected a folder",
+        ),
+        (
+            ["--dataset", str(root), "--dataset-config", "nope", "--output-dir", str(tmp_path / "out")],
+            "--dataset-config 'nope': could not load it",
+        ),
         (["--dataset", str(unlabelled), "--output-dir", str(tmp_path / "out")], "has 1 missing label(s)"),
         (["--dataset", str(root), "--output-dir", str(tmp_path / "torn"), "--resume"], "run.json is not readable"),
     ]:
@@ -562,10 +604,26 @@ def test_streamed_dataset_with_named_columns_trains(tmp_path, tiny_checkpoint):
     assert isinstance(data.train, datasets.IterableDataset) and data.label_names == ["even", "odd"]
     assert "'test' split" in data.announcements[0]
     output = tmp_path / "out"
-    status = cli.main([
-        "--model", str(tiny_checkpoint), "--dataset", str(root), "--image-column", "img", "--label-column", "target",
-        "--streaming", "--dataset-size", "16", "--num-workers", "2", "--output-dir", str(output), *SMALL_RUN,
-    ])
+    status = cli.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--dataset",
+            str(root),
+            "--image-column",
+            "img",
+            "--label-column",
+            "target",
+            "--streaming",
+            "--dataset-size",
+            "16",
+            "--num-workers",
+            "2",
+            "--output-dir",
+            str(output),
+            *SMALL_RUN,
+        ]
+    )
     assert status == 0
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
     assert hyperrule["dataset_size"] == 16 and "dataset_size" in hyperrule["overrides"]
@@ -591,9 +649,27 @@ class InterruptAfterSave(TrainerCallback):
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoint, capsys):
     folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 6})
     run = [
-        "--model", str(tiny_checkpoint), "--train-dir", str(folder), "--max-steps", "6", "--save-steps", "2",
-        "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32", "--mixup-alpha", "0.4",
-        "--learning-rate", "0.05", "--num-workers", "0",
+        "--model",
+        str(tiny_checkpoint),
+        "--train-dir",
+        str(folder),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--resolution",
+        "40",
+        "32",
+        "--mixup-alpha",
+        "0.4",
+        "--learning-rate",
+        "0.05",
+        "--num-workers",
+        "0",
     ]
     assert cli.main([*run, "--output-dir", str(tmp_path / "straight")]) == 0
 
@@ -640,8 +716,19 @@ MARKED_ACCURACY = 0.123456789
 
 def test_resume_reuses_finished_trials_and_overwrite_output_dir_starts_over(tmp_path, tiny_checkpoint):
     folder = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
-    run = ["--model", str(tiny_checkpoint), "--train-dir", str(folder), "--num-workers", "0", "--trials", "2",
-           "--save-steps", "2", *SMALL_RUN]
+    run = [
+        "--model",
+        str(tiny_checkpoint),
+        "--train-dir",
+        str(folder),
+        "--num-workers",
+        "0",
+        "--trials",
+        "2",
+        "--save-steps",
+        "2",
+        *SMALL_RUN,
+    ]
     interrupted = tmp_path / "interrupted"
     assert cli.main([*run, "--output-dir", str(interrupted)], callbacks=[InterruptInTrial(2, 2)]) == 130
     # Mark trial 1's finished result with an accuracy no run on these few images can reach (not a multiple of
@@ -668,8 +755,17 @@ def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, 
     # Single-label images in a folder below a hidden one (e.g. ~/.cache/...).
     folder = write_image_folder(tmp_path / ".cache" / "data" / "train", {"a": 10, "b": 10})
     output = tmp_path / "out"
-    common = ["--train-dir", str(folder), "--output-dir", str(output), "--validation-fraction", "0.34",
-              "--num-workers", "0", *SMALL_RUN]
+    common = [
+        "--train-dir",
+        str(folder),
+        "--output-dir",
+        str(output),
+        "--validation-fraction",
+        "0.34",
+        "--num-workers",
+        "0",
+        *SMALL_RUN,
+    ]
     few_shot = ["--model", str(upstream), *common, "--trials", "2", "--no-crop"]
     assert cli.main(few_shot) == 0
     printed = capsys.readouterr().out
@@ -679,7 +775,7 @@ def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, 
     card = (output / "README.md").read_text()  # written in the staging folder, for the folder's final name
     assert 'model="out"' in card and ".partial" not in card
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
-    assert HYPERRULE_KEYS <= set(hyperrule)
+    assert set(hyperrule) >= HYPERRULE_KEYS
     assert (hyperrule["random_crop"], hyperrule["horizontal_flip"]) == (False, True)
     assert "random_crop" in hyperrule["overrides"]
     # Two trials: eval_accuracy is their median (the mean of both); the folder holds the lower one's model.
@@ -705,8 +801,9 @@ def test_a_finished_folder_is_replaced_only_when_asked_and_atomically(tmp_path, 
     # A failing assembly (here: no trained weights to copy) leaves the finished folder untouched.
     rule = BitHyperRule.from_dataset(10, 64)
     with pytest.raises(FileNotFoundError):
-        write_output_folder(output, tmp_path / "no-model", rule, eval_results={}, all_results={}, finetune_args={},
-                            log_history=[])
+        write_output_folder(
+            output, tmp_path / "no-model", rule, eval_results={}, all_results={}, finetune_args={}, log_history=[]
+        )
     assert (output / "model.safetensors").read_bytes() == finished
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".out")) == []
 
@@ -754,7 +851,9 @@ class _RecordingHub(http.server.BaseHTTPRequestHandler):
         """No per-request log lines: they would clutter pytest's output."""
 
 
-def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenoptera_dir, tiny_checkpoint, ant_image_path):
+def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(
+    tmp_path, hymenoptera_dir, tiny_checkpoint, ant_image_path
+):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     output = tmp_path / "bit-hymenoptera"
@@ -767,9 +866,23 @@ def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenopter
     }
     env.pop("HF_HUB_OFFLINE", None)
     command = [
-        sys.executable, "-m", "finetune", "--model", str(tiny_checkpoint), "--train-dir",
-        str(hymenoptera_dir / "train"), "--validation-dir", str(hymenoptera_dir / "val"), "--output-dir",
-        str(output), "--push-to-hub", "--hub-model-id", "someone/bit-hymenoptera", "--num-workers", "2", *SMALL_RUN,
+        sys.executable,
+        "-m",
+        "finetune",
+        "--model",
+        str(tiny_checkpoint),
+        "--train-dir",
+        str(hymenoptera_dir / "train"),
+        "--validation-dir",
+        str(hymenoptera_dir / "val"),
+        "--output-dir",
+        str(output),
+        "--push-to-hub",
+        "--hub-model-id",
+        "someone/bit-hymenoptera",
+        "--num-workers",
+        "2",
+        *SMALL_RUN,
     ]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -787,7 +900,7 @@ def test_fine_tune_hymenoptera_then_stock_pipeline_and_push(tmp_path, hymenopter
     assert config["id2label"] == {"0": "ants", "1": "bees"}
     assert json.loads((output / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
-    assert HYPERRULE_KEYS <= set(hyperrule) and hyperrule["dataset_size"] == 245
+    assert set(hyperrule) >= HYPERRULE_KEYS and hyperrule["dataset_size"] == 245
     assert (hyperrule["precrop"], hyperrule["crop"], hyperrule["steps"]) == (40, 32, 4)
     assert hyperrule["median_image_area"] >= 96 * 96  # photographs: the rule alone would pick 448/384
     eval_results = json.loads((output / "eval_results.json").read_text())
@@ -861,10 +974,17 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
     assert_complete_folder(output)
     assert json.loads((output / "config.json").read_text())["id2label"]["7"] == "7"
     hyperrule = json.loads((output / "bit_hyperrule.json").read_text())
-    assert hyperrule["crop"] == resolution and hyperrule["micro_batch_size"] == 64 and hyperrule["dataset_size"] == 1198
+    assert (
+        hyperrule["crop"] == resolution and hyperrule["micro_batch_size"] == 64 and hyperrule["dataset_size"] == 1198
+    )
     assert torch.get_num_threads() == threads  # the job's one intra-op thread is not left behind
-    for unused in (["--examples-per-class", "3"], ["--save-steps", "5"], ["--bit-l-resolution"],
-                   ["--validation-fraction", "0.2"], ["--image-column", "img"]):
+    for unused in (
+        ["--examples-per-class", "3"],
+        ["--save-steps", "5"],
+        ["--bit-l-resolution"],
+        ["--validation-fraction", "0.2"],
+        ["--image-column", "img"],
+    ):
         with pytest.raises(FinetuneInputError, match=f"{unused[0]}: not used by the main job"):
             run_main_job(*cli.parse_arguments(unused), [])
     with pytest.raises(FinetuneInputError, match="already holds a fine-tuned model.*--overwrite-output-dir"):

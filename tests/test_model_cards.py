@@ -25,9 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, randomize_, run_clean_python, serving
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils.sha import git_hash
 from PIL import Image
+from published_layout import published_arrays, write_npz
 from transformers import AutoImageProcessor
 
 from model_cards import CardOptions, prepare_hub_folder, write_card, write_model_card
@@ -38,9 +40,6 @@ from model_cards.hub import HubPushError, local_files, push_folder
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor, load_rgb_image
 from modeling_bit.convert import convert_to_folder
 from modeling_bit.convert import main as bit_convert
-
-from conftest import REPO_ROOT, randomize_, run_clean_python, serving
-from published_layout import published_arrays, write_npz
 
 SMALL_DEPTHS = (1, 2, 1, 1)
 R50_DEPTHS = (3, 4, 6, 3)
@@ -66,52 +65,145 @@ def write_finetuned_records(folder: Path, hymenoptera: Path, *, validation: bool
         "train_dir": str(hymenoptera / "train"),
         **({"validation_dir": str(hymenoptera / "val")} if validation else {}),
     }
-    write_json(folder / "bit_hyperrule.json", {
-        "dataset_size": 10, "median_image_area": 187500.0, "precrop": 80, "crop": 64, "steps": 6, "warmup_steps": 1,
-        "decay_steps": [2, 4, 5], "mixup_alpha": 0.0, "learning_rate": 0.00017578125, "batch_size": 30,
-        "micro_batch_size": 10, "momentum": 0.9, "weight_decay": 0.0, "overrides": ["precrop", "crop", "steps", "batch_size"],
-    })
+    write_json(
+        folder / "bit_hyperrule.json",
+        {
+            "dataset_size": 10,
+            "median_image_area": 187500.0,
+            "precrop": 80,
+            "crop": 64,
+            "steps": 6,
+            "warmup_steps": 1,
+            "decay_steps": [2, 4, 5],
+            "mixup_alpha": 0.0,
+            "learning_rate": 0.00017578125,
+            "batch_size": 30,
+            "micro_batch_size": 10,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "overrides": ["precrop", "crop", "steps", "batch_size"],
+        },
+    )
     trials = [0.55, 0.6209, 0.7]
-    write_json(folder / "eval_results.json", {
-        "eval_loss": 0.6812, "eval_accuracy": 0.6209, "eval_accuracy_min": 0.55, "eval_accuracy_max": 0.7,
-        "eval_accuracy_trials": trials, "eval_top_5_accuracy": 1.0, "eval_runtime": 1.2,
-    })
-    write_json(folder / "all_results.json", {"train_loss": 0.69, "eval_accuracy": 0.6209, "unreadable_images": 0, "saved_trial": 2})
-    write_json(folder / "bit_finetune_args.json", {
-        "command": ["bit-finetune", "--model", "BiT-M-R50x1", "--train-dir", source.get("train_dir", "x"),
-                    "--output-dir", str(folder), "--examples-per-class", "5", "--trials", "3"],
-        "model": "BiT-M-R50x1",
-        "dataset": {**source, "num_train_examples": 10, "num_eval_examples": 153, "num_classes": 2,
-                    "examples_per_class": 5, "trials": 3},
-    })
-    write_json(folder / "training_log.json", {"log_history": [
-        {"loss": 0.6931, "learning_rate": 0.00017578125, "epoch": 0.5, "step": 2},
-        {"loss": 0.6502, "learning_rate": 1.7578125e-05, "epoch": 1.0, "step": 4},
-        {"train_runtime": 3.1, "train_loss": 0.67, "epoch": 1.5, "step": 6},
-    ]})
+    write_json(
+        folder / "eval_results.json",
+        {
+            "eval_loss": 0.6812,
+            "eval_accuracy": 0.6209,
+            "eval_accuracy_min": 0.55,
+            "eval_accuracy_max": 0.7,
+            "eval_accuracy_trials": trials,
+            "eval_top_5_accuracy": 1.0,
+            "eval_runtime": 1.2,
+        },
+    )
+    write_json(
+        folder / "all_results.json",
+        {"train_loss": 0.69, "eval_accuracy": 0.6209, "unreadable_images": 0, "saved_trial": 2},
+    )
+    write_json(
+        folder / "bit_finetune_args.json",
+        {
+            "command": [
+                "bit-finetune",
+                "--model",
+                "BiT-M-R50x1",
+                "--train-dir",
+                source.get("train_dir", "x"),
+                "--output-dir",
+                str(folder),
+                "--examples-per-class",
+                "5",
+                "--trials",
+                "3",
+            ],
+            "model": "BiT-M-R50x1",
+            "dataset": {
+                **source,
+                "num_train_examples": 10,
+                "num_eval_examples": 153,
+                "num_classes": 2,
+                "examples_per_class": 5,
+                "trials": 3,
+            },
+        },
+    )
+    write_json(
+        folder / "training_log.json",
+        {
+            "log_history": [
+                {"loss": 0.6931, "learning_rate": 0.00017578125, "epoch": 0.5, "step": 2},
+                {"loss": 0.6502, "learning_rate": 1.7578125e-05, "epoch": 1.0, "step": 4},
+                {"train_runtime": 3.1, "train_loss": 0.67, "epoch": 1.5, "step": 6},
+            ]
+        },
+    )
 
 
 def write_pretrained_records(folder: Path, train_dir: Path):
     """The pretraining issue's output records (contracts.md "Pretrained"), multi-label."""
-    write_json(folder / "bit_pretraining.json", {
-        # sys.argv under `accelerate launch`: the script's absolute path, then the arguments.
-        "command": ["/opt/src/bit-transfer/pretraining/pretrain.py", "--model-preset", "bit-tiny", "--train-dir",
-                    str(train_dir), "--output-dir", "O", "--max-steps", "8"],
-        "recipe": {"schedule": "bit-s-m", "base_learning_rate": 0.03, "global_batch_size": 8, "weight_decay": 0.0001,
-                   "momentum": 0.9, "warmup_steps": 2, "image_size": 32},
-        "dataset": {"train_dir": str(train_dir), "num_examples": 245, "num_classes": 3, "multi_label": True},
-        "steps": 8, "global_batch_size": 8, "final_loss": 0.4123, "num_processes": 2, "bit_transfer_version": "0.1.0",
-    })
-    (folder / "training_log.jsonl").write_text("".join(
-        json.dumps({"step": step, "loss": 0.7 - 0.03 * step, "learning_rate": 0.00094 * min(step, 2) / 2,
-                    "images_per_second": 40.0, "epoch": None}) + "\n"
-        for step in range(1, 9)
-    ))
-    write_json(folder / "probe_results.json", [
-        {"step": step, "examples_per_class": k, "accuracy": 0.4 + 0.02 * step + 0.03 * k, "num_classes": 3,
-         "num_test_examples": 30, "trials": 5}
-        for step in (4, 8) for k in (1, 5)
-    ])
+    write_json(
+        folder / "bit_pretraining.json",
+        {
+            # sys.argv under `accelerate launch`: the script's absolute path, then the arguments.
+            "command": [
+                "/opt/src/bit-transfer/pretraining/pretrain.py",
+                "--model-preset",
+                "bit-tiny",
+                "--train-dir",
+                str(train_dir),
+                "--output-dir",
+                "O",
+                "--max-steps",
+                "8",
+            ],
+            "recipe": {
+                "schedule": "bit-s-m",
+                "base_learning_rate": 0.03,
+                "global_batch_size": 8,
+                "weight_decay": 0.0001,
+                "momentum": 0.9,
+                "warmup_steps": 2,
+                "image_size": 32,
+            },
+            "dataset": {"train_dir": str(train_dir), "num_examples": 245, "num_classes": 3, "multi_label": True},
+            "steps": 8,
+            "global_batch_size": 8,
+            "final_loss": 0.4123,
+            "num_processes": 2,
+            "bit_transfer_version": "0.1.0",
+        },
+    )
+    (folder / "training_log.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "step": step,
+                    "loss": 0.7 - 0.03 * step,
+                    "learning_rate": 0.00094 * min(step, 2) / 2,
+                    "images_per_second": 40.0,
+                    "epoch": None,
+                }
+            )
+            + "\n"
+            for step in range(1, 9)
+        )
+    )
+    write_json(
+        folder / "probe_results.json",
+        [
+            {
+                "step": step,
+                "examples_per_class": k,
+                "accuracy": 0.4 + 0.02 * step + 0.03 * k,
+                "num_classes": 3,
+                "num_test_examples": 30,
+                "trials": 5,
+            }
+            for step in (4, 8)
+            for k in (1, 5)
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +217,9 @@ def folders(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
     write_finetuned_records(finetuned, hymenoptera_dir)
     write_model_card(finetuned)
 
-    pretrained = save_tiny(root / "pretrained", ["ant", "bee", "flower"], 32, seed=2,
-                           problem_type="multi_label_classification")
+    pretrained = save_tiny(
+        root / "pretrained", ["ant", "bee", "flower"], 32, seed=2, problem_type="multi_label_classification"
+    )
     write_pretrained_records(pretrained, hymenoptera_dir / "train")
     write_model_card(pretrained)
 
@@ -172,14 +265,24 @@ def test_cards_of_every_kind_parse_back_with_their_metadata(folders, hymenoptera
     # Top-5 accuracy of a 2-class model is 100% by construction: recorded, but not reported.
     [median] = finetuned.eval_results
     assert (median.metric_type, median.metric_name, median.metric_value) == (
-        "accuracy", "Accuracy (median of 3 fine-tuning trials, 5 examples per class)", records["eval_accuracy"])
+        "accuracy",
+        "Accuracy (median of 3 fine-tuning trials, 5 examples per class)",
+        records["eval_accuracy"],
+    )
     assert (median.task_type, median.dataset_type, median.dataset_name, median.dataset_split) == (
-        "image-classification", "imagefolder", "hymenoptera (image folder)", "validation")
+        "image-classification",
+        "imagefolder",
+        "hymenoptera (image folder)",
+        "validation",
+    )
 
     pretrained = card_of(folders["pretrained"]).data
     assert "multi-label" in pretrained.tags
-    final = {r["examples_per_class"]: r["accuracy"] for r in json.loads((folders["pretrained"] / "probe_results.json")
-                                                                         .read_text()) if r["step"] == 8}
+    final = {
+        r["examples_per_class"]: r["accuracy"]
+        for r in json.loads((folders["pretrained"] / "probe_results.json").read_text())
+        if r["step"] == 8
+    }
     assert {int(r.metric_name.split("-")[0]): r.metric_value for r in pretrained.eval_results} == final
     assert {(r.dataset_type, r.dataset_split) for r in pretrained.eval_results} == {("imagefolder", "validation")}
     assert {r.dataset_name for r in pretrained.eval_results} == {"hymenoptera (image folder)"}
@@ -190,14 +293,23 @@ def test_card_sections_are_filled_from_the_records_and_say_nothing_missing(folde
         text = (folders[kind] / "README.md").read_text()
         assert_honest_text(text)
         assert_no_local_paths(text, folders[kind].parent)
-        for heading in ("## Architecture", "## How it was produced", "## Results", "## Usage",
-                        "## Limitations and biases", "## Citation", "@inproceedings{kolesnikov2020bit"):
+        for heading in (
+            "## Architecture",
+            "## How it was produced",
+            "## Results",
+            "## Usage",
+            "## Limitations and biases",
+            "## Citation",
+            "@inproceedings{kolesnikov2020bit",
+        ):
             assert heading in text, (kind, heading)
 
     finetuned = (folders["fine-tuned"] / "README.md").read_text()
     # The recorded command, with absolute paths shortened to what they name.
-    assert ("bit-finetune --model BiT-M-R50x1 --train-dir hymenoptera/train --output-dir finetuned "
-            "--examples-per-class 5 --trials 3") in finetuned
+    assert (
+        "bit-finetune --model BiT-M-R50x1 --train-dir hymenoptera/train --output-dir finetuned "
+        "--examples-per-class 5 --trials 3"
+    ) in finetuned
     assert "Evaluation on the local image folder `hymenoptera/val`" in finetuned
     assert "| optimizer steps | 6 | given |" in finetuned and "| SGD momentum | 0.9 | BiT-HyperRule |" in finetuned
     assert "| 5 | 3 | 62.09% | 55.00% | 70.00% |" in finetuned  # examples per class, trials, median, min, max
@@ -205,8 +317,10 @@ def test_card_sections_are_filled_from_the_records_and_say_nothing_missing(folde
 
     pretrained = (folders["pretrained"] / "README.md").read_text()
     # As the user reruns it: the launcher (two processes recorded) and the script's path in the repository.
-    assert ("```bash\naccelerate launch --num_processes 2 pretraining/pretrain.py --model-preset bit-tiny "
-            "--train-dir hymenoptera/train --output-dir O --max-steps 8\n```") in pretrained
+    assert (
+        "```bash\naccelerate launch --num_processes 2 pretraining/pretrain.py --model-preset bit-tiny "
+        "--train-dir hymenoptera/train --output-dir O --max-steps 8\n```"
+    ) in pretrained
     assert "\n# bit-tiny pre-trained on hymenoptera\n" in pretrained
     assert "| `weight_decay` | 0.0001 |" in pretrained and "final training loss 0.4123" in pretrained
     assert "scores = logits.sigmoid()[0]" in pretrained  # multi-label: the usage code uses the right activation
@@ -223,8 +337,12 @@ def test_card_sections_are_filled_from_the_records_and_say_nothing_missing(folde
 
 
 def test_plots_are_valid_pngs_embedded_in_the_card(folders):
-    expected = {"fine-tuned": ["training_curves.png", "few_shot_accuracy.png"],
-                "pretrained": ["training_curves.png", "probe_accuracy.png"], "converted": [], "saved": []}
+    expected = {
+        "fine-tuned": ["training_curves.png", "few_shot_accuracy.png"],
+        "pretrained": ["training_curves.png", "probe_accuracy.png"],
+        "converted": [],
+        "saved": [],
+    }
     for kind, names in expected.items():
         text = (folders[kind] / "README.md").read_text()
         assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", text) == names, kind
@@ -236,8 +354,10 @@ def test_plots_are_valid_pngs_embedded_in_the_card(folders):
 
 def test_without_matplotlib_the_card_has_no_plots_and_stale_ones_are_removed(folders, tmp_path):
     folder = shutil.copytree(folders["fine-tuned"], tmp_path / "finetuned")
-    code = ("import sys; sys.modules['matplotlib'] = None\n"  # import matplotlib now raises ImportError
-            f"from model_cards import write_model_card; write_model_card({str(folder)!r})")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # import matplotlib now raises ImportError
+        f"from model_cards import write_model_card; write_model_card({str(folder)!r})"
+    )
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     text = (folder / "README.md").read_text()
@@ -253,7 +373,10 @@ def test_plots_show_what_the_tables_do_not(folders, tmp_path):
     planned = {plot.file: plot for plot in plan_plots(read_folder(folders["fine-tuned"]))}
     # The learning rate is on a log scale: warmup and each ×0.1 decay are visible steps.
     _, lr_axes = planned["training_curves.png"].figure().axes
-    assert lr_axes.get_yscale() == "log" and lr_axes.get_lines()[0].get_ydata().tolist() == [0.00017578125, 1.7578125e-05]
+    assert lr_axes.get_yscale() == "log" and lr_axes.get_lines()[0].get_ydata().tolist() == [
+        0.00017578125,
+        1.7578125e-05,
+    ]
     # One number of examples per class: every trial is its own point, against the median and the range.
     trials_axes = planned["few_shot_accuracy.png"].figure().axes[0]
     open_points, saved_point = (collection.get_offsets().tolist() for collection in trials_axes.collections[-2:])
@@ -262,8 +385,10 @@ def test_plots_show_what_the_tables_do_not(folders, tmp_path):
     # The probe: a panel per axis with several values; a single probed number is left to the table.
     folder = shutil.copytree(folders["pretrained"], tmp_path / "pretrained")
     probes = json.loads((folder / "probe_results.json").read_text())
-    for kept, panels in (([8], ["After step 8", "During pre-training"]),):
-        assert [a.get_title() for a in {p.file: p for p in plan_plots(read_folder(folder))}[PROBE_FILE].figure().axes] == panels
+    for _kept, panels in (([8], ["After step 8", "During pre-training"]),):
+        assert [
+            a.get_title() for a in {p.file: p for p in plan_plots(read_folder(folder))}[PROBE_FILE].figure().axes
+        ] == panels
     write_json(folder / "probe_results.json", [e for e in probes if e["step"] == 8])  # one step, two k
     [probe] = [p for p in plan_plots(read_folder(folder)) if p.file == PROBE_FILE]
     assert [a.get_title() for a in probe.figure().axes] == ["After step 8"]
@@ -277,8 +402,14 @@ def test_plots_show_what_the_tables_do_not(folders, tmp_path):
 
 
 METADATA_FILES = {
-    "fine-tuned": ["bit_hyperrule.json", "bit_finetune_args.json", "eval_results.json", "all_results.json",
-                   "training_log.json", "preprocessor_config.json"],
+    "fine-tuned": [
+        "bit_hyperrule.json",
+        "bit_finetune_args.json",
+        "eval_results.json",
+        "all_results.json",
+        "training_log.json",
+        "preprocessor_config.json",
+    ],
     "pretrained": ["bit_pretraining.json", "training_log.jsonl", "probe_results.json", "preprocessor_config.json"],
     "converted": ["bit_conversion.json", "preprocessor_config.json"],
 }
@@ -300,15 +431,30 @@ MALFORMED = [
     ("probe_results.json", '{"step": 4, "accuracy": 0.5}', "the file should be a JSON list, not a JSON object"),
     ("probe_results.json", "[[4, 1, 0.5]]", "every entry should be a JSON object, not a JSON list"),
     ("probe_results.json", "[{not json", "is not readable JSON"),
-    ("bit_pretraining.json", '{"dataset": "hymenoptera", "command": []}', "'dataset' should be a JSON object, not a string"),
+    (
+        "bit_pretraining.json",
+        '{"dataset": "hymenoptera", "command": []}',
+        "'dataset' should be a JSON object, not a string",
+    ),
     ("training_log.jsonl", '{"step": 1, "loss": 0.5}\n[2, 0.4]\n', "line 2 should be a JSON object"),
-    ("bit_finetune_args.json", '{"command": "bit-finetune --model x"}', "'command' should be a JSON list, not a string"),
+    (
+        "bit_finetune_args.json",
+        '{"command": "bit-finetune --model x"}',
+        "'command' should be a JSON list, not a string",
+    ),
     ("training_log.json", '{"log_history": [1, 2]}', "every entry of 'log_history' should be a JSON object"),
     ("eval_results.json", "[0.5]", "the file should be a JSON object, not a JSON list"),
     ("config.json", '{"model_type": "bit", "depths": 3}', "'depths' should be a JSON list, not an integer"),
-    ("bit_hyperrule.json", '{"overrides": [{"a": 1}]}', "every entry of 'overrides' should be a string, not a JSON object"),
-    ("eval_results.json", '{"eval_accuracy": 60, "eval_accuracy_trials": [50, 60, 70]}',
-     "'eval_accuracy' holds 60; accuracies are fractions in [0, 1]"),
+    (
+        "bit_hyperrule.json",
+        '{"overrides": [{"a": 1}]}',
+        "every entry of 'overrides' should be a string, not a JSON object",
+    ),
+    (
+        "eval_results.json",
+        '{"eval_accuracy": 60, "eval_accuracy_trials": [50, 60, 70]}',
+        "'eval_accuracy' holds 60; accuracies are fractions in [0, 1]",
+    ),
     ("probe_results.json", '[{"step": 4, "examples_per_class": 1, "accuracy": 55.0}]', "'accuracy' holds 55.0"),
 ]
 
@@ -333,16 +479,30 @@ def test_recorded_commands_are_shown_as_the_user_reruns_them():
     arguments = ["--train-dir", "/home/someone/data/birds/train", "--output-dir=/scratch/runs/r1", "--max-steps", "8"]
     rerun = "--train-dir birds/train --output-dir=r1 --max-steps 8"
     for argv, processes, expected in (
-        (["/home/someone/bit-transfer/pretraining/pretrain.py", *arguments], 1, f"accelerate launch pretraining/pretrain.py {rerun}"),
-        (["pretraining/pretrain.py", *arguments], 4, f"accelerate launch --num_processes 4 pretraining/pretrain.py {rerun}"),
+        (
+            ["/home/someone/bit-transfer/pretraining/pretrain.py", *arguments],
+            1,
+            f"accelerate launch pretraining/pretrain.py {rerun}",
+        ),
+        (
+            ["pretraining/pretrain.py", *arguments],
+            4,
+            f"accelerate launch --num_processes 4 pretraining/pretrain.py {rerun}",
+        ),
         (["/usr/local/bin/bit-pretrain", *arguments], None, f"bit-pretrain {rerun}"),
-        (["/usr/local/bin/bit-pretrain", *arguments], 2, f"accelerate launch --num_processes 2 pretraining/pretrain.py {rerun}"),
+        (
+            ["/usr/local/bin/bit-pretrain", *arguments],
+            2,
+            f"accelerate launch --num_processes 2 pretraining/pretrain.py {rerun}",
+        ),
         (["/usr/lib/python3/site-packages/pytest/__main__.py", "-q"], 1, ""),
         ([], 1, ""),
     ):
         assert shell_command(pretraining_command(argv, processes)) == expected, argv
-    assert shell_command(["bit-finetune", "--dataset", "C:\\data\\beans", "--model", "google/bit-50", "--name", "a b"]) == \
-        "bit-finetune --dataset beans --model google/bit-50 --name 'a b'"
+    assert (
+        shell_command(["bit-finetune", "--dataset", "C:\\data\\beans", "--model", "google/bit-50", "--name", "a b"])
+        == "bit-finetune --dataset beans --model google/bit-50 --name 'a b'"
+    )
 
 
 def assert_no_local_paths(text: str, *paths: Path) -> None:
@@ -350,8 +510,6 @@ def assert_no_local_paths(text: str, *paths: Path) -> None:
     for path in paths:
         assert str(path) not in text, path
     assert not re.search(r"(?<![\w.:/])/(tmp|home|root|work|opt|Users|var)/", text)
-
-
 
 
 def test_invalid_ids_and_licences_are_refused_before_anything_is_written(folders, tmp_path):
@@ -386,8 +544,9 @@ def finetuned_card(folder: Path, hymenoptera: Path, dataset: dict, labels=("ants
     return card_of(folder), text
 
 
-def test_dataset_metadata_follows_what_the_producer_recorded_not_the_current_directory(tmp_path, hymenoptera_dir,
-                                                                                        monkeypatch):
+def test_dataset_metadata_follows_what_the_producer_recorded_not_the_current_directory(
+    tmp_path, hymenoptera_dir, monkeypatch
+):
     # The working directory holds folders spelled like the recorded names: they must change nothing.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "beans").mkdir()
@@ -414,16 +573,20 @@ def test_dataset_metadata_follows_what_the_producer_recorded_not_the_current_dir
     write_model_card(hub)
     # No validation split recorded: bit-finetune evaluated on examples it held out of training.
     assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in data.eval_results} == {
-        ("someone/hymenoptera", "full", "validation")}
+        ("someone/hymenoptera", "full", "validation")
+    }
     assert [(r.metric_name, r.metric_value) for r in data.eval_results][1:] == [("Top-5 accuracy", 1.0)]  # 7 classes
-    assert "Evaluation on examples of the Hub dataset `someone/hymenoptera` (configuration `full`) held out of " \
-           "training" in (hub / "README.md").read_text()
+    assert (
+        "Evaluation on examples of the Hub dataset `someone/hymenoptera` (configuration `full`) held out of "
+        "training" in (hub / "README.md").read_text()
+    )
 
     # `--train-dir digits` (relative, not even present here): a local image folder, never a Hub dataset.
     card, text = finetuned_card(tmp_path / "train-dir", hymenoptera_dir, {"train_dir": "digits"})
     assert card.data.get("datasets") is None
     assert {(r.dataset_type, r.dataset_name, r.dataset_split) for r in card.data.eval_results} == {
-        ("imagefolder", "digits (image folder)", "validation")}
+        ("imagefolder", "digits (image folder)", "validation")
+    }
     assert "the local image folder `digits`" in text
 
     # `--dataset /abs/path/hymenoptera` (datasets.load_dataset of a local folder): described in prose only.
@@ -445,13 +608,18 @@ def test_a_card_for_a_hub_repository_lists_the_shipped_widget_examples_and_uses_
     assert (data.license, data.base_model) == ("mit", "someone/bit-m-r50x1")
     examples = sorted(p.relative_to(folder).as_posix() for p in (folder / "examples").iterdir())
     assert sorted(entry["src"] for entry in data.widget) == [
-        f"{constants.ENDPOINT}/someone/bit-ants/resolve/main/{name}" for name in examples]
+        f"{constants.ENDPOINT}/someone/bit-ants/resolve/main/{name}" for name in examples
+    ]
     assert all(entry["example_title"].startswith("Synthetic test pattern") for entry in data.widget)
     text = (folder / "README.md").read_text()
     assert 'pipeline("image-classification", model="someone/bit-ants")' in text and "not photographs" in text
     first = {name: (folder / name).read_bytes() for name in examples}
-    prepare_hub_folder(folder, CardOptions(repo_id="someone/bit-ants", license="mit", base_model="someone/bit-m-r50x1"))
-    assert {name: (folder / name).read_bytes() for name in examples} == first and (folder / "README.md").read_text() == text
+    prepare_hub_folder(
+        folder, CardOptions(repo_id="someone/bit-ants", license="mit", base_model="someone/bit-m-r50x1")
+    )
+    assert {name: (folder / name).read_bytes() for name in examples} == first and (
+        folder / "README.md"
+    ).read_text() == text
 
 
 # --- stock transformers: the widget's pipeline and the cards' usage code -----------------------------------------
@@ -477,7 +645,9 @@ def printed_predictions(output: str) -> list[tuple[str, float]]:
     return [(label, float(score)) for label, score in re.findall(r"^(.*): ([0-9.]+)$", output, flags=re.M)]
 
 
-def test_stock_pipeline_and_the_cards_usage_code_agree_with_our_classes(folders, produced, ant_image_path, hymenoptera_dir):
+def test_stock_pipeline_and_the_cards_usage_code_agree_with_our_classes(
+    folders, produced, ant_image_path, hymenoptera_dir
+):
     folders = {**folders, **produced}  # every kind of folder, and the producers' own
     bee = sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[0]
     images = [str(ant_image_path), str(bee)]
@@ -572,16 +742,29 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/main", path):  # list_repo_files (recursive)
             if match[1] not in hub.repos:
                 return self._not_found("RepoNotFound")
-            return self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": git_hash(data)}
-                                    for name, data in sorted(hub.repos[match[1]].items())])
+            return self._json(
+                200,
+                [
+                    {"type": "file", "path": name, "size": len(data), "oid": git_hash(data)}
+                    for name, data in sorted(hub.repos[match[1]].items())
+                ],
+            )
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/main)?", path):  # model_info
             if match[1] not in hub.repos:
                 return self._not_found("RepoNotFound")
             # With ?blobs=true the Hub adds each file's size and git blob id (and, for LFS files, their SHA-256;
             # this fake stores every file as a regular git blob).
-            return self._json(200, {"id": match[1], "sha": hub.revision(match[1]), "siblings": [
-                {"rfilename": name, "size": len(data), "blobId": git_hash(data)}
-                for name, data in sorted(hub.repos[match[1]].items())]})
+            return self._json(
+                200,
+                {
+                    "id": match[1],
+                    "sha": hub.revision(match[1]),
+                    "siblings": [
+                        {"rfilename": name, "size": len(data), "blobId": git_hash(data)}
+                        for name, data in sorted(hub.repos[match[1]].items())
+                    ],
+                },
+            )
         if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):  # by branch or by commit
             repo = hub.repos.get(match[1])
             if repo is None:
@@ -589,8 +772,12 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
             if match[2] not in repo:
                 return self._not_found("EntryNotFound")
             data = repo[match[2]]
-            return self._reply(200, data, {"X-Repo-Commit": hub.revision(match[1]), "ETag": f'"{git_hash(data)}"'},
-                               content_type="application/octet-stream")
+            return self._reply(
+                200,
+                data,
+                {"X-Repo-Commit": hub.revision(match[1]), "ETag": f'"{git_hash(data)}"'},
+                content_type="application/octet-stream",
+            )
         if path in hub.files:
             return self._reply(200, hub.files[path], content_type="application/octet-stream")
         self._not_found("EntryNotFound")
@@ -604,7 +791,9 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
             with hub.lock:
                 hub.created.append(payload)
                 if repo_id in hub.repos:
-                    return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                    return self._json(
+                        409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                    )
                 hub.repos[repo_id] = {".gitattributes": GITATTRIBUTES}  # the Hub's initial commit
             return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":  # what the Hub checks of a README before an upload starts
@@ -617,22 +806,40 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
             remote = hub.repos.get(match[1])
             if remote is None:
                 return self._not_found("RepoNotFound")
-            return self._json(200, {"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                 "oid": git_hash(remote[f["path"]]) if f["path"] in remote else None}
-                for f in json.loads(body)["files"]]})
+            return self._json(
+                200,
+                {
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "regular",
+                            "shouldIgnore": False,
+                            "oid": git_hash(remote[f["path"]]) if f["path"] in remote else None,
+                        }
+                        for f in json.loads(body)["files"]
+                    ]
+                },
+            )
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-            added = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
-                     for line in lines if line["key"] == "file"}
+            added = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
             deleted = [line["value"]["path"] for line in lines if line["key"] == "deletedFile"]
             with hub.lock:
                 hub.repos[match[1]].update(added)
                 for path in deleted:
                     del hub.repos[match[1]][path]
                 hub.commits.append((match[1], sorted(added)) + ((sorted(deleted),) if deleted else ()))
-            return self._json(200, {"commitUrl": f"{hub.url}/{match[1]}/commit/{hub.revision(match[1])}",
-                                    "commitOid": hub.revision(match[1])})
+            return self._json(
+                200,
+                {
+                    "commitUrl": f"{hub.url}/{match[1]}/commit/{hub.revision(match[1])}",
+                    "commitOid": hub.revision(match[1]),
+                },
+            )
         self._json(500, {"error": f"the fake Hub does not implement POST {path}"})
 
 
@@ -680,11 +887,22 @@ def test_push_uploads_the_exact_folder_then_leaves_an_identical_repository_alone
     first = push_folder(folder, "someone/bit-tiny-upstream", api=api)
     assert api.calls == [
         ("create_repo", ("someone/bit-tiny-upstream",), {"repo_type": "model", "exist_ok": True}),
-        ("upload_folder", (), {"repo_id": "someone/bit-tiny-upstream", "repo_type": "model", "folder_path": folder,
-                               "commit_message": "Upload pretrained with bit-transfer",
-                               "ignore_patterns": [".*", "*/.*"], "delete_patterns": ["*"]}),
+        (
+            "upload_folder",
+            (),
+            {
+                "repo_id": "someone/bit-tiny-upstream",
+                "repo_type": "model",
+                "folder_path": folder,
+                "commit_message": "Upload pretrained with bit-transfer",
+                "ignore_patterns": [".*", "*/.*"],
+                "delete_patterns": ["*"],
+            },
+        ),
     ]
-    assert first.uploaded and hub.created == [{"name": "bit-tiny-upstream", "organization": "someone", "type": "model"}]
+    assert first.uploaded and hub.created == [
+        {"name": "bit-tiny-upstream", "organization": "someone", "type": "model"}
+    ]
     assert hub.repos["someone/bit-tiny-upstream"] == repo_of(folder)
     assert ".README.md.123.tmp" not in hub.repos["someone/bit-tiny-upstream"]
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_write_token"}
@@ -703,16 +921,23 @@ def test_push_uploads_the_exact_folder_then_leaves_an_identical_repository_alone
 
     # Files the folder no longer has (a plot an older card embedded, renamed weights) are deleted in the same
     # commit; the Hub's .gitattributes stays. Then the repository is identical again, and left alone.
-    hub.repos["someone/bit-tiny-upstream"].update({"few_shot_accuracy.png": b"old plot", "old/pytorch_model.bin": b"x"})
+    hub.repos["someone/bit-tiny-upstream"].update(
+        {"few_shot_accuracy.png": b"old plot", "old/pytorch_model.bin": b"x"}
+    )
     fourth = push_folder(folder, "someone/bit-tiny-upstream", api=api)
     assert (fourth.uploaded, fourth.changed_files, fourth.deleted_files) == (
-        True, [], ["few_shot_accuracy.png", "old/pytorch_model.bin"])
+        True,
+        [],
+        ["few_shot_accuracy.png", "old/pytorch_model.bin"],
+    )
     assert hub.commits[-1] == ("someone/bit-tiny-upstream", [], ["few_shot_accuracy.png", "old/pytorch_model.bin"])
     assert hub.repos["someone/bit-tiny-upstream"] == repo_of(folder)
     assert not push_folder(folder, "someone/bit-tiny-upstream", api=api).uploaded
 
 
-def test_push_without_token_offline_or_unreachable_fails_clearly_and_keeps_the_folder(folders, tmp_path, monkeypatch, capsys):
+def test_push_without_token_offline_or_unreachable_fails_clearly_and_keeps_the_folder(
+    folders, tmp_path, monkeypatch, capsys
+):
     folder = folders["fine-tuned"]
     before = folder_bytes(folder)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -730,7 +955,9 @@ def test_push_without_token_offline_or_unreachable_fails_clearly_and_keeps_the_f
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
-    with pytest.raises(HubPushError, match=f"Cannot reach the Hub at http://127.0.0.1:{closed}.*run the same command again"):
+    with pytest.raises(
+        HubPushError, match=f"Cannot reach the Hub at http://127.0.0.1:{closed}.*run the same command again"
+    ):
         push_folder(folder, "someone/model", api=HfApi(endpoint=f"http://127.0.0.1:{closed}", token="hf_token"))
     assert folder_bytes(folder) == before
 
@@ -750,7 +977,11 @@ def test_bit_convert_all_refuses_bad_options_before_any_work(tmp_path, capsys):
     assert bit_convert(["--all", "--output-root", str(a_file / "hub"), "--namespace", "someone"]) == 1
     assert "a-file is a file; expected a folder" in capsys.readouterr().err
     a_file.unlink()
-    for argv in (["BiT-M-R50x1", "--all", "--output-root", str(tmp_path)], ["--all"], ["--push", "x.npz", "--output", "y"]):
+    for argv in (
+        ["BiT-M-R50x1", "--all", "--output-root", str(tmp_path)],
+        ["--all"],
+        ["--push", "x.npz", "--output", "y"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             bit_convert(argv)
         assert exit_info.value.code == 2
@@ -766,10 +997,28 @@ def r50_npz_bytes(tmp_path_factory) -> bytes:
 
 def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_path, r50_npz_bytes):
     hub.files["/BiT-S-R50x1.npz"] = r50_npz_bytes
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "BIT_WEIGHTS_URL": hub.url, "HF_HOME": str(tmp_path / "hf"),
-           "HF_TOKEN": "hf_write_token", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    command = [sys.executable, "-m", "modeling_bit.convert", "--all", "--output-root", str(tmp_path / "R"),
-               "--names", "bit-s-r50x1", "--namespace", "someone", "--push"]
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "BIT_WEIGHTS_URL": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_TOKEN": "hf_write_token",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "modeling_bit.convert",
+        "--all",
+        "--output-root",
+        str(tmp_path / "R"),
+        "--names",
+        "bit-s-r50x1",
+        "--namespace",
+        "someone",
+        "--push",
+    ]
 
     def run() -> str:
         completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -778,18 +1027,37 @@ def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_pa
 
     assert "BiT-S-R50x1 -> " in (output := run()) and "(converted); pushed" in output
     folder, repo_id = tmp_path / "R" / "bit-s-r50x1", "someone/bit-s-r50x1"
-    assert sorted(local_files(folder)) == sorted([
-        "README.md", "bit_conversion.json", "config.json", "model.safetensors", "preprocessor_config.json",
-        "examples/checkerboard.png", "examples/colour-bars.png", "examples/rings.png"])
+    assert sorted(local_files(folder)) == sorted(
+        [
+            "README.md",
+            "bit_conversion.json",
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "examples/checkerboard.png",
+            "examples/colour-bars.png",
+            "examples/rings.png",
+        ]
+    )
     assert hub.repos[repo_id] == repo_of(folder)
     assert hub.created == [{"name": "bit-s-r50x1", "organization": "someone", "type": "model"}]
 
     data = card_of(folder).data
-    assert (data.license, data.datasets, data.get("base_model"), data.eval_results) == ("apache-2.0", ["imagenet-1k"], None, None)
-    assert sorted(w["src"] for w in data.widget) == [f"{hub.url}/{repo_id}/resolve/main/examples/{name}"
-                                                     for name in ("checkerboard.png", "colour-bars.png", "rings.png")]
+    assert (data.license, data.datasets, data.get("base_model"), data.eval_results) == (
+        "apache-2.0",
+        ["imagenet-1k"],
+        None,
+        None,
+    )
+    assert sorted(w["src"] for w in data.widget) == [
+        f"{hub.url}/{repo_id}/resolve/main/examples/{name}"
+        for name in ("checkerboard.png", "colour-bars.png", "rings.png")
+    ]
     text = (folder / "README.md").read_text()
-    assert "The published Big Transfer (BiT) checkpoint **BiT-S-R50x1**, pre-trained by the BiT authors on ILSVRC-2012" in text
+    assert (
+        "The published Big Transfer (BiT) checkpoint **BiT-S-R50x1**, pre-trained by the BiT authors on ILSVRC-2012"
+        in text
+    )
     assert_honest_text(text)
 
     # A run interrupted before the weights reached the Hub, run again: the conversion is kept, the folder is
@@ -838,31 +1106,86 @@ def produced(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
                 shutil.copy(path, photos / split / name / path.name)
     base = save_tiny(root / "base", [f"class {i}" for i in range(10)], 32, seed=6)
     finetuned = root / "bit-finetune"
-    assert finetune_cli.main([
-        "--model", str(base), "--train-dir", str(photos / "train"), "--validation-dir", str(photos / "validation"),
-        "--output-dir", str(finetuned), "--examples-per-class", "5", "--trials", "3", "--num-workers", "0",
-        "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32",
-    ]) == 0
-    pretrained = pretrain.train([
-        "--model-preset", "bit-tiny", "--image-size", "32", "--warmup-steps", "1", "--train-dir", str(photos),
-        "--max-steps", "4", "--global-batch-size", "8", "--per-device-batch-size", "8", "--logging-steps", "1",
-        "--probe-every", "2", "--dataloader-num-workers", "0",
-        "--output-dir", str(root / "pretraining"),
-    ]).final
+    assert (
+        finetune_cli.main(
+            [
+                "--model",
+                str(base),
+                "--train-dir",
+                str(photos / "train"),
+                "--validation-dir",
+                str(photos / "validation"),
+                "--output-dir",
+                str(finetuned),
+                "--examples-per-class",
+                "5",
+                "--trials",
+                "3",
+                "--num-workers",
+                "0",
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--micro-batch-size",
+                "4",
+                "--resolution",
+                "40",
+                "32",
+            ]
+        )
+        == 0
+    )
+    pretrained = pretrain.train(
+        [
+            "--model-preset",
+            "bit-tiny",
+            "--image-size",
+            "32",
+            "--warmup-steps",
+            "1",
+            "--train-dir",
+            str(photos),
+            "--max-steps",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--per-device-batch-size",
+            "8",
+            "--logging-steps",
+            "1",
+            "--probe-every",
+            "2",
+            "--dataloader-num-workers",
+            "0",
+            "--output-dir",
+            str(root / "pretraining"),
+        ]
+    ).final
     return {"bit-finetune": finetuned, "pretrain.py": pretrained}
 
 
 def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     finetuned = card_of(produced["bit-finetune"]).data
-    assert json.loads((produced["bit-finetune"] / "bit_finetune_args.json").read_text())["model_is_local_folder"] is True
+    assert (
+        json.loads((produced["bit-finetune"] / "bit_finetune_args.json").read_text())["model_is_local_folder"] is True
+    )
     assert finetuned.get("base_model") is None  # started from a local folder
     recorded = json.loads((produced["bit-finetune"] / "eval_results.json").read_text())
     assert len(recorded["eval_accuracy_trials"]) == 3 and "few-shot" in finetuned.tags
     assert [(r.metric_name, r.metric_value, r.dataset_type, r.dataset_split) for r in finetuned.eval_results] == [
-        ("Accuracy (median of 3 fine-tuning trials, 5 examples per class)", recorded["eval_accuracy"], "imagefolder", "validation")]
+        (
+            "Accuracy (median of 3 fine-tuning trials, 5 examples per class)",
+            recorded["eval_accuracy"],
+            "imagefolder",
+            "validation",
+        )
+    ]
     text = (produced["bit-finetune"] / "README.md").read_text()
-    assert ("bit-finetune --model base --train-dir photos/train --validation-dir photos/validation --output-dir "
-            "bit-finetune --examples-per-class 5") in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
+    assert (
+        "bit-finetune --model base --train-dir photos/train --validation-dir photos/validation --output-dir "
+        "bit-finetune --examples-per-class 5"
+    ) in text and "BiT-HyperRule record (`bit_hyperrule.json`)" in text
     low, high = (f"{100 * recorded[key]:.2f}%" for key in ("eval_accuracy_min", "eval_accuracy_max"))
     assert f"| 5 | 3 | {100 * recorded['eval_accuracy']:.2f}% | {low} | {high} |" in text
     saved = json.loads((produced["bit-finetune"] / "all_results.json").read_text())["saved_trial"]  # from 1
@@ -873,16 +1196,21 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     probes = json.loads((produced["pretrain.py"] / "probe_results.json").read_text())
     last = max(entry["step"] for entry in probes)
     assert [(r.metric_value, r.dataset_type, r.dataset_split) for r in pretrained.eval_results] == [
-        (e["accuracy"], "imagefolder", "validation") for e in probes if e["step"] == last]
+        (e["accuracy"], "imagefolder", "validation") for e in probes if e["step"] == last
+    ]
     text = (produced["pretrain.py"] / "README.md").read_text()
     assert produced["pretrain.py"].name == "final" and "\n# bit-tiny pre-trained on photos\n" in text
     # pretrain.train(argv) records the job's own arguments (not pytest's), rerunnable as the card shows them.
-    assert ("accelerate launch pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
-            "--train-dir photos") in text and "__main__.py" not in text
+    assert (
+        "accelerate launch pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
+        "--train-dir photos"
+    ) in text and "__main__.py" not in text
     assert pretrained.model_name == "bit-tiny pre-trained on photos"
 
-    for folder, plots in ((produced["bit-finetune"], ["training_curves.png", "few_shot_accuracy.png"]),
-                          (produced["pretrain.py"], ["training_curves.png", "probe_accuracy.png"])):
+    for folder, plots in (
+        (produced["bit-finetune"], ["training_curves.png", "few_shot_accuracy.png"]),
+        (produced["pretrain.py"], ["training_curves.png", "probe_accuracy.png"]),
+    ):
         text = (folder / "README.md").read_text()
         assert_honest_text(text)
         assert_no_local_paths(text, folder.parent, hymenoptera_dir)

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import randomize_, run_clean_python
 from PIL import Image
 from reference_bit import reference_forward
 
 import modeling_bit
 from modeling_bit import BitBackbone, BitConfig, BitForImageClassification, BitModel, bit_image_processor
 from modeling_bit.modeling_bit import WeightStandardizedConv2d
-
-from conftest import randomize_, run_clean_python
 
 # BIT_RECIPE.md: backbone parameter counts (no head).
 PUBLISHED_BACKBONE_PARAMETERS = {
@@ -370,7 +369,9 @@ def test_stock_folder_loads_in_ours(tmp_path, padding):
 def test_auto_classes_return_ours_after_import(tmp_path):
     tiny().save_pretrained(tmp_path)
     assert type(transformers.AutoModel.from_pretrained(str(tmp_path))) is BitModel
-    assert type(transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path))) is BitForImageClassification
+    assert (
+        type(transformers.AutoModelForImageClassification.from_pretrained(str(tmp_path))) is BitForImageClassification
+    )
     assert type(transformers.AutoConfig.from_pretrained(str(tmp_path))) is BitConfig
     # (AutoBackbone.from_pretrained asks the Hub whether the name exists, even for a local folder.)
     assert type(transformers.AutoBackbone.from_config(BitConfig.from_preset("bit-tiny"))) is BitBackbone
@@ -467,16 +468,14 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     target = tmp_path / "folder"
     with atomic_directory(target) as staging:
         (staging / "a.txt").write_text("first")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as staging:
-            (staging / "a.txt").write_text("second")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("second")
+        raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
     # The final rename itself fails (its staging folder is gone): the old folder is back under its name.
-    with pytest.raises(FileNotFoundError):
-        with atomic_directory(target) as staging:
-            staging.rmdir()
+    with pytest.raises(FileNotFoundError), atomic_directory(target) as staging:
+        staging.rmdir()
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
     umask = os.umask(0)

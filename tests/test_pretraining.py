@@ -23,10 +23,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, run_clean_python
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_clean_python
 from pretraining import data as upstream_data
 from pretraining import embedded_checkpoint_path
 from pretraining.errors import InputError
@@ -48,8 +48,20 @@ from pretraining.training import (
 
 SCRIPT = REPO_ROOT / "pretraining" / "pretrain.py"
 TINY_RUN = [
-    "--model-preset", "bit-tiny", "--image-size", "32", "--warmup-steps", "2", "--base-learning-rate", "1.0",
-    "--logging-steps", "1", "--validation-examples", "0", "--dataloader-num-workers", "0",
+    "--model-preset",
+    "bit-tiny",
+    "--image-size",
+    "32",
+    "--warmup-steps",
+    "2",
+    "--base-learning-rate",
+    "1.0",
+    "--logging-steps",
+    "1",
+    "--validation-examples",
+    "0",
+    "--dataloader-num-workers",
+    "0",
 ]
 
 
@@ -159,10 +171,21 @@ def test_every_recipe_value_has_a_flag():
     from pretraining import pretrain
 
     values = {
-        "global_batch_size": 512, "base_learning_rate": 0.1, "base_learning_rate_batch_size": 512, "warmup_steps": 7,
-        "momentum": 0.8, "weight_decay": 5e-5, "learning_rate_decay_factor": 0.2, "schedule": "bit-l", "epochs": 12.0,
-        "decay_epochs": (2.0, 5.0), "image_size": 64, "crop_area_range": (0.2, 0.9), "crop_aspect_ratio_range": (0.5, 2.0),
-        "horizontal_flip_probability": 0.25, "multi_label_head_bias": -4.0,
+        "global_batch_size": 512,
+        "base_learning_rate": 0.1,
+        "base_learning_rate_batch_size": 512,
+        "warmup_steps": 7,
+        "momentum": 0.8,
+        "weight_decay": 5e-5,
+        "learning_rate_decay_factor": 0.2,
+        "schedule": "bit-l",
+        "epochs": 12.0,
+        "decay_epochs": (2.0, 5.0),
+        "image_size": 64,
+        "crop_area_range": (0.2, 0.9),
+        "crop_aspect_ratio_range": (0.5, 2.0),
+        "horizontal_flip_probability": 0.25,
+        "multi_label_head_bias": -4.0,
     }
     assert set(values) == {field.name for field in dataclasses.fields(Recipe)}  # a new recipe value needs a flag
     argv = ["--model-preset", "bit-tiny", "--output-dir", "o", "--train-dir", "d"]
@@ -179,12 +202,16 @@ def test_upstream_losses_against_their_definitions():
     labels = torch.tensor([0, 1, 2])
     weights = torch.tensor([1.0, 1.0, 0.0])  # the third stands in for an unreadable image
     softmax = [-math.log(math.exp(row[y]) / sum(math.exp(v) for v in row)) for row, y in zip(logits.tolist(), labels)]
-    assert math.isclose(upstream_loss(logits, labels, weights, multi_label=False).item(), (softmax[0] + softmax[1]) / 2,
-                        rel_tol=1e-6)
+    assert math.isclose(
+        upstream_loss(logits, labels, weights, multi_label=False).item(), (softmax[0] + softmax[1]) / 2, rel_tol=1e-6
+    )
     multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 
     def sigmoid_loss(row, targets):  # per-class binary cross-entropy, summed over classes
-        return sum(-math.log(1 / (1 + math.exp(-x))) if t else -math.log(1 - 1 / (1 + math.exp(-x))) for x, t in zip(row, targets))
+        return sum(
+            -math.log(1 / (1 + math.exp(-x))) if t else -math.log(1 - 1 / (1 + math.exp(-x)))
+            for x, t in zip(row, targets)
+        )
 
     expected = (sigmoid_loss(logits[0].tolist(), multi_hot[0]) + sigmoid_loss(logits[1].tolist(), multi_hot[1])) / 2
     assert math.isclose(upstream_loss(logits, multi_hot, weights, multi_label=True).item(), expected, rel_tol=1e-6)
@@ -202,7 +229,7 @@ def test_inception_crop_boxes_stay_within_area_and_aspect_ranges():
         areas.append((right - left) * (bottom - top) / (160 * 160))
         ratios.append((right - left) / (bottom - top))
     assert 0.07 < min(areas) < 0.12 and max(areas) > 0.9
-    assert 0.7 < min(ratios) and max(ratios) < 1.4
+    assert min(ratios) > 0.7 and max(ratios) < 1.4
     # A 100:1 strip can never fit a 3/4..4/3 box of random area: the fallback is the centred, widest legal box.
     assert upstream_data.inception_crop_box(rng, 1000, 10, (0.5, 1.0), (3 / 4, 4 / 3), 10) == (493, 0, 506, 10)
 
@@ -299,9 +326,14 @@ def test_streaming_resume_rereads_at_most_one_window_not_the_stream(identity_sha
     for done in (10, 19):  # micro-batches trained on before the checkpoint (19: into the second epoch)
         position = json.loads(json.dumps(full[done * batch - 1][2]))  # as progress.json stores it
         reads.clear()
-        resumed = list(upstream_data.ResumableStream(stream, batch, done, 32, 0, seed=0, window_size=window,
-                                                     resume_positions={0: position}))
-        assert [(e["label"], key) for e, key, _ in resumed] == [(e["label"], key) for e, key, _ in full[done * batch:]]
+        resumed = list(
+            upstream_data.ResumableStream(
+                stream, batch, done, 32, 0, seed=0, window_size=window, resume_positions={0: position}
+            )
+        )
+        assert [(e["label"], key) for e, key, _ in resumed] == [
+            (e["label"], key) for e, key, _ in full[done * batch :]
+        ]
         assert len(reads) - len(resumed) <= window  # re-read: the trained part of one window, not the past stream
 
 
@@ -384,10 +416,25 @@ def initial_weights(tmp_path: Path) -> Path:
 
 
 def test_two_processes_stream_disjoint_shards(tmp_path, identity_shards):
-    out = run_driver(tmp_path, "stream", TORCHRUN, [
-        *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--max-steps", "3", "--global-batch-size", "8",
-        "--per-device-batch-size", "4", "--num-labels", "32",
-    ])
+    out = run_driver(
+        tmp_path,
+        "stream",
+        TORCHRUN,
+        [
+            *TINY_RUN,
+            "--dataset",
+            str(identity_shards),
+            "--streaming",
+            "--max-steps",
+            "3",
+            "--global-batch-size",
+            "8",
+            "--per-device-batch-size",
+            "4",
+            "--num-labels",
+            "32",
+        ],
+    )
     ranks = [json.loads((out / f"rank{r}.json").read_text())["seen"] for r in (0, 1)]
     first = [label for step in ranks[0].values() for label in step]
     second = [label for step in ranks[1].values() for label in step]
@@ -400,23 +447,49 @@ def test_two_processes_stream_disjoint_shards(tmp_path, identity_shards):
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_shards):
     arguments = [
-        *TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "60", "--global-batch-size", "8",
-        "--per-device-batch-size", "4", "--checkpoint-every", "5", "--keep-checkpoints", "2",
-        "--dataloader-num-workers", "1", "--image-size", "48",
+        *TINY_RUN,
+        "--dataset",
+        str(identity_shards),
+        "--max-steps",
+        "60",
+        "--global-batch-size",
+        "8",
+        "--per-device-batch-size",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--keep-checkpoints",
+        "2",
+        "--dataloader-num-workers",
+        "1",
+        "--image-size",
+        "48",
     ]
     env = subprocess_env(tmp_path)
 
     def run(output: Path, *extra: str) -> subprocess.CompletedProcess:
-        completed = subprocess.run([sys.executable, str(SCRIPT), *arguments, "--output-dir", str(output), *extra],
-                                   capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), *arguments, "--output-dir", str(output), *extra],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+            cwd=tmp_path,
+        )
         assert completed.returncode == 0, completed.stderr[-6000:]
         return completed
 
     run(tmp_path / "uninterrupted")
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *arguments, "--output-dir", str(interrupted)], env=env,
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *arguments, "--output-dir", str(interrupted)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (interrupted / "checkpoints" / "step-00000005" / "progress.json").exists():
@@ -452,12 +525,28 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_sha
 def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_path, identity_shards):
     from pretraining import pretrain
 
-    common = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8",
-              "--checkpoint-every", "1", "--output-dir", str(tmp_path / "run"), "--resume-from-checkpoint", "latest"]
+    common = [
+        *TINY_RUN,
+        "--dataset",
+        str(identity_shards),
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--resume-from-checkpoint",
+        "latest",
+    ]
     pretrain.train([*common, "--per-device-batch-size", "4"])
     reset_accelerate()
-    with pytest.raises(InputError, match=r"per_device_batch_size \(--per-device-batch-size\) is 8 now, the checkpoint "
-                                         r"used 4; gradient_accumulation_steps .* is 1 now, the checkpoint used 2"):
+    with pytest.raises(
+        InputError,
+        match=r"per_device_batch_size \(--per-device-batch-size\) is 8 now, the checkpoint "
+        r"used 4; gradient_accumulation_steps .* is 1 now, the checkpoint used 2",
+    ):
         pretrain.train([*common, "--per-device-batch-size", "8"])
     reset_accelerate()
     with pytest.raises(InputError, match=r"recipe base_learning_rate is 0.5 now, the checkpoint used 1.0"):
@@ -470,7 +559,9 @@ def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_pat
     progress = read_progress(checkpoint)
     signature = {key: progress[key] for key in pretrain.RESUME_KEYS if key in progress}
     pretrain.check_resumable(progress, signature, checkpoint)  # the same run: accepted
-    with pytest.raises(InputError, match=r"num_processes \(the launcher's number of processes\) is 2 now, the checkpoint used 1"):
+    with pytest.raises(
+        InputError, match=r"num_processes \(the launcher's number of processes\) is 2 now, the checkpoint used 1"
+    ):
         pretrain.check_resumable(progress, {**signature, "num_processes": 2}, checkpoint)
 
 
@@ -478,27 +569,49 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_damaged_checkpoints_ar
     from pretraining import pretrain
 
     run = tmp_path / "run"
-    fresh = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8",
-             "--per-device-batch-size", "8", "--checkpoint-every", "1", "--output-dir", str(run)]
+    fresh = [
+        *TINY_RUN,
+        "--dataset",
+        str(identity_shards),
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--per-device-batch-size",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--output-dir",
+        str(run),
+    ]
     pretrain.train(fresh)
     first_run = {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)}
     for arguments in ([], ["--resume-from-checkpoint", str(identity_shards)]):
         reset_accelerate()
-        with pytest.raises(InputError, match=r"already holds 2 checkpoint\(s\) of another run \(newest step-00000002\)\. "
-                                             r"Continue that run with --resume-from-checkpoint latest"):
+        with pytest.raises(
+            InputError,
+            match=r"already holds 2 checkpoint\(s\) of another run \(newest step-00000002\)\. "
+            r"Continue that run with --resume-from-checkpoint latest",
+        ):
             pretrain.train([*fresh, "--seed", "1", *arguments])
-    assert {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)} == first_run
+    assert {
+        path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)
+    } == first_run
 
     reset_accelerate()
     pretrain.train([*fresh, "--seed", "1", "--overwrite-output-dir"])  # the seed-1 run's own checkpoints now
     assert read_progress(completed_checkpoints(run)[-1][1])["seed"] == 1
-    assert {path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)} != first_run
+    assert {
+        path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)
+    } != first_run
 
     newest, older = completed_checkpoints(run)[-1][1], completed_checkpoints(run)[0][1]
     (newest / "progress.json").write_text('{"step": 2, "se')
     (older / "model.safetensors").unlink()
-    for resume, message in (("latest", r"progress.json cannot be read as JSON .*: the checkpoint is damaged"),
-                            (str(older), r"step-00000001 is incomplete .*: expected the model, optimizer and RNG files")):
+    for resume, message in (
+        ("latest", r"progress.json cannot be read as JSON .*: the checkpoint is damaged"),
+        (str(older), r"step-00000001 is incomplete .*: expected the model, optimizer and RNG files"),
+    ):
         reset_accelerate()
         with pytest.raises(InputError, match=message):
             pretrain.train([*fresh, "--seed", "1", "--resume-from-checkpoint", resume])
@@ -523,13 +636,31 @@ def test_a_torn_last_log_line_is_dropped_and_a_resume_truncates_the_log(tmp_path
 def test_bad_input_to_the_script_exits_with_a_message_not_a_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     cases = [
-        (["--dataset", str(tmp_path / "missing")], "--dataset .*missing: cannot be loaded .* Expected a Hub dataset id"),
-        (["--train-dir", str(tmp_path / "empty")], "--train-dir .*empty: cannot be loaded .* Expected an image folder"),
+        (
+            ["--dataset", str(tmp_path / "missing")],
+            "--dataset .*missing: cannot be loaded .* Expected a Hub dataset id",
+        ),
+        (
+            ["--train-dir", str(tmp_path / "empty")],
+            "--train-dir .*empty: cannot be loaded .* Expected an image folder",
+        ),
     ]
     for arguments, message in cases:
         completed = subprocess.run(
-            [sys.executable, str(SCRIPT), "--model-preset", "bit-tiny", "--output-dir", str(tmp_path / "o"), *arguments],
-            capture_output=True, text=True, timeout=120, env=subprocess_env(tmp_path), cwd=tmp_path,
+            [
+                sys.executable,
+                str(SCRIPT),
+                "--model-preset",
+                "bit-tiny",
+                "--output-dir",
+                str(tmp_path / "o"),
+                *arguments,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=subprocess_env(tmp_path),
+            cwd=tmp_path,
         )
         assert completed.returncode != 0
         assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
@@ -543,13 +674,30 @@ def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, ide
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)  # see the test above
 
     arguments = [
-        *TINY_RUN, "--dataset", str(identity_shards), "--streaming", "--num-labels", "32", "--max-steps", "8",
-        "--global-batch-size", "4", "--per-device-batch-size", "2", "--checkpoint-every", "2",
-        "--dataloader-num-workers", "2", "--shuffle-buffer-size", "8",
+        *TINY_RUN,
+        "--dataset",
+        str(identity_shards),
+        "--streaming",
+        "--num-labels",
+        "32",
+        "--max-steps",
+        "8",
+        "--global-batch-size",
+        "4",
+        "--per-device-batch-size",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--dataloader-num-workers",
+        "2",
+        "--shuffle-buffer-size",
+        "8",
     ]
     uninterrupted = []
-    pretrain.train([*arguments, "--output-dir", str(tmp_path / "a")],
-                   on_batch=lambda step, batch: uninterrupted.append(batch["labels"].tolist()))
+    pretrain.train(
+        [*arguments, "--output-dir", str(tmp_path / "a")],
+        on_batch=lambda step, batch: uninterrupted.append(batch["labels"].tolist()),
+    )
 
     class Crash(Exception):
         """Stands in for a failure in the middle of step 5."""
@@ -561,8 +709,10 @@ def test_streaming_resume_with_workers_continues_the_same_examples(tmp_path, ide
     with pytest.raises(Crash):
         pretrain.train([*arguments, "--output-dir", str(tmp_path / "b")], on_batch=crash_at_step_five)
     resumed = []
-    result = pretrain.train([*arguments, "--output-dir", str(tmp_path / "b"), "--resume-from-checkpoint", "latest"],
-                            on_batch=lambda step, batch: resumed.append(batch["labels"].tolist()))
+    result = pretrain.train(
+        [*arguments, "--output-dir", str(tmp_path / "b"), "--resume-from-checkpoint", "latest"],
+        on_batch=lambda step, batch: resumed.append(batch["labels"].tolist()),
+    )
     # Checkpoint at step 4: micro-batches 8.. of the uninterrupted run (2 per step) come next, in order.
     assert resumed == uninterrupted[8:]
     assert len({label for batch in uninterrupted[:16] for label in batch}) == 32  # one full epoch first
@@ -586,7 +736,17 @@ def test_multi_label_path_starts_at_the_negative_bias_loss(tmp_path):
 
     from pretraining import pretrain
 
-    common = [*TINY_RUN, "--dataset", str(folder), "--max-steps", "2", "--global-batch-size", "8", "--per-device-batch-size", "8"]
+    common = [
+        *TINY_RUN,
+        "--dataset",
+        str(folder),
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--per-device-batch-size",
+        "8",
+    ]
     with pytest.raises(ValueError, match="pass --multi-label"):
         pretrain.train([*common, "--output-dir", str(tmp_path / "refused")])
     reset_accelerate()
@@ -618,15 +778,36 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
     from pretraining import pretrain
 
     # 8 files, global batch 8, one step: every file is drawn exactly once.
-    result = pretrain.train([
-        *TINY_RUN, "--train-dir", str(folder), "--max-steps", "1", "--global-batch-size", "8",
-        "--per-device-batch-size", "8", "--output-dir", str(tmp_path / "out"), "--validation-examples", "100",
-    ])
+    result = pretrain.train(
+        [
+            *TINY_RUN,
+            "--train-dir",
+            str(folder),
+            "--max-steps",
+            "1",
+            "--global-batch-size",
+            "8",
+            "--per-device-batch-size",
+            "8",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--validation-examples",
+            "100",
+        ]
+    )
     final = result.final
     metadata = json.loads((final / "bit_pretraining.json").read_text())
     assert metadata["unreadable_images"] == 2
     assert sorted(Path(name).name for name in metadata["unreadable_image_names"]) == ["corrupt.jpg", "empty.png"]
-    assert set(metadata) >= {"command", "recipe", "dataset", "steps", "global_batch_size", "final_loss", "bit_transfer_version"}
+    assert set(metadata) >= {
+        "command",
+        "recipe",
+        "dataset",
+        "steps",
+        "global_batch_size",
+        "final_loss",
+        "bit_transfer_version",
+    }
     assert metadata["dataset"] == {**metadata["dataset"], "num_examples": 8, "num_classes": 2, "multi_label": False}
     assert metadata["recipe"]["warmup_steps"] == 2 and metadata["recipe"]["momentum"] == 0.9
     assert math.isfinite(metadata["final_loss"])
@@ -636,7 +817,9 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
     probe = json.loads((final / "probe_results.json").read_text())
     assert [(entry["step"], entry["examples_per_class"]) for entry in probe] == [(1, 1)]  # 4 held out per class
     assert 0.0 <= probe[0]["accuracy"] <= 1.0
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in final.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in final.iterdir()
+    }
 
     image = np.asarray(Image.open(folder / "validation" / "ant" / "0.png"))
     stock = run_clean_python(f"""
@@ -645,7 +828,7 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
         from transformers import AutoImageProcessor, AutoModelForImageClassification
         model = AutoModelForImageClassification.from_pretrained({str(final)!r}).eval()
         processor = AutoImageProcessor.from_pretrained({str(final)!r})
-        image = Image.open({str(folder / 'validation' / 'ant' / '0.png')!r}).convert("RGB")
+        image = Image.open({str(folder / "validation" / "ant" / "0.png")!r}).convert("RGB")
         with torch.no_grad():
             logits = model(**processor(image, return_tensors="pt")).logits
         result = {{"logits": logits[0].tolist(), "labels": model.config.id2label, "size": dict(processor.size)}}
@@ -661,8 +844,9 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
 
 def test_the_script_runs_by_path_from_anywhere(tmp_path):
     env = {key: value for key, value in subprocess_env(tmp_path).items() if key != "PYTHONPATH"}
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path,
-                               env=env, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "--resume-from-checkpoint" in completed.stdout and "--per-device-batch-size" in completed.stdout
 
@@ -676,7 +860,10 @@ def test_the_script_runs_by_path_from_anywhere(tmp_path):
         (["--max-steps", "2", "--epochs", "1"], "--max-steps or --epochs"),
         (["--resume-from-checkpoint", "/nonexistent/step-1"], "not a complete checkpoint"),
         (["--image-size", "16"], "at least 32 pixels"),
-        (["--resume-from-checkpoint", "latest", "--overwrite-output-dir", "true"], "--overwrite-output-dir deletes the checkpoints"),
+        (
+            ["--resume-from-checkpoint", "latest", "--overwrite-output-dir", "true"],
+            "--overwrite-output-dir deletes the checkpoints",
+        ),
         (["--base-learning-rate", "-0.1"], "--base-learning-rate -0.1: expected a positive number"),
         (["--momentum", "-0.9"], r"--momentum -0.9: expected a value in \[0, 1\)"),
         (["--weight-decay", "-0.0001"], "--weight-decay -0.0001: expected 0 or more"),
@@ -691,8 +878,12 @@ def test_the_script_runs_by_path_from_anywhere(tmp_path):
 def test_bad_arguments_are_refused_before_training(tmp_path, arguments, message):
     from pretraining import pretrain
 
-    merged = {"--model-preset": "bit-tiny", "--train-dir": str(tmp_path), "--output-dir": str(tmp_path / "o"),
-              **dict(zip(arguments[0::2], arguments[1::2]))}
+    merged = {
+        "--model-preset": "bit-tiny",
+        "--train-dir": str(tmp_path),
+        "--output-dir": str(tmp_path / "o"),
+        **dict(zip(arguments[0::2], arguments[1::2])),
+    }
     argv = [item for pair in merged.items() for item in pair]
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pretrain.train(argv)
@@ -710,58 +901,118 @@ SMALL_IMAGES = [{"bytes": _png(i), "path": None} for i in range(8)]
 @pytest.mark.parametrize(
     "columns, arguments, message",
     [
-        ({"label": (datasets.Value("string"), list("abababab"))}, [],
-         r"label column 'label' holds Value\('string'\): labels must be integer class ids \(0..C-1\) or a ClassLabel"),
-        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--label-column", "image"],
-         "label column 'image' holds Image.*: labels must be integer class ids"),
-        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--image-column", "label"],
-         r"image column 'label' holds Value\('int64'\): expected images"),
-        ({"label": (datasets.Value("int64"), [0, 1, 2, 3] * 2)}, ["--num-labels", "2"],
-         r"label column 'label' has class ids from 0 to 3: expected ids in 0..1"),
-        ({"label": (datasets.Value("int64"), [0, 1, -1, 1] * 2)}, [], "has class ids from -1 to 1: expected ids in 0..1"),
-        ({"label": (datasets.Value("int64"), [0, 1] * 4)}, ["--streaming", "--num-labels", "2", "--validation-examples", "100"],
-         r"--validation-examples 100 held out the whole stream \(it has 8 examples\)"),
+        (
+            {"label": (datasets.Value("string"), list("abababab"))},
+            [],
+            r"label column 'label' holds Value\('string'\): labels must be integer class ids \(0..C-1\) or a ClassLabel",
+        ),
+        (
+            {"label": (datasets.Value("int64"), [0, 1] * 4)},
+            ["--label-column", "image"],
+            "label column 'image' holds Image.*: labels must be integer class ids",
+        ),
+        (
+            {"label": (datasets.Value("int64"), [0, 1] * 4)},
+            ["--image-column", "label"],
+            r"image column 'label' holds Value\('int64'\): expected images",
+        ),
+        (
+            {"label": (datasets.Value("int64"), [0, 1, 2, 3] * 2)},
+            ["--num-labels", "2"],
+            r"label column 'label' has class ids from 0 to 3: expected ids in 0..1",
+        ),
+        (
+            {"label": (datasets.Value("int64"), [0, 1, -1, 1] * 2)},
+            [],
+            "has class ids from -1 to 1: expected ids in 0..1",
+        ),
+        (
+            {"label": (datasets.Value("int64"), [0, 1] * 4)},
+            ["--streaming", "--num-labels", "2", "--validation-examples", "100"],
+            r"--validation-examples 100 held out the whole stream \(it has 8 examples\)",
+        ),
     ],
 )
 def test_unusable_data_is_refused_before_training(tmp_path, columns, arguments, message):
     from pretraining import pretrain
 
-    features = datasets.Features({"image": datasets.Image(), **{name: feature for name, (feature, _) in columns.items()}})
+    features = datasets.Features(
+        {"image": datasets.Image(), **{name: feature for name, (feature, _) in columns.items()}}
+    )
     rows = {"image": SMALL_IMAGES, **{name: values for name, (_, values) in columns.items()}}
     folder = write_parquet(tmp_path / "data", rows, features)
     with pytest.raises(InputError, match=message):
-        pretrain.train([*TINY_RUN, "--dataset", str(folder), "--max-steps", "1", "--global-batch-size", "4",
-                        "--per-device-batch-size", "4", "--output-dir", str(tmp_path / "out"), *arguments])
+        pretrain.train(
+            [
+                *TINY_RUN,
+                "--dataset",
+                str(folder),
+                "--max-steps",
+                "1",
+                "--global-batch-size",
+                "4",
+                "--per-device-batch-size",
+                "4",
+                "--output-dir",
+                str(tmp_path / "out"),
+                *arguments,
+            ]
+        )
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_bad_labels_found_by_a_streams_worker_and_unreadable_steps_stop_the_script_with_a_message(tmp_path, monkeypatch):
+def test_bad_labels_found_by_a_streams_worker_and_unreadable_steps_stop_the_script_with_a_message(
+    tmp_path, monkeypatch
+):
     from pretraining import pretrain
 
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)  # see the streaming tests above
 
-    out_of_range = write_parquet(tmp_path / "range", {"image": SMALL_IMAGES, "label": [0, 1, 2, 3] * 2},
-                                 datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
-    not_images = write_parquet(tmp_path / "paths", {"image": [f"missing-{i}.png" for i in range(8)], "label": [0, 1] * 4},
-                               datasets.Features({"image": datasets.Value("string"), "label": datasets.Value("int64")}))
+    out_of_range = write_parquet(
+        tmp_path / "range",
+        {"image": SMALL_IMAGES, "label": [0, 1, 2, 3] * 2},
+        datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    not_images = write_parquet(
+        tmp_path / "paths",
+        {"image": [f"missing-{i}.png" for i in range(8)], "label": [0, 1] * 4},
+        datasets.Features({"image": datasets.Value("string"), "label": datasets.Value("int64")}),
+    )
     cases = [
-        ([out_of_range, "--streaming", "--num-labels", "2", "--dataloader-num-workers", "1"],
-         r"^pretrain: error: Label ids \[.*\] outside 0..1.$"),
+        (
+            [out_of_range, "--streaming", "--num-labels", "2", "--dataloader-num-workers", "1"],
+            r"^pretrain: error: Label ids \[.*\] outside 0..1.$",
+        ),
         ([not_images], r"^pretrain: error: None of the images of step 1 could be read \(e.g. missing-\d.png"),
     ]
     for (folder, *arguments), message in cases:
         reset_accelerate()
         with pytest.raises(SystemExit) as exited:
-            pretrain.main([*TINY_RUN, "--dataset", str(folder), "--max-steps", "1", "--global-batch-size", "4",
-                           "--per-device-batch-size", "4", "--output-dir", str(tmp_path / folder.name), *arguments])
+            pretrain.main(
+                [
+                    *TINY_RUN,
+                    "--dataset",
+                    str(folder),
+                    "--max-steps",
+                    "1",
+                    "--global-batch-size",
+                    "4",
+                    "--per-device-batch-size",
+                    "4",
+                    "--output-dir",
+                    str(tmp_path / folder.name),
+                    *arguments,
+                ]
+            )
         assert re.search(message, str(exited.value)) and "Traceback" not in str(exited.value), str(exited.value)
 
 
 def test_synthetic_glyphs_are_deterministic_many_class_data_pretrain_reads(tmp_path):
     from pretraining import synthetic
 
-    first = synthetic.main(["--output-dir", str(tmp_path / "a"), "--num-classes", "6", "--examples-per-class", "3",
-                            "--num-shards", "2"])
+    first = synthetic.main(
+        ["--output-dir", str(tmp_path / "a"), "--num-classes", "6", "--examples-per-class", "3", "--num-shards", "2"]
+    )
     second = synthetic.write_dataset(tmp_path / "b", num_classes=6, examples_per_class=3, num_shards=2)
     shards = sorted(p.name for p in first.iterdir())
     assert shards == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
@@ -789,7 +1040,11 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
     from modeling_bit import BitConfig
 
     tiny = BitConfig.from_preset("bit-tiny")
-    assert (config["depths"], config["hidden_sizes"], config["embedding_size"]) == (tiny.depths, tiny.hidden_sizes, tiny.embedding_size)
+    assert (config["depths"], config["hidden_sizes"], config["embedding_size"]) == (
+        tiny.depths,
+        tiny.hidden_sizes,
+        tiny.embedding_size,
+    )
     assert len(config["id2label"]) >= 100  # many upstream classes
     metadata = json.loads((folder / "bit_pretraining.json").read_text())
     assert metadata["command"][0].endswith("pretrain.py") and metadata["steps"] > 0

@@ -25,14 +25,18 @@ class PerClassAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_INPUTS,
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references, num_classes=None):
         predictions, references = np.asarray(predictions), np.asarray(references)
         if len(references) == 0:
             raise ValueError("per-class accuracy of zero examples is undefined.")
-        num_classes = int(num_classes) if num_classes is not None else int(max(predictions.max(), references.max())) + 1
+        num_classes = (
+            int(num_classes) if num_classes is not None else int(max(predictions.max(), references.max())) + 1
+        )
         examples = np.bincount(references, minlength=num_classes)
         correct = np.bincount(references[predictions == references], minlength=num_classes)
         per_class = [float(c / n) if n else None for c, n in zip(correct, examples)]
