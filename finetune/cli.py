@@ -1,148 +1,135 @@
-"""`bit-finetune` (also `python -m finetune`): fine-tune a BiT model on your images with BiT-HyperRule.
+"""`bit-finetune` (also `python -m finetune`, `torchrun -m finetune`, `accelerate launch -m finetune`): fine-tune
+a BiT model on your images with BiT-HyperRule.
 
-  bit-finetune --model M --train-dir D [--validation-dir V] --output-dir O [--examples-per-class K]
-      [--trials N] [--max-steps S] [--batch-size B] [--micro-batch-size b] [--learning-rate LR]
-      [--resolution PRECROP CROP] [--mixup-alpha A] [--no-flip] [--no-crop]
-      [--push-to-hub [--hub-model-id ID]] [--resume | --overwrite-output-dir]
-  bit-finetune --model M --dataset NAME [--dataset-config C] [--image-column image] [--label-column label]
-      [--streaming] --output-dir O ...
-  bit-finetune             the main job: the embedded upstream checkpoint vs random init on
-                           scikit-learn's digits, 1/5/10 examples per class and the full set
-
-M is anything `from_pretrained` takes (a saved folder, a Hub id, a published BiT name), or with
---from-scratch a preset name (bit-tiny, BiT-M-R50x1, ...) trained from random weights. Every number not
-given is BiT-HyperRule's, derived from the training data; the ones given are recorded as overrides in
-O/bit_hyperrule.json. An O holding a finished result is replaced only with --overwrite-output-dir (the new
-folder replaces it when complete); an unfinished run in O is continued with --resume.
+The command line parses transformers' `TrainingArguments` beside bit-finetune's model, data and rule arguments
+with `HfArgumentParser`, as Hugging Face's image-classification example does: every Trainer flag keeps its
+usual meaning (`--bf16`, `--torch-compile`, `--report-to wandb`, `--deepspeed ds.json`, ...), except the values
+BiT-HyperRule owns (steps, learning rate, warmup, the batch of 512 = micro-batch x processes x accumulation,
+SGD with momentum and no weight decay): a value given for one of those is an override of the rule, printed
+and recorded under `overrides` in `bit_hyperrule.json`. This module only parses, validates and prints; the
+fine-tuning itself is `finetune.engine.run_finetuning`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import logging
-import os
-import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import datasets
+import torch
 from accelerate import PartialState
-from transformers import HfArgumentParser, TrainerCallback
-
-from modeling_bit.file_utils import atomic_write_json
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from . import data as data_module
+from .engine import DEFAULT_NUM_WORKERS, FinetuneJob, FinetuneResult, run_finetuning
 from .errors import FinetuneInputError
-from .finetuning import (
-    HubUploadError,
-    RunResult,
-    evaluation_inputs,
-    is_finished_folder,
-    median_trial,
-    push_to_hub,
-    train_and_evaluate,
-    training_inputs,
-    trial_summary,
-    write_output_folder,
-)
 from .hyperrule import (
     BATCH_SIZE,
     FEW_SHOT_TRIALS,
+    HYPERRULE_VARIANTS,
     LARGE_IMAGE_RESOLUTION,
     LARGE_IMAGE_RESOLUTION_BIT_L,
     NO_CROP_TASKS,
     NO_FLIP_TASKS,
-    BitHyperRule,
-    choose_micro_batch_size,
-    mixup_micro_batch_warning,
+    PAPER,
+    RELEASED_SCHEDULES,
 )
-from .models import load_model_for_labels
-from .trainer import CHECKPOINTS_PER_RUN
+from .main_job import MainJobSettings, run_main_job
+from .output_folder import HubUploadError, push_to_hub
 
 logger = logging.getLogger("finetune")
 
-DEFAULT_NUM_WORKERS = min(4, os.cpu_count() or 1)
-# Inside the output folder while a run is unfinished: one Trainer output folder per trial (checkpoints,
-# the trial's final model and result), removed once the output folder is complete.
-WORK_DIR_NAME = "checkpoints"
-RUN_FILE_NAME = "run.json"
-TRIAL_RESULT_FILE_NAME = "result.json"
-# Arguments that may differ between an interrupted run and its --resume.
-RESUME_MAY_CHANGE = frozenset({"resume", "overwrite_output_dir", "push_to_hub", "hub_model_id", "num_workers"})
+USAGE = """
+  bit-finetune --model M --train-dir D [--validation-dir V] --output-dir O [options]
+  bit-finetune --model M --dataset NAME [--dataset-config C] [--image-column image] [--label-column label]
+               [--streaming --dataset-size N] --output-dir O [options]
+  bit-finetune [--output-dir O]      the main job: the embedded upstream checkpoint vs random init on
+                                     scikit-learn's digits, 1/5/10 examples per class and the full set
+  torchrun --nproc-per-node N -m finetune ...   (or accelerate launch -m finetune ...): data parallel"""
+
+EPILOG = """\
+M is anything `from_pretrained` takes (a saved folder, a Hub id, a published BiT name such as BiT-M-R50x1), or
+with --from-scratch a preset name (bit-tiny, BiT-M-R50x1, ...) trained from random weights. Every BiT-HyperRule
+value not given is derived from the training data; the ones given are recorded as overrides in
+O/bit_hyperrule.json. An O holding a finished result is replaced only with --overwrite-output-dir (the new folder
+replaces it when complete); an unfinished run in O is continued with --resume.
+
+Trainer flags that would have no effect here, or that BiT-HyperRule owns without a field for them, are refused
+with a message rather than ignored: --optim other than sgd, --optim-args (use --momentum), --lr-scheduler-type,
+--lr-scheduler-kwargs, --num-train-epochs (use --max-steps), --adam-*, --label-smoothing-factor,
+--auto-find-batch-size, --data-seed, --train-sampling-strategy, --remove-unused-columns, --label-names,
+--batch-eval-metrics, --prediction-loss-only, --hub-strategy, --hub-always-push, --hub-revision and the text-model
+flags (--neftune-noise-alpha, --use-liger-kernel, --liger-kernel-config, --use-cache,
+--include-num-input-tokens-seen, --average-tokens-across-devices, --length-column-name, --optim-target-modules).
+--do-train, --do-eval and --do-predict are accepted, as in HF example command lines: bit-finetune always trains
+and evaluates."""
 
 
-@dataclasses.dataclass
-class ModelArguments:
-    model: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": "Checkpoint to fine-tune: a save_pretrained folder, a Hub id or a published BiT name."},
-    )
-    from_scratch: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "Train --model's architecture (a preset name or a config) from random weights."},
-    )
+def _accelerator_available() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-@dataclasses.dataclass
-class DataArguments:
-    train_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "Image folder: one subfolder per class."}
-    )
-    validation_dir: str | None = dataclasses.field(default=None, metadata={"help": "Image folder to evaluate on."})
-    dataset: str | None = dataclasses.field(default=None, metadata={"help": "A datasets.load_dataset name or folder."})
-    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Configuration of --dataset."})
-    image_column: str = dataclasses.field(default="image", metadata={"help": "Column of --dataset holding images."})
-    label_column: str = dataclasses.field(default="label", metadata={"help": "Column of --dataset holding labels."})
-    train_split: str = dataclasses.field(default="train", metadata={"help": "Split of --dataset to train on."})
-    validation_split: str | None = dataclasses.field(
-        default=None, metadata={"help": "Split of --dataset to evaluate on (default: validation/valid/val/test)."}
-    )
-    streaming: bool = dataclasses.field(
-        default=False, metadata={"help": "Stream --dataset instead of downloading it."}
-    )
-    validation_fraction: float = dataclasses.field(
-        default=data_module.DEFAULT_VALIDATION_FRACTION,
-        metadata={"help": "Share of each class held out for evaluation when there is no validation split."},
-    )
-    examples_per_class: int | None = dataclasses.field(
-        default=None, metadata={"help": "Few-shot: train on K random examples of every class."}
-    )
-    trials: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Repeat with N random subsets/seeds; report median, min, max "
-            f"(default 1; main job {FEW_SHOT_TRIALS}). The folder keeps the model of the median trial (even N: the lower of the two middle ones)."
-        },
-    )
+# --- Arguments --------------------------------------------------------------------------------------
+
+
+_SMALL_RELEASED = RELEASED_SCHEDULES["small"]
 
 
 @dataclasses.dataclass
 class HyperRuleArguments:
-    max_steps: int | None = dataclasses.field(default=None, metadata={"help": "Override the rule's steps."})
-    warmup_steps: int | None = dataclasses.field(default=None, metadata={"help": "Override the rule's warmup."})
+    _argument_group_name = (
+        "BiT-HyperRule (derived from the training data; a value given here is an override, recorded in "
+        "bit_hyperrule.json)"
+    )
+
+    hyperrule: str = dataclasses.field(
+        default=PAPER,
+        metadata={
+            "choices": HYPERRULE_VARIANTS,
+            "help": "Which rule: 'paper' (the paper's text: lr x0.1 at 30/60/90% of the steps; 448/384 for large "
+            "images) or 'released' (google-research/big_transfer's bit_hyperrule.py: small tasks warm up "
+            f"{_SMALL_RELEASED[0]} steps and decay at {'/'.join(map(str, _SMALL_RELEASED[1:4]))} of "
+            f"{_SMALL_RELEASED[4]}; 512/480 for large images).",
+        },
+    )
     batch_size: int | None = dataclasses.field(
-        default=None, metadata={"help": f"Override the batch (rule: {BATCH_SIZE})."}
+        default=None,
+        metadata={
+            "help": f"The batch of one optimizer step, over all processes (rule: {BATCH_SIZE}); without "
+            "--learning-rate the rate is scaled with it."
+        },
     )
-    micro_batch_size: int | None = dataclasses.field(
-        default=None, metadata={"help": "Images per forward pass (default: chosen to fit the device)."}
-    )
-    learning_rate: float | None = dataclasses.field(default=None, metadata={"help": "Override the learning rate."})
     resolution: list[int] | None = dataclasses.field(
-        default=None, metadata={"help": "PRECROP CROP: override the training resize and crop (test: CROP)."}
+        default=None,
+        metadata={
+            "help": "PRECROP CROP: training resize and random crop (test: resize to CROP); rule: 160 128 below 96x96 "
+            "pixels, else 448 384."
+        },
     )
-    mixup_alpha: float | None = dataclasses.field(default=None, metadata={"help": "Override MixUp's alpha (0: off)."})
+    mixup_alpha: float | None = dataclasses.field(
+        default=None, metadata={"help": "MixUp's alpha; 0 turns it off (rule: 0.1 from 20k examples, else off)."}
+    )
+    momentum: float | None = dataclasses.field(default=None, metadata={"help": "SGD momentum (rule: 0.9)."})
+    decay_steps: list[int] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Steps after which the learning rate is multiplied by 0.1 (rule: 30/60/90% of the steps)."},
+    )
     dataset_size: int | None = dataclasses.field(
-        default=None, metadata={"help": "Training-set size the rule uses (needed for streams of unknown length)."}
+        default=None,
+        metadata={"help": "Training-set size the rule uses (needed for streams that do not declare their length)."},
     )
     median_image_area: float | None = dataclasses.field(
-        default=None, metadata={"help": "Median image area (pixels) the rule uses, instead of measuring it."}
+        default=None, metadata={"help": "Median image area in pixels the rule uses, instead of measuring it."}
     )
     bit_l_resolution: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Large images: {}/{} (released code, BiT-L) instead of {}/{}.".format(
+            "help": "Resolution only: large images at {}/{} (the released code, BiT-L) instead of {}/{}.".format(
                 *LARGE_IMAGE_RESOLUTION_BIT_L, *LARGE_IMAGE_RESOLUTION
             )
         },
@@ -160,41 +147,76 @@ class HyperRuleArguments:
         },
     )
     paper_rule: bool = dataclasses.field(
-        default=False, metadata={"help": "Main job: run the paper's rule unmodified (no CPU-sized override)."}
+        default=False, metadata={"help": "Main job only: run the rule unmodified (no CPU-sized override)."}
     )
 
-    def overrides(self) -> dict:
-        """The BitHyperRule fields these arguments set (None: derive from the data)."""
-        precrop, crop = (None, None)
-        if self.resolution is not None:
-            if len(self.resolution) != 2:
-                raise FinetuneInputError(f"--resolution takes two numbers, PRECROP CROP; got {self.resolution}.")
-            precrop, crop = self.resolution
-        values = {
-            "steps": self.max_steps,
-            "warmup_steps": self.warmup_steps,
-            "batch_size": self.batch_size,
-            "micro_batch_size": self.micro_batch_size,
-            "learning_rate": self.learning_rate,
-            "precrop": precrop,
-            "crop": crop,
-            "mixup_alpha": self.mixup_alpha,
-            "dataset_size": self.dataset_size,
-            "median_image_area": self.median_image_area,
-            "random_crop": False if self.no_crop else None,
-            "horizontal_flip": False if self.no_flip else None,
-        }
-        return {name: value for name, value in values.items() if value is not None}
 
-    @property
-    def large_resolution(self) -> tuple[int, int]:
-        return LARGE_IMAGE_RESOLUTION_BIT_L if self.bit_l_resolution else LARGE_IMAGE_RESOLUTION
+@dataclasses.dataclass
+class ModelArguments:
+    _argument_group_name = "Model"
+
+    model: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Checkpoint to fine-tune: a save_pretrained folder, a Hub id or a published BiT name "
+            "(BiT-M-R50x1, ...); with --from-scratch a preset name or a folder with a BiT config.json. Without data "
+            "flags: the main job's checkpoint (default: the embedded one)."
+        },
+    )
+    from_scratch: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Train --model's architecture (a preset name or a config) from random weights."},
+    )
+
+
+@dataclasses.dataclass
+class DataArguments:
+    _argument_group_name = "Data"
+
+    train_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Image folder to train on: one subfolder of images per class."}
+    )
+    validation_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Image folder to evaluate on (default: a held-out part of --train-dir)."}
+    )
+    dataset: str | None = dataclasses.field(
+        default=None, metadata={"help": "A datasets.load_dataset name (Hub) or a local dataset folder."}
+    )
+    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Configuration of --dataset."})
+    image_column: str = dataclasses.field(default="image", metadata={"help": "Column of --dataset holding images."})
+    label_column: str = dataclasses.field(default="label", metadata={"help": "Column of --dataset holding labels."})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "Split of --dataset to train on."})
+    validation_split: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Split of --dataset to evaluate on (default: validation, valid, val or test, if present)."},
+    )
+    streaming: bool = dataclasses.field(
+        default=False, metadata={"help": "Stream --dataset instead of downloading it (give --dataset-size)."}
+    )
+    validation_fraction: float = dataclasses.field(
+        default=data_module.DEFAULT_VALIDATION_FRACTION,
+        metadata={"help": "Share of each class held out for evaluation when there is no validation split."},
+    )
+    examples_per_class: int | None = dataclasses.field(
+        default=None, metadata={"help": "Few-shot: train on K random examples of every class (one subset per trial)."}
+    )
+    trials: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": f"Repeat with N seeds (and subsets); report median, min, max (default 1; main job {FEW_SHOT_TRIALS}). "
+            "The folder keeps the median trial's model (even N: the lower of the two middle ones)."
+        },
+    )
 
 
 @dataclasses.dataclass
 class RunArguments:
-    output_dir: str | None = dataclasses.field(default=None, metadata={"help": "Folder for the fine-tuned model."})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "Continue an interrupted run in --output-dir."})
+    _argument_group_name = "Run"
+
+    resume: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Continue the unfinished run in --output-dir from its newest complete checkpoint."},
+    )
     overwrite_output_dir: bool = dataclasses.field(
         default=False,
         metadata={
@@ -202,36 +224,679 @@ class RunArguments:
             "a non-empty --output-dir is refused."
         },
     )
-    push_to_hub: bool = dataclasses.field(
-        default=False, metadata={"help": "Upload the folder to the Hugging Face Hub."}
-    )
-    hub_model_id: str | None = dataclasses.field(
-        default=None, metadata={"help": "Hub repository (default: the output folder's name under your account)."}
-    )
-    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of subsets, data order, augmentation, MixUp."})
-    num_workers: int = dataclasses.field(
-        default=DEFAULT_NUM_WORKERS, metadata={"help": "DataLoader worker processes decoding images."}
-    )
-    save_steps: int | None = dataclasses.field(
-        default=None, metadata={"help": f"Checkpoint every this many steps (default: {CHECKPOINTS_PER_RUN} per run)."}
-    )
     per_class_accuracy: bool = dataclasses.field(
         default=False, metadata={"help": "Also report the accuracy of every class."}
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, HyperRuleArguments, RunArguments)
+@dataclasses.dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with bit-finetune's defaults and the spellings its command line had."""
 
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The usage text above as written, defaults after each option."""
-
-
-def parse_arguments(argv: Sequence[str]) -> tuple[ModelArguments, DataArguments, HyperRuleArguments, RunArguments]:
-    parser = HfArgumentParser(
-        ARGUMENT_CLASSES, prog="bit-finetune", description=__doc__, formatter_class=_HelpFormatter
+    output_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Folder for the fine-tuned model (required with your own data)."}
     )
-    return tuple(parser.parse_args_into_dataclasses(args=list(argv)))
+    per_device_train_batch_size: int = dataclasses.field(
+        default=8,
+        metadata={
+            "help": "Images per forward pass on each process (default: the largest divisor of the batch that fits "
+            "the device); gradient accumulation makes up the rest of the batch.",
+            "aliases": ["--micro-batch-size"],
+        },
+    )
+    dataloader_num_workers: int = dataclasses.field(
+        default=DEFAULT_NUM_WORKERS,
+        metadata={"help": "DataLoader worker processes decoding images.", "aliases": ["--num-workers"]},
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "Seed of the subsets, data order, augmentation, MixUp and random weights."}
+    )
+
+    def __post_init__(self):
+        # On a machine without an accelerator, mixed precision means CPU autocast: transformers asks for --use-cpu
+        # for that, which is all there is here anyway.
+        if not self.use_cpu and not _accelerator_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+
+# HyperRule first in --help, then what to train, on what, and how the run goes; the Trainer's own flags last.
+ARGUMENT_CLASSES = (HyperRuleArguments, ModelArguments, DataArguments, RunArguments, FinetuneTrainingArguments)
+
+# Trainer fields BiT-HyperRule owns: given, they override the rule's field of the same meaning.
+RULE_OWNED_TRAINER_FIELDS = {
+    "max_steps": "steps",
+    "learning_rate": "learning_rate",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "per_device_train_batch_size": "micro_batch_size",
+}
+RULE_OWNED_HELP = {
+    "max_steps": "Optimizer steps (rule: 500 below 20k examples, 10k below 500k, else 20k).",
+    "learning_rate": "Base learning rate (rule: 0.003 at batch 512).",
+    "warmup_steps": "Linear warmup steps, or a fraction of the steps below 1 (rule: 100 of 500, 500 of 10k/20k).",
+    "weight_decay": "Weight decay (rule: none).",
+    "gradient_accumulation_steps": "Micro-batches per optimizer step on each process (default: what the batch "
+    "and the micro-batch leave).",
+}
+# Trainer fields bit-finetune handles itself rather than passing them to each trial's Trainer.
+HANDLED_TRAINER_FIELDS = frozenset(
+    {*RULE_OWNED_TRAINER_FIELDS, "gradient_accumulation_steps", "output_dir", "seed", "push_to_hub", "hub_model_id"}
+    | {"hub_private_repo", "hub_token", "resume_from_checkpoint", "optim", "do_train", "do_eval", "do_predict"}
+)
+# Trainer fields that would have no effect, or conflict with the rule without being one of its fields.
+REFUSED_TRAINER_FIELDS = {
+    "optim_args": "SGD's momentum is the rule's: use --momentum",
+    "lr_scheduler_type": "BiT-HyperRule's schedule is a linear warmup and staircase decays (--warmup-steps, --decay-steps)",
+    "lr_scheduler_kwargs": "BiT-HyperRule's schedule is a linear warmup and staircase decays (--warmup-steps, --decay-steps)",
+    "num_train_epochs": "BiT-HyperRule trains for a number of steps: use --max-steps",
+    "adam_beta1": "BiT-HyperRule trains with SGD",
+    "adam_beta2": "BiT-HyperRule trains with SGD",
+    "adam_epsilon": "BiT-HyperRule trains with SGD",
+    "optim_target_modules": "BiT-HyperRule trains with SGD",
+    "label_smoothing_factor": "the MixUp loss uses the labels as they are",
+    "auto_find_batch_size": "the micro-batch is chosen to fit the device, and the batch is kept by accumulation",
+    "data_seed": "the data order follows --seed (and each trial's seed)",
+    "train_sampling_strategy": "the data order is BiT's seeded per-epoch shuffle",
+    "remove_unused_columns": "batches carry the images' names for the unreadable-image count",
+    "label_names": "the labels are the data's label column",
+    "batch_eval_metrics": "accuracy is computed over the whole evaluation set",
+    "prediction_loss_only": "bit-finetune reports accuracy",
+    "hub_strategy": "the finished folder is uploaded once, at the end",
+    "hub_always_push": "the finished folder is uploaded once, at the end",
+    "hub_revision": "the finished folder is uploaded to the main branch",
+    **dict.fromkeys(
+        (
+            "neftune_noise_alpha",
+            "use_liger_kernel",
+            "liger_kernel_config",
+            "use_cache",
+            "include_num_input_tokens_seen",
+            "average_tokens_across_devices",
+            "length_column_name",
+        ),
+        "a text-model setting, with no meaning for an image classifier",
+    ),
+}
+# The Trainer's flags in --help, by topic (the rest under "Other Trainer flags").
+TRAINER_TOPICS = {
+    "Precision and speed": (
+        "bf16",
+        "fp16",
+        "bf16_full_eval",
+        "fp16_full_eval",
+        "tf32",
+        "torch_compile",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "use_cpu",
+        "torch_empty_cache_steps",
+        "max_grad_norm",
+    ),  # fmt: skip
+    "Data loading and evaluation": (
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "dataloader_in_order",
+        "dataloader_drop_last",
+        "per_device_eval_batch_size",
+        "eval_strategy",
+        "eval_steps",
+        "eval_delay",
+        "eval_on_start",
+        "eval_accumulation_steps",
+        "eval_do_concat_batches",
+        "eval_use_gather_object",
+        "include_for_metrics",
+        "bf16_full_eval",
+    ),  # fmt: skip
+    "Logging and tracking": (
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "report_to",
+        "run_name",
+        "project",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        "disable_tqdm",
+        "skip_memory_metrics",
+        "debug",
+    ),  # fmt: skip
+    "Checkpoints": (
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "save_on_each_node",
+        "enable_jit_checkpoint",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "ignore_data_skip",
+        "restore_callback_states_from_checkpoint",
+        "resume_from_checkpoint",
+    ),  # fmt: skip
+    "Multi-GPU and distributed (torchrun / accelerate launch)": (
+        "ddp_find_unused_parameters",
+        "ddp_bucket_cap_mb",
+        "ddp_broadcast_buffers",
+        "ddp_static_graph",
+        "ddp_backend",
+        "ddp_timeout",
+        "fsdp",
+        "fsdp_config",
+        "deepspeed",
+        "accelerator_config",
+        "parallelism_config",
+        "local_rank",
+    ),  # fmt: skip
+    "Hugging Face Hub (the finished folder, uploaded by the main process)": (
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
+        "hub_token",
+    ),  # fmt: skip
+}
+RESUME_ALIASES = ("true", "latest", "1", "yes")
+# Trainer fields whose default here differs from the Trainer's, or whose meaning bit-finetune narrows.
+BIT_FINETUNE_TRAINER_HELP = {
+    "logging_steps": "Log every this many steps (default: 50 entries per run), or a fraction of the steps below 1.",
+    "save_steps": "Checkpoint every this many steps (default: 10 checkpoints per run), or a fraction of the steps "
+    "below 1.",
+    "save_total_limit": "Checkpoints kept per trial (default: 1, the newest complete one).",
+    "per_device_eval_batch_size": "Images per evaluation forward pass (default: twice the micro-batch).",
+    "max_grad_norm": "Gradient clipping norm (default: 0, none: BiT does not clip).",
+    "dataloader_pin_memory": "Pin host memory for host-to-device copies (default: on with CUDA).",
+    "push_to_hub": "Upload the finished folder (model, card, widget examples) to the Hub, from the main process.",
+    "hub_model_id": "Hub repository to upload to (default: the output folder's name under your account).",
+    "hub_private_repo": "Create the repository private (an existing repository keeps its visibility).",
+    "report_to": "Trackers to send the training logs to: none (default), all, or names such as tensorboard, wandb, "
+    "trackio, mlflow.",
+}
+
+
+@dataclasses.dataclass
+class Arguments:
+    """The parsed command line; `given` holds the fields the command line set (whatever their value)."""
+
+    rule: HyperRuleArguments
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    training: FinetuneTrainingArguments
+    given: frozenset[str]
+
+    def given_flags(self, names: Sequence[str]) -> list[str]:
+        return [flag(name) for name in names if name in self.given]
+
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Dash spellings only, switches without a fake value, defaults shown where the help does not say them."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=119)
+
+    @staticmethod
+    def _is_switch(action) -> bool:
+        return action.nargs == 0 or (action.nargs == "?" and action.const is True)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        dashed = {option.replace("_", "-") for option in action.option_strings if "-" in option[2:]}
+        shown = [
+            option for option in action.option_strings if "_" not in option or option.replace("_", "-") not in dashed
+        ]
+        if self._is_switch(action):
+            return ", ".join(shown)
+        return ", ".join(shown) + " " + self._format_args(action, self._get_default_metavar_for_optional(action))
+
+    def _get_default_metavar_for_optional(self, action):
+        return action.dest.upper()
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            default not in (None, False, "", argparse.SUPPRESS)
+            and not self._is_switch(action)
+            and "default" not in text.lower()
+            and "rule:" not in text
+        ):
+            text += f" (default: {default})"
+        # argparse formats help with %: TrainingArguments' texts escape it already, ours do not.
+        return text.replace("%%", "%").replace("%", "%%")
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES,
+        prog="bit-finetune",
+        usage=USAGE,
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    _regroup_trainer_flags(parser)
+    return parser
+
+
+def _regroup_trainer_flags(parser: HfArgumentParser) -> None:
+    """Show the Trainer fields the rule owns in the BiT-HyperRule group, the others by topic; hide the refused."""
+    groups = {group.title: group for group in parser._action_groups}
+    rule_group = groups[HyperRuleArguments._argument_group_name]
+    trainer_actions = [
+        action
+        for action in parser._actions
+        if action.dest in {field.name for field in dataclasses.fields(TrainingArguments)}
+    ]
+    for group in parser._action_groups:
+        group._group_actions[:] = [action for action in group._group_actions if action not in trainer_actions]
+    by_dest: dict[str, list] = {}
+    for action in trainer_actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    for name in (*RULE_OWNED_TRAINER_FIELDS, "gradient_accumulation_steps"):
+        for action in by_dest.pop(name):
+            if name in RULE_OWNED_HELP:
+                action.help = RULE_OWNED_HELP[name]
+            rule_group._group_actions.append(action)
+    for name in (*REFUSED_TRAINER_FIELDS, "optim", "do_train", "do_eval", "do_predict", "output_dir", "seed"):
+        for action in by_dest.pop(name, []):
+            if name in ("output_dir", "seed"):
+                groups[RunArguments._argument_group_name]._group_actions.insert(0, action)
+            else:
+                action.help = argparse.SUPPRESS
+    for actions in by_dest.values():
+        for action in actions:
+            if action.dest in BIT_FINETUNE_TRAINER_HELP and not isinstance(action, argparse._StoreFalseAction):
+                action.help = BIT_FINETUNE_TRAINER_HELP[action.dest]
+            if isinstance(action, argparse._StoreFalseAction):
+                action.help = f"Turn {flag(action.dest)} off."
+    for title, names in TRAINER_TOPICS.items():
+        topic = parser.add_argument_group(title)
+        for name in names:
+            topic._group_actions.extend(by_dest.pop(name, []))
+    other = parser.add_argument_group("Other Trainer flags (transformers.TrainingArguments)")
+    for actions in by_dest.values():
+        other._group_actions.extend(actions)
+    parser._action_groups[:] = [group for group in parser._action_groups if group._group_actions]
+
+
+def parse_arguments(argv: Sequence[str]) -> Arguments:
+    """Parse (and, through the dataclasses' checks, validate) a command line; what was given is remembered."""
+    argv = list(argv)
+    try:
+        parsed = build_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except (ValueError, ImportError) as error:  # TrainingArguments' own checks (e.g. --tf32 without a GPU)
+        raise FinetuneInputError(_trainer_error(error)) from error
+    given_parser = build_parser()
+    for action in given_parser._actions:
+        action.default = argparse.SUPPRESS
+    given = frozenset(vars(given_parser.parse_args(argv)))
+    by_class = {type(arguments): arguments for arguments in parsed}
+    return Arguments(
+        rule=by_class[HyperRuleArguments],
+        model=by_class[ModelArguments],
+        data=by_class[DataArguments],
+        run=by_class[RunArguments],
+        training=by_class[FinetuneTrainingArguments],
+        given=given,
+    )
+
+
+def _trainer_error(error: Exception) -> str:
+    text = str(error)
+    if "deepspeed" in text.lower():
+        return f"--deepspeed needs the deepspeed package (pip install deepspeed): {text}"
+    return f"{text} (a check of transformers' TrainingArguments)"
+
+
+# --- Trainer flags: rule overrides, Trainer settings, refusals -------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainerFlags:
+    """The given Trainer fields, sorted by who owns them."""
+
+    rule_overrides: dict
+    gradient_accumulation_steps: int | None
+    training: dict  # passed to every trial's Trainer
+    resume: bool
+
+
+def sort_trainer_flags(arguments: Arguments) -> TrainerFlags:
+    training_args = arguments.training
+    given = arguments.given
+    refused = [name for name in REFUSED_TRAINER_FIELDS if name in given]
+    if refused:
+        name = refused[0]
+        raise FinetuneInputError(f"{flag(name)}: not used by bit-finetune ({REFUSED_TRAINER_FIELDS[name]}).")
+    if "optim" in given and str(training_args.optim) not in ("sgd", "OptimizerNames.SGD"):
+        raise FinetuneInputError(
+            f"--optim {training_args.optim}: BiT-HyperRule fine-tunes with SGD and momentum (--momentum); for another "
+            "optimizer use finetune.BitTrainer with your own TrainingArguments."
+        )
+    overrides = {}
+    for name, field in RULE_OWNED_TRAINER_FIELDS.items():
+        if name in given:
+            overrides[field] = getattr(training_args, name)
+    if (
+        "warmup_steps" in overrides
+        and overrides["warmup_steps"] != int(overrides["warmup_steps"])
+        and not 0 < overrides["warmup_steps"] < 1
+    ):
+        raise FinetuneInputError(
+            f"--warmup-steps {overrides['warmup_steps']}: expected a whole number of steps or a fraction below 1."
+        )
+    resume = arguments.run.resume
+    if "resume_from_checkpoint" in given:
+        value = str(training_args.resume_from_checkpoint).strip().lower()
+        if value not in RESUME_ALIASES:
+            raise FinetuneInputError(
+                f"--resume-from-checkpoint {training_args.resume_from_checkpoint}: bit-finetune resumes its own run in "
+                "--output-dir from the newest complete checkpoint: pass --resume (or --resume-from-checkpoint latest)."
+            )
+        resume = True
+    training = {
+        name: getattr(training_args, name)
+        for name in given
+        if name in {field.name for field in dataclasses.fields(TrainingArguments)}
+        and name not in HANDLED_TRAINER_FIELDS
+    }
+    if "dataloader_num_workers" not in training:
+        training["dataloader_num_workers"] = training_args.dataloader_num_workers
+    if training_args.use_cpu:
+        training["use_cpu"] = True
+    accumulation = training_args.gradient_accumulation_steps if "gradient_accumulation_steps" in given else None
+    return TrainerFlags(overrides, accumulation, training, resume)
+
+
+def rule_overrides(arguments: Arguments, trainer_flags: TrainerFlags) -> dict:
+    """The BitHyperRule fields the command line sets (the rule's own flags and the rule-owned Trainer flags)."""
+    rule_args = arguments.rule
+    precrop, crop = (None, None)
+    if rule_args.resolution is not None:
+        if len(rule_args.resolution) != 2:
+            raise FinetuneInputError(f"--resolution takes two numbers, PRECROP CROP; got {rule_args.resolution}.")
+        precrop, crop = rule_args.resolution
+    values = {
+        **trainer_flags.rule_overrides,
+        "batch_size": rule_args.batch_size,
+        "precrop": precrop,
+        "crop": crop,
+        "mixup_alpha": rule_args.mixup_alpha,
+        "momentum": rule_args.momentum,
+        "decay_steps": tuple(rule_args.decay_steps) if rule_args.decay_steps is not None else None,
+        "dataset_size": rule_args.dataset_size,
+        "median_image_area": rule_args.median_image_area,
+        "random_crop": False if rule_args.no_crop else None,
+        "horizontal_flip": False if rule_args.no_flip else None,
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+# --- Checks --------------------------------------------------------------------------------------------
+
+
+def check_arguments(arguments: Arguments) -> None:
+    """Combinations that cannot work, refused before anything is loaded."""
+    data_args, training = arguments.data, arguments.training
+    if data_args.train_dir is not None and data_args.dataset is not None:
+        raise FinetuneInputError("Give either --train-dir (an image folder) or --dataset (a datasets name), not both.")
+    if data_args.validation_dir is not None and data_args.train_dir is None:
+        raise FinetuneInputError("--validation-dir goes with --train-dir; with --dataset use --validation-split.")
+    if data_args.dataset_config is not None and data_args.dataset is None:
+        raise FinetuneInputError("--dataset-config goes with --dataset.")
+    if data_args.streaming and data_args.dataset is None:
+        raise FinetuneInputError("--streaming goes with --dataset (image folders are read from disk).")
+    if arguments.model.model is None:
+        raise FinetuneInputError("--model is required with your own data (a folder, Hub id or published BiT name).")
+    if training.output_dir is None or "output_dir" not in arguments.given:
+        raise FinetuneInputError("--output-dir is required with your own data.")
+    if data_args.trials is not None and data_args.trials < 1:
+        raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
+    for name, least in (("seed", 0), ("dataloader_num_workers", 0)):
+        value = getattr(training, name)
+        if value < least:
+            raise FinetuneInputError(f"{flag(name)} {value}: expected an integer of at least {least}.")
+    if "save_steps" in arguments.given and not training.save_steps > 0:
+        raise FinetuneInputError(
+            f"--save-steps {training.save_steps:g}: expected a positive number of steps (or a fraction of the run below 1)."
+        )
+    if "hub_model_id" in arguments.given and not training.push_to_hub:
+        raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
+    if arguments.rule.paper_rule:
+        raise FinetuneInputError(
+            "--paper-rule belongs to the main job (it drops the job's CPU-sized override); a run on your data already "
+            "uses BiT-HyperRule unmodified, except the fields you override."
+        )
+    if arguments.run.resume and arguments.run.overwrite_output_dir:
+        raise FinetuneInputError(
+            "--resume continues the run in --output-dir, --overwrite-output-dir starts over: give one."
+        )
+    dataset_only = arguments.given_flags(("image_column", "label_column", "train_split", "validation_split"))
+    if data_args.train_dir is not None and dataset_only:
+        raise FinetuneInputError(f"{', '.join(dataset_only)} go(es) with --dataset, not with --train-dir.")
+    if data_args.validation_dir is not None and "validation_fraction" in arguments.given:
+        raise FinetuneInputError(
+            "--validation-fraction holds out part of the training set; with --validation-dir nothing is held out."
+        )
+
+
+# --- The main job ------------------------------------------------------------------------------------------
+
+# What the main job takes besides its own flags: the rule's overrides (on top of its CPU-sized one), the
+# output folder and its upload, the seed, and the decoding workers.
+MAIN_JOB_FIELDS = frozenset(
+    {
+        "model",
+        "trials",
+        "hyperrule",
+        "batch_size",
+        "resolution",
+        "mixup_alpha",
+        "momentum",
+        "decay_steps",
+        "no_flip",
+        "no_crop",
+        "paper_rule",
+        "overwrite_output_dir",
+        "per_class_accuracy",
+        "output_dir",
+        "seed",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
+        "hub_token",
+        "dataloader_num_workers",
+        "use_cpu",
+        *RULE_OWNED_TRAINER_FIELDS,
+    }
+)
+
+
+def main_job_settings(arguments: Arguments, argv: Sequence[str]) -> MainJobSettings:
+    """The main job's settings; the flags it has no use for are refused (rather than ignored)."""
+    unused = sorted(arguments.given - MAIN_JOB_FIELDS)
+    if unused:
+        raise FinetuneInputError(
+            f"{', '.join(flag(name) for name in unused)}: not used by the main job (it runs when no --train-dir or "
+            "--dataset is given)."
+        )
+    if arguments.data.trials is not None and arguments.data.trials < 1:
+        raise FinetuneInputError(f"--trials {arguments.data.trials}: expected at least 1.")
+    trainer_flags = sort_trainer_flags(arguments)
+    overrides = rule_overrides(arguments, trainer_flags)
+    if arguments.rule.paper_rule and overrides:
+        raise FinetuneInputError(
+            f"--paper-rule runs the rule unmodified, but these are overridden: {sorted(overrides)}."
+        )
+    output_dir = arguments.training.output_dir if "output_dir" in arguments.given else None
+    if arguments.training.push_to_hub and output_dir is None:
+        raise FinetuneInputError("--push-to-hub needs --output-dir to save the main job's full-set model first.")
+    if "hub_model_id" in arguments.given and not arguments.training.push_to_hub:
+        raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
+    if arguments.run.overwrite_output_dir and output_dir is None:
+        raise FinetuneInputError("--overwrite-output-dir goes with --output-dir.")
+    return MainJobSettings(
+        checkpoint=arguments.model.model,
+        rule_overrides=overrides,
+        paper_rule=arguments.rule.paper_rule,
+        hyperrule=arguments.rule.hyperrule,
+        trials=arguments.data.trials,
+        seed=arguments.training.seed,
+        output_dir=output_dir,
+        overwrite_output_dir=arguments.run.overwrite_output_dir,
+        per_class_accuracy=arguments.run.per_class_accuracy,
+        num_workers=arguments.training.dataloader_num_workers,
+        command=["bit-finetune", *argv],
+    )
+
+
+def main_job(arguments: Arguments, argv: Sequence[str]) -> None:
+    result = run_main_job(main_job_settings(arguments, argv))
+    if result.folder is not None and arguments.training.push_to_hub and PartialState().is_main_process:
+        repo_id = push_to_hub(
+            result.folder, arguments.training.hub_model_id, private=arguments.training.hub_private_repo
+        )
+        logger.info("Uploaded to the Hub as %s", repo_id)
+
+
+# --- A fine-tuning run on the user's data --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_local_loading(is_local: bool) -> Iterator[None]:
+    """`datasets` shows "Downloading data" and "Generating split" bars for a local folder too: nothing is
+    downloaded, so they are hidden there (a Hub dataset keeps its real download bars)."""
+    enabled = datasets.is_progress_bar_enabled()
+    if is_local:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def load_data(arguments: Arguments) -> data_module.ImageClassificationData:
+    data_args, seed = arguments.data, arguments.training.seed
+    if data_args.train_dir is not None:
+        with quiet_local_loading(True):
+            return data_module.load_image_folders(
+                data_args.train_dir,
+                data_args.validation_dir,
+                validation_fraction=data_args.validation_fraction,
+                seed=seed,
+            )
+    with quiet_local_loading(Path(data_args.dataset).exists()):
+        return data_module.load_hub_dataset(
+            data_args.dataset,
+            data_args.dataset_config,
+            image_column=data_args.image_column,
+            label_column=data_args.label_column,
+            train_split=data_args.train_split,
+            validation_split=data_args.validation_split,
+            streaming=data_args.streaming,
+            validation_fraction=data_args.validation_fraction,
+            seed=seed,
+        )
+
+
+def make_job(arguments: Arguments, argv: Sequence[str]) -> FinetuneJob:
+    """The engine's job for a run on the user's data (the data loaded and checked)."""
+    check_arguments(arguments)
+    trainer_flags = sort_trainer_flags(arguments)
+    overrides = rule_overrides(arguments, trainer_flags)
+    return FinetuneJob(
+        model=arguments.model.model,
+        data=load_data(arguments),
+        from_scratch=arguments.model.from_scratch,
+        hyperrule=arguments.rule.hyperrule,
+        large_resolution=LARGE_IMAGE_RESOLUTION_BIT_L if arguments.rule.bit_l_resolution else None,
+        rule_overrides=overrides,
+        gradient_accumulation_steps=trainer_flags.gradient_accumulation_steps,
+        examples_per_class=arguments.data.examples_per_class,
+        trials=arguments.data.trials or 1,
+        seed=arguments.training.seed,
+        output_dir=arguments.training.output_dir,
+        training=trainer_flags.training,
+        resume=trainer_flags.resume,
+        overwrite_output_dir=arguments.run.overwrite_output_dir,
+        per_class_accuracy=arguments.run.per_class_accuracy,
+        command=["bit-finetune", *argv],
+    )
+
+
+def finetune_on_user_data(
+    arguments: Arguments, argv: Sequence[str], callbacks: Sequence[TrainerCallback] = ()
+) -> FinetuneResult:
+    """Fine-tune on the user's data; report, and upload the folder from the main process when asked."""
+    job = make_job(arguments, argv)
+    # Reading the output folder before the data is loaded would be cheaper, but the run's signature names the
+    # data: the engine checks both before anything is written.
+    result = run_finetuning(job, callbacks=callbacks)
+    if PartialState().is_main_process:
+        report(result)
+        if arguments.training.push_to_hub:
+            repo_id = push_to_hub(
+                result.folder, arguments.training.hub_model_id, private=arguments.training.hub_private_repo
+            )
+            logger.info("Uploaded to the Hub as %s", repo_id)
+    return result
+
+
+def report(result: FinetuneResult) -> None:
+    eval_results = result.eval_results
+    if result.unreadable_images:
+        logger.info(
+            "Skipped %d unreadable image(s): %s", len(result.unreadable_images), ", ".join(result.unreadable_images)
+        )
+    accuracy = eval_results["eval_accuracy"]
+    trials = len(result.trials)
+    top_5 = eval_results.get("eval_top_5_accuracy")
+    if trials > 1:
+        logger.info(
+            "Accuracy over %d trials: median %.4f (min %.4f, max %.4f).",
+            trials,
+            accuracy,
+            eval_results["eval_accuracy_min"],
+            eval_results["eval_accuracy_max"],
+        )
+        which = "the median" if trials % 2 else "the lower of the two middle ones, whose mean is the median"
+        logger.info(
+            "Saved the model of trial %d of %d: accuracy %.4f, %s%s.",
+            result.saved_trial,
+            trials,
+            eval_results["eval_accuracy_saved_trial"],
+            which,
+            f"; its top-5 accuracy {top_5:.4f}" if top_5 is not None else "",
+        )
+    else:
+        logger.info("Accuracy %.4f.", accuracy)
+        if top_5 is not None:
+            logger.info("Top-5 accuracy %.4f.", top_5)
+    if result.folder is not None:
+        logger.info("Saved the fine-tuned model in %s", result.folder)
+
+
+# --- Entry point ----------------------------------------------------------------------------------------
 
 
 class _StdoutHandler(logging.Handler):
@@ -246,13 +911,13 @@ class _StdoutHandler(logging.Handler):
 
 
 def configure_logging() -> None:
-    """Our messages (the "finetune" loggers) as plain lines on stdout."""
+    """Our messages (the "finetune" loggers) as plain lines on stdout, from the main process only."""
     handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("finetune")
     if not package_logger.handlers:
         package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    package_logger.setLevel(logging.INFO if PartialState().is_main_process else logging.WARNING)
     package_logger.propagate = False
 
 
@@ -260,387 +925,31 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     """Entry point of `bit-finetune`; returns the exit status (2: bad input, 3: saved but not uploaded,
     130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    arguments = parse_arguments(argv)
     configure_logging()
-    model_args, data_args, rule_args, run_args = arguments
+    main_process = PartialState().is_main_process
     try:
-        if data_args.train_dir is None and data_args.dataset is None:
-            from .main_job import run_main_job
-
-            run_main_job(model_args, data_args, rule_args, run_args, argv)
+        arguments = parse_arguments(argv)
+        if arguments.data.train_dir is None and arguments.data.dataset is None:
+            main_job(arguments, argv)
         else:
-            run_finetuning(model_args, data_args, rule_args, run_args, argv, callbacks=callbacks)
+            finetune_on_user_data(arguments, argv, callbacks=callbacks)
     except FinetuneInputError as error:
-        print(f"bit-finetune: error: {error}", file=sys.stderr)
+        if main_process:
+            print(f"bit-finetune: error: {error}", file=sys.stderr)
         return 2
     except HubUploadError as error:
         print(f"bit-finetune: error: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(
-            "bit-finetune: interrupted. A fine-tuning run keeps its last checkpoint in OUTPUT_DIR/checkpoints: "
-            "run the same command with --resume to continue it.",
-            file=sys.stderr,
-        )
+        if main_process:
+            print(
+                "bit-finetune: interrupted. A fine-tuning run keeps its last checkpoint in OUTPUT_DIR/checkpoints: "
+                "run the same command with --resume to continue it.",
+                file=sys.stderr,
+            )
         return 130
     return 0
 
 
-# --- A fine-tuning run on the user's data ---------------------------------------------------------
-
-
-def check_arguments(model_args, data_args, rule_args, run_args) -> None:
-    """Combinations that cannot work, refused before anything is loaded."""
-    if data_args.train_dir is not None and data_args.dataset is not None:
-        raise FinetuneInputError("Give either --train-dir (an image folder) or --dataset (a datasets name), not both.")
-    if data_args.validation_dir is not None and data_args.train_dir is None:
-        raise FinetuneInputError("--validation-dir goes with --train-dir; with --dataset use --validation-split.")
-    if data_args.dataset_config is not None and data_args.dataset is None:
-        raise FinetuneInputError("--dataset-config goes with --dataset.")
-    if data_args.streaming and data_args.dataset is None:
-        raise FinetuneInputError("--streaming goes with --dataset (image folders are read from disk).")
-    if model_args.model is None:
-        raise FinetuneInputError("--model is required with your own data (a folder, Hub id or published BiT name).")
-    if run_args.output_dir is None:
-        raise FinetuneInputError("--output-dir is required with your own data.")
-    if data_args.trials is not None and data_args.trials < 1:
-        raise FinetuneInputError(f"--trials {data_args.trials}: expected at least 1.")
-    for flag, value, least in (
-        ("--seed", run_args.seed, 0),
-        ("--num-workers", run_args.num_workers, 0),
-        ("--save-steps", run_args.save_steps, 1),
-    ):
-        if value is not None and value < least:
-            raise FinetuneInputError(f"{flag} {value}: expected an integer of at least {least}.")
-    if run_args.hub_model_id is not None and not run_args.push_to_hub:
-        raise FinetuneInputError("--hub-model-id goes with --push-to-hub.")
-    if rule_args.paper_rule:
-        raise FinetuneInputError(
-            "--paper-rule belongs to the main job (it drops the job's CPU-sized override); a run on your data already "
-            "uses BiT-HyperRule unmodified, except the fields you override."
-        )
-    if run_args.resume and run_args.overwrite_output_dir:
-        raise FinetuneInputError(
-            "--resume continues the run in --output-dir, --overwrite-output-dir starts over: give one."
-        )
-    dataset_only = given_flags(data_args, ("image_column", "label_column", "train_split", "validation_split"))
-    if data_args.train_dir is not None and dataset_only:
-        raise FinetuneInputError(f"{', '.join(dataset_only)} go(es) with --dataset, not with --train-dir.")
-    if data_args.validation_dir is not None and given_flags(data_args, ("validation_fraction",)):
-        raise FinetuneInputError(
-            "--validation-fraction holds out part of the training set; with --validation-dir nothing is held out."
-        )
-
-
-def given_flags(arguments, names: Sequence[str]) -> list[str]:
-    """The command-line flags among the fields `names` of `arguments` that differ from their defaults."""
-    defaults = {field.name: field.default for field in dataclasses.fields(arguments)}
-    return [f"--{name.replace('_', '-')}" for name in names if getattr(arguments, name) != defaults[name]]
-
-
-def check_output_dir(output_dir: Path, run_args, run_record: dict) -> None:
-    """Refuse to overwrite what --output-dir holds unless asked; on --resume, refuse different arguments.
-    Reads only: nothing is written or removed until the whole input has been checked."""
-    run_file = output_dir / WORK_DIR_NAME / RUN_FILE_NAME
-    replace = "pass --overwrite-output-dir to replace it, or choose another --output-dir"
-    if run_file.is_file() and not run_args.overwrite_output_dir:
-        if not run_args.resume:
-            raise FinetuneInputError(
-                f"{output_dir} holds an unfinished run ({run_file.parent}); pass --resume to continue it, or "
-                "--overwrite-output-dir to start over."
-            )
-        try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, ValueError) as error:
-            raise FinetuneInputError(
-                f"{run_file} is not readable ({error}); the unfinished run cannot be resumed: pass "
-                "--overwrite-output-dir to start over."
-            ) from error
-        changed = sorted(
-            key
-            for key in set(previous) | set(run_record)
-            if key not in RESUME_MAY_CHANGE and previous.get(key) != run_record.get(key)
-        )
-        if changed:
-            raise FinetuneInputError(
-                f"--resume continues the run in {output_dir} with its own arguments, but these differ: "
-                + ", ".join(f"{key} (was {previous.get(key)!r}, now {run_record.get(key)!r})" for key in changed)
-            )
-        return
-    nearest_existing = next(path for path in (output_dir, *output_dir.absolute().parents) if path.exists())
-    if not nearest_existing.is_dir():
-        raise FinetuneInputError(
-            f"--output-dir {output_dir}: {nearest_existing} is a file; expected a folder (new or empty)."
-        )
-    if run_args.overwrite_output_dir or not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return
-    if is_finished_folder(output_dir):
-        raise FinetuneInputError(f"{output_dir} already holds a fine-tuned model (a finished run); {replace}.")
-    raise FinetuneInputError(f"{output_dir} exists and is not empty; {replace}.")
-
-
-def start_run(work_dir: Path, run_args, run_record: dict) -> None:
-    """Record the run's arguments (what --resume compares against) before its first training step; with
-    --overwrite-output-dir an earlier unfinished run is discarded first. The main process writes; the others
-    wait for it, so none of them trains into a folder being removed."""
-    state = PartialState()
-    run_file = work_dir / RUN_FILE_NAME
-    if state.is_main_process and (run_args.overwrite_output_dir or not run_file.is_file()):
-        if work_dir.exists():
-            shutil.rmtree(work_dir)
-        atomic_write_json(run_file, run_record)
-    state.wait_for_everyone()
-
-
-def load_data(data_args, run_args) -> data_module.ImageClassificationData:
-    if data_args.train_dir is not None:
-        return data_module.load_image_folders(
-            data_args.train_dir,
-            data_args.validation_dir,
-            validation_fraction=data_args.validation_fraction,
-            seed=run_args.seed,
-        )
-    return data_module.load_hub_dataset(
-        data_args.dataset,
-        data_args.dataset_config,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        train_split=data_args.train_split,
-        validation_split=data_args.validation_split,
-        streaming=data_args.streaming,
-        validation_fraction=data_args.validation_fraction,
-        seed=run_args.seed,
-    )
-
-
-def training_set_size(data: data_module.ImageClassificationData, data_args, rule_args) -> int:
-    """Examples one trial trains on: K x classes for few-shot, the training split otherwise."""
-    if data_args.examples_per_class is not None:
-        return data_args.examples_per_class * data.num_classes
-    if not data.streaming:
-        return len(data.train)
-    if rule_args.dataset_size is not None:
-        return rule_args.dataset_size
-    split = (data.train.info.splits or {}).get(data_args.train_split)
-    if split is None or not split.num_examples:
-        raise FinetuneInputError(
-            "The stream does not declare its number of examples, which BiT-HyperRule's schedule depends on; "
-            "pass --dataset-size N."
-        )
-    return split.num_examples
-
-
-def load_trial_result(trial_dir: Path) -> RunResult | None:
-    path = trial_dir / TRIAL_RESULT_FILE_NAME
-    return RunResult(**json.loads(path.read_text())) if path.is_file() else None
-
-
-def run_finetuning(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    rule_args: HyperRuleArguments,
-    run_args: RunArguments,
-    argv: Sequence[str],
-    callbacks: Sequence[TrainerCallback] = (),
-) -> Path:
-    """Fine-tune on the user's data with BiT-HyperRule; write and optionally upload the output folder.
-
-    Every input (arguments, output folder, data, model, the rule, the evaluation images) is checked before
-    anything is written; in a multi-process run only the main process writes the folder and uploads it.
-    """
-    check_arguments(model_args, data_args, rule_args, run_args)
-    output_dir = Path(run_args.output_dir)
-    work_dir = output_dir / WORK_DIR_NAME
-    run_record = {
-        name: value
-        for arguments in (model_args, data_args, rule_args, run_args)
-        for name, value in dataclasses.asdict(arguments).items()
-    }
-    check_output_dir(output_dir, run_args, run_record)
-    data, rule, model = plan_run(model_args, data_args, rule_args, run_args)
-    eval_dataset, eval_unreadable = evaluation_inputs(data.eval, rule.crop, num_workers=run_args.num_workers)
-    if run_args.resume and (work_dir / RUN_FILE_NAME).is_file():
-        logger.info("Resuming the run in %s.", output_dir)
-    elif run_args.resume:
-        logger.info("Nothing to resume in %s; starting the run.", output_dir)
-
-    def begin() -> None:
-        start_run(work_dir, run_args, run_record)
-
-    results = run_trials(
-        model, data, rule, (eval_dataset, eval_unreadable), model_args, data_args, run_args, work_dir, begin, callbacks
-    )
-    if not PartialState().is_main_process:
-        return output_dir
-    saved = median_trial([result.accuracy for result in results])
-    eval_results, unreadable = assemble_output(
-        output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv
-    )
-    report(output_dir, eval_results, unreadable, saved)
-    if run_args.push_to_hub:
-        logger.info("Uploaded to the Hub as %s", push_to_hub(output_dir, run_args.hub_model_id))
-    return output_dir
-
-
-def plan_run(model_args, data_args, rule_args, run_args):
-    """(data, BiT-HyperRule for it with the micro-batch chosen, the first trial's model); nothing written yet."""
-    data = load_data(data_args, run_args)
-    data_module.check_classes(data)
-    if data_args.examples_per_class is not None:
-        data_module.few_shot_subset(data, data_args.examples_per_class, run_args.seed)  # K too large fails here
-    for announcement in data.announcements:
-        logger.info(announcement)
-    overrides = rule_args.overrides()
-    num_train = training_set_size(data, data_args, rule_args)
-    if "median_image_area" in overrides:
-        area = overrides["median_image_area"]
-    else:
-        area, measured = data_module.median_image_area(data.train, seed=run_args.seed)
-        logger.info("Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
-    rule = BitHyperRule.from_dataset(num_train, area, large_resolution=rule_args.large_resolution, **overrides)
-    state = PartialState()
-    model = load_model_for_labels(
-        model_args.model, data.label_names, from_scratch=model_args.from_scratch, seed=run_args.seed
-    )
-    if rule.micro_batch_size is None:
-        micro = choose_micro_batch_size(
-            model, rule.crop, rule.batch_size, state.device, world_size=state.num_processes
-        )
-        rule = rule.with_micro_batch_size(micro)
-    rule.gradient_accumulation_steps(state.num_processes)  # a batch the micro-batches cannot make fails here
-    logger.info(rule.describe(world_size=state.num_processes))
-    warning = mixup_micro_batch_warning(rule.mixup_alpha, rule.micro_batch_size)
-    if warning:
-        logger.warning(warning)
-    return data, rule, model
-
-
-def run_trials(
-    model, data, rule, evaluation, model_args, data_args, run_args, work_dir, begin, callbacks
-) -> list[RunResult]:
-    """Train and evaluate every trial not finished yet (trial n, from 1, in work_dir/trial-n, resumable).
-
-    `model` is trial 1's (already loaded); `evaluation` is (evaluation dataset, its unreadable images);
-    `begin()` is called once, before the first training step.
-    """
-    trials = data_args.trials or 1
-    begun = False
-    eval_dataset, eval_unreadable = evaluation
-    results: list[RunResult] = []
-    for trial in range(1, trials + 1):
-        trial_dir = work_dir / f"trial-{trial}"
-        finished = load_trial_result(trial_dir) if run_args.resume else None  # else start_run discards them
-        if finished is not None:
-            logger.info("Trial %d of %d already finished: accuracy %.4f.", trial, trials, finished.accuracy)
-            results.append(finished)
-            continue
-        seed = run_args.seed + trial - 1
-        train = data.train
-        if data_args.examples_per_class is not None:
-            train = data_module.few_shot_subset(data, data_args.examples_per_class, seed).train
-        if model is None:
-            model = load_model_for_labels(
-                model_args.model, data.label_names, from_scratch=model_args.from_scratch, seed=seed
-            )
-        train_dataset, train_unreadable = training_inputs(train, rule, seed=seed, num_workers=run_args.num_workers)
-        if not begun:
-            begin()
-            begun = True
-        if trials > 1:
-            logger.info("Trial %d of %d (seed %d).", trial, trials, seed)
-        extra = {"save_steps": run_args.save_steps} if run_args.save_steps else {}
-        trainer, result = train_and_evaluate(
-            model,
-            rule,
-            train_dataset,
-            eval_dataset,
-            data.label_names,
-            output_dir=trial_dir,
-            seed=seed,
-            num_workers=run_args.num_workers,
-            resume=run_args.resume,
-            per_class_accuracy=run_args.per_class_accuracy,
-            callbacks=callbacks,
-            **extra,
-        )
-        model = None  # every trial starts from freshly loaded weights
-        result.unreadable_images = sorted(set(result.unreadable_images) | set(train_unreadable) | set(eval_unreadable))
-        trainer.save_model(str(trial_dir / "model"))
-        if trainer.is_world_process_zero():
-            atomic_write_json(trial_dir / TRIAL_RESULT_FILE_NAME, dataclasses.asdict(result))
-        logger.info("Trial %d of %d: accuracy %.4f.", trial, trials, result.accuracy)
-        results.append(result)
-    return results
-
-
-def assemble_output(output_dir, work_dir, saved, results, data, rule, model_args, data_args, argv):
-    """Write the output folder from trial `saved`'s model (numbered from 1); (its eval results, the
-    unreadable images). With trials, `eval_accuracy` is their median and the other eval metrics are the
-    saved trial's; `eval_accuracy_saved_trial` is its accuracy and `saved_trial` its number."""
-    chosen = results[saved - 1]
-    eval_results = dict(chosen.eval_metrics)
-    all_results = dict(chosen.train_metrics)
-    if len(results) > 1:
-        eval_results.update(trial_summary([result.accuracy for result in results]))
-        eval_results["eval_accuracy_saved_trial"] = chosen.accuracy
-        all_results["saved_trial"] = saved
-    unreadable = sorted({name for result in results for name in result.unreadable_images})
-    all_results.update(eval_results, unreadable_images=len(unreadable))
-    dataset_record = {
-        **data.source,
-        "num_train_examples": chosen.num_train_examples,
-        "num_eval_examples": chosen.num_eval_examples,
-        "num_classes": data.num_classes,
-        "examples_per_class": data_args.examples_per_class,
-        "trials": len(results),
-    }
-    finetune_args = {
-        "command": ["bit-finetune", *argv],
-        "model": model_args.model,
-        # A local folder wins over a Hub repo of the same name (from_pretrained), and a relative path reads like a
-        # Hub id: say which it was, so a model card links a Hub base model only when there is one.
-        "model_is_local_folder": Path(model_args.model).is_dir(),
-        "dataset": dataset_record,
-        "from_scratch": model_args.from_scratch,
-        "unreadable_images": unreadable,
-    }
-    write_output_folder(
-        output_dir,
-        work_dir / f"trial-{saved}" / "model",
-        rule,
-        eval_results=eval_results,
-        all_results=all_results,
-        finetune_args=finetune_args,
-        log_history=chosen.log_history,
-    )
-    return eval_results, unreadable
-
-
-def report(output_dir: Path, eval_results: dict, unreadable: list[str], saved: int) -> None:
-    if unreadable:
-        logger.info("Skipped %d unreadable image(s): %s", len(unreadable), ", ".join(unreadable))
-    accuracy = eval_results["eval_accuracy"]
-    trials = len(eval_results.get("eval_accuracy_trials", [accuracy]))
-    top_5 = eval_results.get("eval_top_5_accuracy")
-    if trials > 1:
-        logger.info(
-            "Accuracy over %d trials: median %.4f (min %.4f, max %.4f).",
-            trials,
-            accuracy,
-            eval_results["eval_accuracy_min"],
-            eval_results["eval_accuracy_max"],
-        )
-        which = "the median" if trials % 2 else "the lower of the two middle ones, whose mean is the median"
-        logger.info(
-            "Saved the model of trial %d of %d: accuracy %.4f, %s%s.",
-            saved,
-            trials,
-            eval_results["eval_accuracy_saved_trial"],
-            which,
-            f"; its top-5 accuracy {top_5:.4f}" if top_5 is not None else "",
-        )
-    else:
-        logger.info("Accuracy %.4f.", accuracy)
-        if top_5 is not None:
-            logger.info("Top-5 accuracy %.4f.", top_5)
-    logger.info("Saved the fine-tuned model in %s", output_dir)
+if __name__ == "__main__":
+    sys.exit(main())

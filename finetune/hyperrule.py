@@ -1,20 +1,26 @@
 """BiT-HyperRule: the one fine-tuning setting of BiT, derived from the dataset itself.
 
-Every number of the rule lives here, named, with its source: BIT_RECIPE.md "BiT-HyperRule", which
-summarises the BiT paper (Kolesnikov et al., "Large Scale Learning of General Visual Representations
-for Transfer", arXiv v1; later titled "Big Transfer (BiT)"): §2.2 "Transfer to Downstream Tasks" with its Table 1, §3.3 "Hyperparameter Details"
-(paragraph "Downstream Fine-Tuning"), §3.5 "Evaluation On Low-data Regime" (few-shot trials) and
-Appendix B (flips and crops for VTAB). That text calls the rule "BiT-hyperparam"; the later version of the
-paper and the released code call it BiT-HyperRule, the name used here.
-`BitHyperRule.from_dataset(dataset_size, median_image_area, **overrides)` computes
-the rule from the training-set size and the median image area; any field can be overridden, and the
-record lists which were. `choose_micro_batch_size` picks the per-device micro-batch so that gradient
-accumulation keeps the effective batch at the rule's 512 on a device that cannot hold it.
+Every number of the rule lives here, named, with its source: docs/recipe.md "BiT-HyperRule", which summarises
+the BiT paper (Kolesnikov et al.): §2.2 "Transfer to Downstream Tasks" with its Table 1, §3.3 "Hyperparameter
+Details" (paragraph "Downstream Fine-Tuning"), §3.5 "Evaluation On Low-data Regime" (few-shot trials) and
+Appendix B (flips and crops for VTAB), and the released code's `bit_hyperrule.py` where it differs. That text
+calls the rule "BiT-hyperparam"; the later version of the paper and the released code call it BiT-HyperRule,
+the name used here.
+
+Two variants (`--hyperrule`): "paper", the paper's text (decays at 30/60/90 % of the steps, 448/384 for large
+images), and "released", the released code's schedule (small tasks warm up 100 steps and decay at 200/300/400
+of 500) and resolution (512/480). `BitHyperRule.from_dataset(dataset_size, median_image_area, **overrides)`
+computes the rule from the training-set size and the median image area; any field can be overridden, and the
+record lists which were. `BitHyperRule.for_device` chooses the per-device micro-batch (the one place it is
+chosen) so that gradient accumulation keeps the effective batch at the rule's 512 on a device that cannot
+hold it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import math
 import os
@@ -24,13 +30,14 @@ from pathlib import Path
 import torch
 
 from modeling_bit.file_utils import atomic_write_json
+from modeling_bit.folder_layout import HYPERRULE_FILE
 from modeling_bit.modeling_bit import MIN_IMAGE_SIZE
 
 from .errors import FinetuneInputError
 
 logger = logging.getLogger(__name__)
 
-# --- The rule (BIT_RECIPE.md "BiT-HyperRule"; paper §2.2 Table 1 and §3.3 "Downstream Fine-Tuning") ---
+# --- The rule (docs/recipe.md "BiT-HyperRule"; paper §2.2 Table 1 and §3.3 "Downstream Fine-Tuning") ---
 # Optimizer: SGD, momentum 0.9, base learning rate 0.003, batch 512, no weight decay, no dropout.
 LEARNING_RATE = 0.003
 BATCH_SIZE = 512
@@ -46,12 +53,24 @@ LARGE_IMAGE_RESOLUTION_BIT_L = (512, 480)
 SMALL_TASK_EXAMPLES = 20_000
 MEDIUM_TASK_EXAMPLES = 500_000
 STEPS = {"small": 500, "medium": 10_000, "large": 20_000}
-# Linear warmup, released code (BIT_RECIPE.md; the paper gives no fine-tuning warmup): 100 steps for small
-# tasks, 500 otherwise.
+# Linear warmup, from the released code (the paper gives no fine-tuning warmup): 100 steps for small tasks,
+# 500 otherwise; both variants warm up so.
 WARMUP_STEPS = {"small": 100, "medium": 500, "large": 500}
-# Then the learning rate is multiplied by 0.1 at 30%, 60% and 90% of the steps (§3.3).
+# The paper's text: the learning rate is multiplied by 0.1 at 30%, 60% and 90% of the steps (§3.3).
 DECAY_FRACTIONS = (0.3, 0.6, 0.9)
 DECAY_FACTOR = 0.1
+# The released code (`bit_hyperrule.get_schedule`): [warmup, decay 1, decay 2, decay 3, end] per regime. For
+# small tasks the decays sit at 40/60/80 % instead of 30/60/90 %; medium and large tasks decay as the paper
+# says. (Its `get_lr` divides once the step has passed a boundary, one step later than "at" it; here every
+# variant decays once the boundary's steps are done.)
+RELEASED_SCHEDULES = {
+    "small": (100, 200, 300, 400, 500),
+    "medium": (500, 3000, 6000, 9000, 10_000),
+    "large": (500, 6000, 12_000, 18_000, 20_000),
+}
+# `--hyperrule`: the paper's text, or the released code's schedule and resolution.
+PAPER, RELEASED = "paper", "released"
+HYPERRULE_VARIANTS = (PAPER, RELEASED)
 # MixUp with alpha 0.1 for tasks with >= 20k examples (medium and large), none below (§3.3, Table 1).
 MIXUP_ALPHA = 0.1
 MIXUP_MIN_EXAMPLES = SMALL_TASK_EXAMPLES
@@ -73,7 +92,7 @@ LEARNING_RATE_REFERENCE_BATCH = BATCH_SIZE
 # Images whose sizes are read (from the file headers, nothing decoded) to estimate the median area.
 IMAGE_SIZE_SAMPLE = 1000
 
-HYPERRULE_FILE_NAME = "bit_hyperrule.json"
+HYPERRULE_FILE_NAME = HYPERRULE_FILE
 
 
 def task_regime(dataset_size: int) -> str:
@@ -123,12 +142,26 @@ AUGMENTATION_FIELDS = ("random_crop", "horizontal_flip")
 OVERRIDABLE_FIELDS = (*RECORD_FIELDS, *AUGMENTATION_FIELDS, "momentum", "weight_decay")
 
 
+def variant_schedule(variant: str, regime: str, steps: int) -> tuple[int, tuple[int, ...]]:
+    """(warmup steps, decay steps) of a rule variant for a run of `steps` steps in `regime`.
+
+    A run shorter or longer than the regime's own keeps the variant's shape: the warmup and the decays stay at
+    the same fractions of the run.
+    """
+    scale = steps / STEPS[regime]
+    if variant == RELEASED:
+        warmup, *decays, _end = RELEASED_SCHEDULES[regime]
+        return round(warmup * scale), tuple(max(1, round(boundary * scale)) for boundary in decays)
+    return round(WARMUP_STEPS[regime] * scale), tuple(max(1, round(fraction * steps)) for fraction in DECAY_FRACTIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class BitHyperRule:
     """The BiT-HyperRule fine-tuning setting for one dataset.
 
     Build it with `from_dataset`; `overrides` names the fields that were given rather than derived.
-    `micro_batch_size` is None until a device is chosen (`with_micro_batch_size`).
+    `micro_batch_size` is None until a device is chosen (`for_device` or `with_micro_batch_size`), which also
+    records the number of `processes` the batch is split across.
     """
 
     dataset_size: int
@@ -147,6 +180,8 @@ class BitHyperRule:
     momentum: float = SGD_MOMENTUM
     weight_decay: float = WEIGHT_DECAY
     decay_factor: float = DECAY_FACTOR
+    variant: str = PAPER
+    processes: int = 1
     overrides: tuple[str, ...] = ()
     learning_rate_reason: str = ""
 
@@ -156,16 +191,20 @@ class BitHyperRule:
         num_examples: int,
         median_area: float,
         *,
-        large_resolution: tuple[int, int] = LARGE_IMAGE_RESOLUTION,
+        variant: str = PAPER,
+        large_resolution: tuple[int, int] | None = None,
         **overrides,
     ) -> BitHyperRule:
         """The rule for a training set of `num_examples` examples whose median image area is `median_area`.
 
-        `overrides` are fields of the rule (`steps=100`, `precrop=40`, `crop=32`, `batch_size=64`, ...);
-        None values are ignored. Derived fields follow the overridden ones: with `steps` overridden the
-        warmup keeps the rule's fraction of the schedule and the decays stay at 30/60/90%; with
+        `variant` is "paper" or "released" (see the module docstring); `large_resolution` replaces the variant's
+        (precrop, crop) for large images. `overrides` are fields of the rule (`steps=100`, `precrop=40`,
+        `crop=32`, `batch_size=64`, ...); None values are ignored. Derived fields follow the overridden ones:
+        with `steps` overridden the warmup and the decays keep the variant's fractions of the schedule; with
         `batch_size` overridden and no `learning_rate`, the rate is scaled linearly with the batch.
         """
+        if variant not in HYPERRULE_VARIANTS:
+            raise FinetuneInputError(f"hyperrule={variant!r}: expected one of {', '.join(HYPERRULE_VARIANTS)}.")
         unknown = sorted(set(overrides) - set(OVERRIDABLE_FIELDS))
         if unknown:
             raise FinetuneInputError(
@@ -177,10 +216,13 @@ class BitHyperRule:
         if dataset_size < 1:
             raise FinetuneInputError(f"dataset_size={dataset_size}: the training set is empty.")
         regime = task_regime(dataset_size)
+        if large_resolution is None:
+            large_resolution = LARGE_IMAGE_RESOLUTION_BIT_L if variant == RELEASED else LARGE_IMAGE_RESOLUTION
         precrop, crop = resolution_for_area(median_image_area, large_resolution)
         steps = int(given.get("steps", STEPS[regime]))
-        # The released warmup is a fixed fraction of each regime's schedule (100/500, 500/10k, 500/20k).
-        warmup_steps = round(steps * WARMUP_STEPS[regime] / STEPS[regime])
+        if steps < 1:
+            raise FinetuneInputError(f"steps={steps}: expected a positive integer.")
+        warmup_steps, decay_steps = variant_schedule(variant, regime, steps)
         batch_size = int(given.get("batch_size", BATCH_SIZE))
         if "learning_rate" in given:
             learning_rate = float(given["learning_rate"])
@@ -188,9 +230,9 @@ class BitHyperRule:
         elif batch_size != LEARNING_RATE_REFERENCE_BATCH:
             learning_rate = LEARNING_RATE * batch_size / LEARNING_RATE_REFERENCE_BATCH
             reason = (
-                f"{learning_rate:g} = {LEARNING_RATE:g} x {batch_size}/{LEARNING_RATE_REFERENCE_BATCH}: the rule's rate is "
-                f"for batch {LEARNING_RATE_REFERENCE_BATCH}; scaled linearly with the batch as the BiT paper scales "
-                "its upstream learning rate with batch size (§3.3, after Goyal et al.)"
+                f"{learning_rate:g} = {LEARNING_RATE:g} x {batch_size}/{LEARNING_RATE_REFERENCE_BATCH}: the rule's "
+                f"rate is for batch {LEARNING_RATE_REFERENCE_BATCH}; scaled linearly with the batch as the BiT paper "
+                "scales its upstream learning rate with batch size (§3.3, after Goyal et al.)"
             )
         else:
             learning_rate = LEARNING_RATE
@@ -202,9 +244,7 @@ class BitHyperRule:
             crop=int(given.get("crop", crop)),
             steps=steps,
             warmup_steps=int(given.get("warmup_steps", warmup_steps)),
-            decay_steps=tuple(
-                int(s) for s in given.get("decay_steps", [max(1, round(f * steps)) for f in DECAY_FRACTIONS])
-            ),
+            decay_steps=tuple(int(step) for step in given.get("decay_steps", decay_steps)),
             mixup_alpha=float(given.get("mixup_alpha", MIXUP_ALPHA if dataset_size >= MIXUP_MIN_EXAMPLES else 0.0)),
             learning_rate=learning_rate,
             batch_size=batch_size,
@@ -213,6 +253,7 @@ class BitHyperRule:
             horizontal_flip=bool(given.get("horizontal_flip", True)),
             momentum=float(given.get("momentum", SGD_MOMENTUM)),
             weight_decay=float(given.get("weight_decay", WEIGHT_DECAY)),
+            variant=variant,
             overrides=tuple(name for name in OVERRIDABLE_FIELDS if name in given),
             learning_rate_reason=reason,
         )
@@ -221,7 +262,7 @@ class BitHyperRule:
 
     def validate(self) -> None:
         """Raise `FinetuneInputError` naming the first field whose value cannot be trained with."""
-        for name in ("precrop", "crop", "steps", "batch_size"):
+        for name in ("precrop", "crop", "steps", "batch_size", "processes"):
             if getattr(self, name) < 1:
                 raise FinetuneInputError(f"{name}={getattr(self, name)}: expected a positive integer.")
         if self.crop < MIN_IMAGE_SIZE:
@@ -244,7 +285,8 @@ class BitHyperRule:
             )
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise FinetuneInputError(
-                f"momentum={self.momentum}, weight_decay={self.weight_decay}: expected 0 <= momentum < 1, weight_decay >= 0."
+                f"momentum={self.momentum}, weight_decay={self.weight_decay}: expected 0 <= momentum < 1, "
+                "weight_decay >= 0."
             )
         if self.mixup_alpha < 0:
             raise FinetuneInputError(f"mixup_alpha={self.mixup_alpha}: expected >= 0 (0 turns MixUp off).")
@@ -252,44 +294,61 @@ class BitHyperRule:
             raise FinetuneInputError(f"learning_rate={self.learning_rate}: expected > 0.")
         if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
             raise FinetuneInputError(
-                f"micro_batch_size={self.micro_batch_size}: expected 1 <= micro_batch_size <= batch_size={self.batch_size}."
+                f"micro_batch_size={self.micro_batch_size}: expected 1 <= micro_batch_size <= "
+                f"batch_size={self.batch_size}."
             )
 
     @property
     def regime(self) -> str:
         return task_regime(self.dataset_size)
 
-    def with_micro_batch_size(self, micro_batch_size: int) -> BitHyperRule:
-        """This rule with a chosen micro-batch (not an override: the effective batch is unchanged)."""
-        rule = dataclasses.replace(self, micro_batch_size=int(micro_batch_size))
+    def with_micro_batch_size(self, micro_batch_size: int, processes: int = 1) -> BitHyperRule:
+        """This rule with a chosen micro-batch on each of `processes` processes (not an override: the effective
+        batch is unchanged); a batch the micro-batches cannot make is refused."""
+        rule = dataclasses.replace(self, micro_batch_size=int(micro_batch_size), processes=int(processes))
         rule.validate()
+        rule.gradient_accumulation_steps()
         return rule
 
-    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
-        """Micro-batches per optimizer step on each of `world_size` processes, so the batch is `batch_size`."""
+    def for_device(self, model: torch.nn.Module, device: torch.device | str, processes: int = 1) -> BitHyperRule:
+        """This rule on `processes` processes of `device`: the given micro-batch, or the largest divisor of
+        the per-process batch whose training step of `model` fits the device (`choose_micro_batch_size`)."""
+        micro = self.micro_batch_size
+        if micro is None:
+            micro = choose_micro_batch_size(model, self.crop, self.batch_size, device, world_size=processes)
+        return self.with_micro_batch_size(micro, processes)
+
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each of the `processes` processes, so the batch is `batch_size`."""
         if self.micro_batch_size is None:
-            raise FinetuneInputError("The micro-batch size is not chosen yet (BitHyperRule.with_micro_batch_size).")
-        per_step = self.micro_batch_size * world_size
+            raise FinetuneInputError("The micro-batch size is not chosen yet (BitHyperRule.for_device).")
+        per_step = self.micro_batch_size * self.processes
         if self.batch_size % per_step:
             raise FinetuneInputError(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size} x "
-                f"{world_size} process(es); choose a micro-batch that divides {self.batch_size // math.gcd(self.batch_size, world_size)}."
+                f"{self.processes} process(es); choose a micro-batch that divides "
+                f"{self.batch_size // math.gcd(self.batch_size, self.processes)}."
             )
         return self.batch_size // per_step
 
     def to_dict(self) -> dict:
-        """The `bit_hyperrule.json` record: the named fields, then SGD's constants and the overridden names."""
+        """The `bit_hyperrule.json` record: the named fields, the augmentation, SGD's constants, the variant,
+        how the batch is split (once the micro-batch is chosen) and the overridden names."""
         record = {name: getattr(self, name) for name in RECORD_FIELDS}
         record["decay_steps"] = list(self.decay_steps)
         for name in AUGMENTATION_FIELDS:
             record[name] = getattr(self, name)
         record["momentum"] = self.momentum
         record["weight_decay"] = self.weight_decay
+        record["hyperrule"] = self.variant
+        if self.micro_batch_size is not None:
+            record["processes"] = self.processes
+            record["gradient_accumulation_steps"] = self.gradient_accumulation_steps()
         record["overrides"] = list(self.overrides)
         return record
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return atomic_write_json(Path(folder) / HYPERRULE_FILE_NAME, self.to_dict())
+        return atomic_write_json(Path(folder) / HYPERRULE_FILE, self.to_dict())
 
     def differences_from(self, reference: BitHyperRule) -> dict[str, tuple]:
         """{field: (this value, reference value)} for the record fields that differ."""
@@ -297,15 +356,16 @@ class BitHyperRule:
         fields = (*RECORD_FIELDS, *AUGMENTATION_FIELDS)
         return {name: (mine[name], theirs[name]) for name in fields if mine[name] != theirs[name]}
 
-    def describe(self, world_size: int = 1) -> str:
+    def describe(self) -> str:
         """Human-readable summary, one line per decision, overridden fields marked."""
 
         def mark(*names):
             return " (override)" if any(name in self.overrides for name in names) else ""
 
+        area_side = "<" if self.median_image_area < SMALL_IMAGE_AREA else ">="
         lines = [
-            f"BiT-HyperRule for {self.dataset_size:,} training examples ({self.regime} task), median image area "
-            f"{self.median_image_area:,.0f} px ({'<' if self.median_image_area < SMALL_IMAGE_AREA else '>='} 96x96):",
+            f"BiT-HyperRule ({self.variant}) for {self.dataset_size:,} training examples ({self.regime} task), "
+            f"median image area {self.median_image_area:,.0f} px ({area_side} 96x96):",
             (
                 f"  resolution  resize {self.precrop}, random crop {self.crop}; test: resize {self.crop}"
                 if self.random_crop
@@ -326,9 +386,11 @@ class BitHyperRule:
         ]
         batch = f"  batch       {self.batch_size}{mark('batch_size')}"
         if self.micro_batch_size is not None:
-            accumulation = self.gradient_accumulation_steps(world_size)
-            processes = f" x {world_size} processes" if world_size > 1 else ""
-            batch += f" = micro-batch {self.micro_batch_size}{mark('micro_batch_size')}{processes} x {accumulation} accumulation step(s)"
+            processes = f" x {self.processes} processes" if self.processes > 1 else ""
+            batch += (
+                f" = micro-batch {self.micro_batch_size}{mark('micro_batch_size')}{processes} x "
+                f"{self.gradient_accumulation_steps()} accumulation step(s)"
+            )
         lines.append(batch)
         return "\n".join(lines)
 
@@ -361,8 +423,15 @@ def training_memory_per_example(model: torch.nn.Module, resolution: int) -> tupl
     """(bytes per example, fixed bytes) that a training step of `model` at `resolution` saves for backward.
 
     Measured on the meta device (nothing allocated): the tensors autograd saves for a batch of 1 and of
-    2 images; the difference is per example, the rest (e.g. standardized weights) is fixed.
+    2 images; the difference is per example, the rest (e.g. standardized weights) is fixed. The measurement
+    depends only on the architecture and the resolution, so it is made once per pair.
     """
+    return _saved_activation_bytes(type(model), model.config.to_json_string(use_diff=False), resolution)
+
+
+@functools.cache
+def _saved_activation_bytes(model_class: type, config_json: str, resolution: int) -> tuple[int, int]:
+    config = model_class.config_class.from_dict(json.loads(config_json))
 
     def saved_bytes(batch: int) -> int:
         total = 0
@@ -373,7 +442,7 @@ def training_memory_per_example(model: torch.nn.Module, resolution: int) -> tupl
             return tensor
 
         with torch.device("meta"):
-            probe = type(model)(model.config).train()
+            probe = model_class(config).train()
             pixel_values = torch.empty(batch, 3, resolution, resolution)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             probe(pixel_values=pixel_values).logits.sum()

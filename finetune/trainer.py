@@ -30,13 +30,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
-from .hyperrule import (
-    DECAY_FACTOR,
-    BitHyperRule,
-    choose_micro_batch_size,
-    learning_rate_multiplier,
-    mixup_micro_batch_warning,
-)
+from .hyperrule import DECAY_FACTOR, BitHyperRule, learning_rate_multiplier, mixup_micro_batch_warning
 from .preprocessing import HyperRuleTrainingStream
 
 logger = logging.getLogger(__name__)
@@ -63,18 +57,18 @@ class BitTrainingArguments(TrainingArguments):
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 turns it off."})
 
     @classmethod
-    def from_hyperrule(
-        cls, rule: BitHyperRule, output_dir: str, *, world_size: int = 1, **overrides
-    ) -> BitTrainingArguments:
-        """Training arguments that run `rule` (its micro-batch must be chosen); `overrides` are
-        further `TrainingArguments` fields (logging, saving, workers, seed, ...)."""
+    def from_hyperrule(cls, rule: BitHyperRule, output_dir: str, **overrides) -> BitTrainingArguments:
+        """Training arguments that run `rule` (its micro-batch must be chosen, `BitHyperRule.for_device`);
+        `overrides` are further `TrainingArguments` fields (precision, logging, saving, workers, seed, ...)."""
         micro_batch = rule.micro_batch_size
+        if micro_batch is None:
+            raise ValueError("The rule's micro-batch is not chosen yet: use BitHyperRule.for_device first.")
         values = {
             "output_dir": output_dir,
             "max_steps": rule.steps,
             "per_device_train_batch_size": micro_batch,
             "per_device_eval_batch_size": 2 * micro_batch,  # no activations kept for backward
-            "gradient_accumulation_steps": rule.gradient_accumulation_steps(world_size),
+            "gradient_accumulation_steps": rule.gradient_accumulation_steps(),
             "learning_rate": rule.learning_rate,
             "optim": "sgd",
             "optim_args": f"momentum={rule.momentum}",
@@ -180,14 +174,8 @@ class BitTrainer(Trainer):
             if hyperrule is None:
                 raise ValueError("BitTrainer needs `args` or a `hyperrule` to build them from.")
             state = PartialState()
-            if hyperrule.micro_batch_size is None:
-                micro = choose_micro_batch_size(
-                    model, hyperrule.crop, hyperrule.batch_size, state.device, world_size=state.num_processes
-                )
-                hyperrule = hyperrule.with_micro_batch_size(micro)
-            args = BitTrainingArguments.from_hyperrule(
-                hyperrule, output_dir or "bit-finetune-output", world_size=state.num_processes
-            )
+            hyperrule = hyperrule.for_device(model, state.device, state.num_processes)
+            args = BitTrainingArguments.from_hyperrule(hyperrule, output_dir or "bit-finetune-output")
         if args.remove_unused_columns:
             # Our batches carry `unreadable_images`, which column removal would strip from the examples.
             args.remove_unused_columns = False
@@ -201,7 +189,7 @@ class BitTrainer(Trainer):
         if warning:
             logger.warning(warning)
         self.unreadable_images: set[str] = set()
-        self.evaluated_examples = 0  # by the last evaluate(): readable examples, also for streams
+        self.evaluated_examples = 0  # by the last evaluate(): readable examples over all processes
         self._mixup_counter = (-1, 0)  # (optimizer step, micro-batches seen in it)
         super().__init__(model=model, args=args, **kwargs)
         # compute_loss returns the mean over its micro-batch; let the Trainer divide by the accumulation steps.
@@ -267,13 +255,14 @@ class BitTrainer(Trainer):
             loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 
-    def evaluate(self, *args, **kwargs) -> dict:
-        self.evaluated_examples = 0
-        return super().evaluate(*args, **kwargs)
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        # Gathered over all processes without the padding of uneven shards; unreadable images are not among them.
+        self.evaluated_examples = 0 if output.label_ids is None else len(output.label_ids)
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._take_unreadable(inputs)
         if inputs["pixel_values"].shape[0] == 0:
             return None, None, None
-        self.evaluated_examples += inputs["pixel_values"].shape[0]
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

@@ -38,20 +38,22 @@ from finetune.data import (
     median_image_area,
     stratified_split,
 )
+from finetune.engine import training_inputs
 from finetune.errors import FinetuneInputError
-from finetune.finetuning import training_inputs, write_output_folder
 from finetune.hyperrule import (
     BitHyperRule,
     choose_micro_batch_size,
     learning_rate_multiplier,
     training_memory_per_example,
 )
-from finetune.main_job import checkpoint_resolution, run_main_job
+from finetune.main_job import run_main_job
 from finetune.metrics import ClassificationMetrics
 from finetune.models import load_model_for_labels
+from finetune.output_folder import write_output_folder
 from finetune.preprocessing import DecodedImages, HyperRuleTrainingStream, ImageBatchCollator, preprocess
 from finetune.trainer import BitTrainer, BitTrainingArguments, mixup_lambda, mixup_permutation
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
+from modeling_bit.folder_layout import folder_resolution
 
 CONTRACT_FILES = (
     "config.json",
@@ -360,7 +362,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_clearly(tmp_path):
 )
 def test_main_job_reads_the_checkpoint_resolution_from_any_size_form(tmp_path, size, resolution):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
-    assert checkpoint_resolution(tmp_path) == resolution
+    assert folder_resolution(tmp_path) == resolution
 
 
 def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
@@ -681,7 +683,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoin
     assert cli.main([*run, "--output-dir", str(interrupted)]) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
     assert cli.main([*run, "--output-dir", str(interrupted), "--max-steps", "8", "--resume"]) == 2
-    assert "max_steps (was 6, now 8)" in capsys.readouterr().err
+    assert "steps (was 6, now 8)" in capsys.readouterr().err
 
     assert cli.main([*run, "--output-dir", str(interrupted), "--resume"]) == 0
     assert "Resuming from" in capsys.readouterr().out
@@ -938,7 +940,7 @@ def test_offline_push_fails_clearly_after_the_local_save(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     code = (
-        "from finetune.finetuning import push_to_hub, HubUploadError\n"
+        "from finetune.output_folder import push_to_hub, HubUploadError\n"
         f"try:\n    push_to_hub({str(tmp_path / 'model')!r}, 'someone/model')\n"
         "except HubUploadError as error:\n    print('CLEAR:', error)\n"
     )
@@ -986,9 +988,9 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
         ["--image-column", "img"],
     ):
         with pytest.raises(FinetuneInputError, match=f"{unused[0]}: not used by the main job"):
-            run_main_job(*cli.parse_arguments(unused), [])
+            cli.main_job_settings(cli.parse_arguments(unused), [])
     with pytest.raises(FinetuneInputError, match="already holds a fine-tuned model.*--overwrite-output-dir"):
-        run_main_job(*cli.parse_arguments(["--output-dir", str(output)]), [])
+        run_main_job(cli.main_job_settings(cli.parse_arguments(["--output-dir", str(output)]), []))
 
 
 @pytest.mark.parametrize(
@@ -1003,4 +1005,4 @@ def test_main_job_prints_transfer_vs_scratch_and_saves_the_full_set_model(tmp_pa
 def test_flags_a_run_would_ignore_are_refused(flags, message):
     arguments = cli.parse_arguments(["--model", "m", "--train-dir", "d", "--output-dir", "o", *flags])
     with pytest.raises(FinetuneInputError, match=re.escape(message)):
-        cli.check_arguments(*arguments)
+        cli.check_arguments(arguments)
