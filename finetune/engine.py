@@ -41,8 +41,8 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from modeling_bit.file_utils import atomic_write_json
 
-from . import data as data_module
 from .checkpoints import newest_complete_checkpoint
+from .data import ImageClassificationData, check_classes, few_shot_indices, label_array, median_image_area
 from .errors import FinetuneInputError
 from .hyperrule import PAPER, BitHyperRule, mixup_micro_batch_warning
 from .metrics import ClassificationMetrics
@@ -118,7 +118,7 @@ class FinetuneJob:
     """
 
     model: str
-    data: data_module.ImageClassificationData
+    data: ImageClassificationData
     from_scratch: bool = False
     hyperrule: str = PAPER
     large_resolution: tuple[int, int] | None = None
@@ -272,7 +272,7 @@ def training_set_size(job: FinetuneJob) -> int:
 def train_labels(train) -> np.ndarray:
     if isinstance(train, PreprocessedImages):
         return train.labels.numpy()
-    return data_module.label_array(train)
+    return label_array(train)
 
 
 def trial_training_pool(job: FinetuneJob, seed: int):
@@ -280,7 +280,7 @@ def trial_training_pool(job: FinetuneJob, seed: int):
     train = job.data.train
     if job.examples_per_class is None:
         return train
-    indices = data_module.few_shot_indices(train_labels(train), job.examples_per_class, seed, job.data.label_names)
+    indices = few_shot_indices(train_labels(train), job.examples_per_class, seed, job.data.label_names)
     return train.select(indices)
 
 
@@ -349,7 +349,7 @@ def plan_rule(job: FinetuneJob, model: torch.nn.Module) -> BitHyperRule:
     elif job.median_image_area is not None:
         area = job.median_image_area
     else:
-        area, measured = data_module.median_image_area(job.data.train, seed=job.seed)
+        area, measured = median_image_area(job.data.train, seed=job.seed)
         _log(job, "Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
     rule = BitHyperRule.from_dataset(
         training_set_size(job), area, variant=job.hyperrule, large_resolution=job.large_resolution, **overrides
@@ -379,12 +379,12 @@ def plan(job: FinetuneJob, model: torch.nn.Module | None = None) -> _Plan:
     the caller has loaded it), evaluation."""
     data = job.data
     if not isinstance(data.train, PreprocessedImages):  # prepared by the caller, who knows its classes
-        data_module.check_classes(data)
+        check_classes(data)
     if job.examples_per_class is not None and data.streaming:
         raise FinetuneInputError("--examples-per-class draws from the whole training set; drop --streaming.")
     if job.examples_per_class is not None:
         # A K larger than the smallest class fails here, before anything is written.
-        data_module.few_shot_indices(train_labels(data.train), job.examples_per_class, job.seed, data.label_names)
+        few_shot_indices(train_labels(data.train), job.examples_per_class, job.seed, data.label_names)
     for announcement in data.announcements:
         _log(job, announcement)
     if model is None:

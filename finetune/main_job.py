@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from modeling_bit.folder_layout import folder_resolution
 
-from . import data as data_module
+from .data import ImageClassificationData, from_images, median_image_area, split_off_validation
 from .engine import FinetuneJob, FinetuneResult, run_finetuning_jobs, trial_summary, write_result_folder
 from .errors import FinetuneInputError
 from .hyperrule import FEW_SHOT_TRIALS, LEARNING_RATE, PAPER, SMALL_IMAGE_RESOLUTION, BitHyperRule
@@ -88,7 +88,7 @@ def embedded_checkpoint() -> Path:
     return path
 
 
-def load_digits() -> data_module.ImageClassificationData:
+def load_digits() -> ImageClassificationData:
     """scikit-learn's digits as an image dataset (8-bit grayscale, 8x8), with a stratified test split."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
@@ -102,9 +102,9 @@ def load_digits() -> data_module.ImageClassificationData:
     pixels = np.round(digits.images * (255 / digits.images.max())).astype(np.uint8)  # 0..16 -> 0..255
     images = [Image.fromarray(image, mode="L") for image in pixels]
     label_names = [str(name) for name in digits.target_names]
-    dataset = data_module.from_images(images, digits.target.tolist(), label_names)
-    data = data_module.ImageClassificationData(dataset, dataset, label_names, {"name": "sklearn.datasets.load_digits"})
-    return data_module.split_off_validation(data, DIGITS_EVAL_FRACTION, seed=0)
+    dataset = from_images(images, digits.target.tolist(), label_names)
+    data = ImageClassificationData(dataset, dataset, label_names, {"name": "sklearn.datasets.load_digits"})
+    return split_off_validation(data, DIGITS_EVAL_FRACTION, seed=0)
 
 
 def main_job_overrides(checkpoint: Path, settings: MainJobSettings) -> dict:
@@ -196,7 +196,7 @@ def _run_main_job(checkpoint: Path, settings: MainJobSettings) -> MainJobResult:
     started = time.perf_counter()
     trials = settings.trials or FEW_SHOT_TRIALS
     data = load_digits()
-    area, _ = data_module.median_image_area(data.train)
+    area, _ = median_image_area(data.train)
     overrides = main_job_overrides(checkpoint, settings)
     paper_rule = BitHyperRule.from_dataset(len(data.train), area, variant=settings.hyperrule)
     full_rule = BitHyperRule.from_dataset(len(data.train), area, variant=settings.hyperrule, **overrides)
