@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
-from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .command_line import (
@@ -37,6 +36,7 @@ from .command_line import (
     sort_trainer_flags,
 )
 from .data import ImageClassificationData, load_hub_dataset, load_image_folders
+from .distributed import process_state
 from .engine import FinetuneJob, FinetuneResult, run_finetuning
 from .errors import FinetuneInputError
 from .hyperrule import LARGE_IMAGE_RESOLUTION_BIT_L
@@ -230,7 +230,7 @@ def main_job_settings(arguments: Arguments, argv: Sequence[str]) -> MainJobSetti
 
 def main_job(arguments: Arguments, argv: Sequence[str]) -> None:
     result = run_main_job(main_job_settings(arguments, argv))
-    if result.folder is not None and arguments.training.push_to_hub and PartialState().is_main_process:
+    if result.folder is not None and arguments.training.push_to_hub and process_state().is_main_process:
         repo_id = push_to_hub(
             result.folder, arguments.training.hub_model_id, private=arguments.training.hub_private_repo
         )
@@ -311,7 +311,7 @@ def finetune_on_user_data(
     # Reading the output folder before the data is loaded would be cheaper, but the run's signature names the
     # data: the engine checks both before anything is written.
     result = run_finetuning(job, callbacks=callbacks)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         report(result)
         if arguments.training.push_to_hub:
             repo_id = push_to_hub(
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     try:
         arguments = parse_arguments(argv)
         if arguments.data.train_dir is None and arguments.data.dataset is None:

@@ -18,11 +18,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import torch
-from accelerate import PartialState
 from transformers import HfArgumentParser, TrainingArguments
 
 from .data import DEFAULT_VALIDATION_FRACTION
+from .distributed import accelerator_available, process_state
 from .engine import DEFAULT_NUM_WORKERS
 from .errors import FinetuneInputError
 from .hyperrule import (
@@ -36,11 +35,6 @@ from .hyperrule import (
     PAPER,
     RELEASED_SCHEDULES,
 )
-
-
-def _accelerator_available() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
 
 # --- Arguments --------------------------------------------------------------------------------------
 
@@ -223,7 +217,7 @@ class FinetuneTrainingArguments(TrainingArguments):
     def __post_init__(self):
         # On a machine without an accelerator, mixed precision means CPU autocast: transformers asks for --use-cpu
         # for that, which is all there is here anyway.
-        if not self.use_cpu and not _accelerator_available():
+        if not self.use_cpu and not accelerator_available():
             self.use_cpu = True
         super().__post_init__()
 
@@ -621,5 +615,5 @@ def configure_logging() -> None:
     package_logger = logging.getLogger("finetune")
     if not package_logger.handlers:
         package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO if PartialState().is_main_process else logging.WARNING)
+    package_logger.setLevel(logging.INFO if process_state().is_main_process else logging.WARNING)
     package_logger.propagate = False

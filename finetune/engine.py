@@ -35,7 +35,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
@@ -43,6 +42,7 @@ from modeling_bit.file_utils import atomic_write_json
 
 from .checkpoints import newest_complete_checkpoint
 from .data import ImageClassificationData, check_classes, few_shot_indices, label_array, median_image_area
+from .distributed import process_state
 from .errors import FinetuneInputError
 from .hyperrule import PAPER, BitHyperRule, mixup_micro_batch_warning
 from .metrics import ClassificationMetrics
@@ -168,7 +168,7 @@ class FinetuneJob:
             "examples_per_class": self.examples_per_class,
             "trials": self.trials,
             "seed": self.seed,
-            "processes": PartialState().num_processes,
+            "processes": process_state().num_processes,
             "per_class_accuracy": self.per_class_accuracy,
         }
         # One entry per rule field and Trainer setting, so that a refused resume names each change.
@@ -354,7 +354,7 @@ def plan_rule(job: FinetuneJob, model: torch.nn.Module) -> BitHyperRule:
     rule = BitHyperRule.from_dataset(
         training_set_size(job), area, variant=job.hyperrule, large_resolution=job.large_resolution, **overrides
     )
-    state = PartialState()
+    state = process_state()
     if job.gradient_accumulation_steps is not None and rule.micro_batch_size is None:
         per_step = state.num_processes * job.gradient_accumulation_steps
         if rule.batch_size % per_step:
@@ -412,6 +412,8 @@ def trial_training_arguments(job: FinetuneJob, rule: BitHyperRule, trial_dir: Pa
         "dataloader_pin_memory": torch.cuda.is_available(),
         "save_strategy": "steps" if job.save_checkpoints else "no",
         "disable_tqdm": True,  # TrialProgress draws the bar
+        # Every parameter of a BiT classifier takes part in each forward pass; DDP need not look for unused ones.
+        "ddp_find_unused_parameters": False,
     }
     settings = {**defaults, **{key: value for key, value in job.training.items() if key != "dataloader_num_workers"}}
     if in_memory:
@@ -434,7 +436,7 @@ def train_trial(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[BitTrainer, TrialResult]:
     """Fine-tune `model` with `rule` (micro-batch chosen) and evaluate it; checkpoints in `trial_dir`."""
-    state = PartialState()
+    state = process_state()
     in_memory = isinstance(getattr(train_dataset, "source", None), PreprocessedImages)
     args = trial_training_arguments(job, rule, trial_dir, seed=seed, in_memory=in_memory)
     trainer = BitTrainer(
@@ -515,7 +517,7 @@ def _start_run(work_dir: Path, job: FinetuneJob, resuming: bool) -> None:
     """Record the run's signature (what --resume compares against) before its first training step; an earlier
     unfinished run is discarded first unless it is resumed. The main process writes; the others wait for it, so
     none of them trains into a folder being removed."""
-    state = PartialState()
+    state = process_state()
     if state.is_main_process and not resuming:
         if work_dir.exists():
             shutil.rmtree(work_dir)
@@ -528,7 +530,7 @@ def run_finetuning(
 ) -> FinetuneResult:
     """Run every trial of `job` (resumable), assemble its output folder if it has one; see the module docstring.
     `callbacks` go to every trial's Trainer; `on_trial_end(job, trial, accuracy)` is called after each trial."""
-    state = PartialState()
+    state = process_state()
     resuming = False
     if job.output_dir is not None:
         resuming = check_output_dir(
@@ -553,7 +555,7 @@ def run_finetuning(
 def _run_trials(
     job: FinetuneJob, planned: _Plan, work_dir: Path, resuming: bool, callbacks=(), on_trial_end=None
 ) -> list[TrialResult]:
-    state = PartialState()
+    state = process_state()
     results: list[TrialResult] = []
     model = planned.first_model
     started = False
@@ -693,7 +695,7 @@ def run_finetuning_jobs(
     parallel = (
         processes > 1
         and len(tasks) > 1
-        and PartialState().num_processes == 1
+        and process_state().num_processes == 1
         and "fork" in multiprocessing.get_all_start_methods()
     )
     # Jobs that start from the same weights (the main job's arms) load them once for planning.

@@ -27,9 +27,9 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
+from .distributed import process_state
 from .hyperrule import DECAY_FACTOR, BitHyperRule, learning_rate_multiplier, mixup_micro_batch_warning
 from .preprocessing import HyperRuleTrainingStream
 
@@ -173,7 +173,7 @@ class BitTrainer(Trainer):
         if args is None:
             if hyperrule is None:
                 raise ValueError("BitTrainer needs `args` or a `hyperrule` to build them from.")
-            state = PartialState()
+            state = process_state()
             hyperrule = hyperrule.for_device(model, state.device, state.num_processes)
             args = BitTrainingArguments.from_hyperrule(hyperrule, output_dir or "bit-finetune-output")
         if args.remove_unused_columns:
