@@ -532,9 +532,10 @@ def sort_trainer_flags(
     if refused:
         name = refused[0]
         raise FinetuneInputError(f"{flag(name)}: not used by bit-finetune ({REFUSED_TRAINER_FIELDS[name]}).")
-    if "optim" in given and str(training_args.optim) not in ("sgd", "OptimizerNames.SGD"):
+    optimizer = getattr(training_args.optim, "value", training_args.optim)
+    if "optim" in given and optimizer != "sgd":
         raise FinetuneInputError(
-            f"--optim {training_args.optim}: BiT-HyperRule fine-tunes with SGD and momentum (--momentum); for another "
+            f"--optim {optimizer}: BiT-HyperRule fine-tunes with SGD and momentum (--momentum); for another "
             "optimizer use finetune.BitTrainer with your own TrainingArguments."
         )
     overrides = {}
@@ -563,8 +564,6 @@ def sort_trainer_flags(
         if name in {field.name for field in dataclasses.fields(TrainingArguments)}
         and name not in HANDLED_TRAINER_FIELDS
     }
-    if "dataloader_num_workers" not in training:
-        training["dataloader_num_workers"] = training_args.dataloader_num_workers
     if training_args.use_cpu:
         training["use_cpu"] = True
     accumulation = training_args.gradient_accumulation_steps if "gradient_accumulation_steps" in given else None

@@ -112,7 +112,8 @@ class FinetuneJob:
         seed: trial n uses seed + n - 1 (subset, data order, augmentation, MixUp, random initial weights).
         output_dir: the fine-tuned folder (median trial's model, results, card); None: results only.
         work_dir: where the trials run; default `output_dir/checkpoints`, or a temporary folder.
-        training: further `TrainingArguments` fields (bf16, torch_compile, logging_steps, report_to, ...).
+        training: further `TrainingArguments` fields (bf16, torch_compile, logging_steps, report_to, ...);
+            `dataloader_num_workers` also sets the processes decoding images (default: up to 4).
         quiet: no progress bars and no per-trial messages (for callers that report themselves).
         command: the command line to record in `bit_finetune_args.json`.
     """
@@ -407,7 +408,8 @@ def trial_training_arguments(job: FinetuneJob, rule: BitHyperRule, trial_dir: Pa
     """The Trainer arguments of one trial: the rule's, then the engine's defaults, then the job's settings."""
     defaults = {
         "seed": seed,
-        # In-memory images only need a crop and a flip; decoding happens in worker processes.
+        # Images already in memory only need a crop and a flip (unless workers are asked for); others are decoded
+        # in the workers.
         "dataloader_num_workers": 0 if in_memory else job.num_workers,
         "dataloader_pin_memory": torch.cuda.is_available(),
         "save_strategy": "steps" if job.save_checkpoints else "no",
@@ -415,9 +417,7 @@ def trial_training_arguments(job: FinetuneJob, rule: BitHyperRule, trial_dir: Pa
         # Every parameter of a BiT classifier takes part in each forward pass; DDP need not look for unused ones.
         "ddp_find_unused_parameters": False,
     }
-    settings = {**defaults, **{key: value for key, value in job.training.items() if key != "dataloader_num_workers"}}
-    if in_memory:
-        settings["dataloader_num_workers"] = 0
+    settings = {**defaults, **job.training, "seed": seed}
     if not job.save_checkpoints:
         settings["save_strategy"] = "no"
     return BitTrainingArguments.from_hyperrule(rule, str(trial_dir), **settings)

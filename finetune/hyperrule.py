@@ -142,6 +142,11 @@ AUGMENTATION_FIELDS = ("random_crop", "horizontal_flip")
 OVERRIDABLE_FIELDS = (*RECORD_FIELDS, *AUGMENTATION_FIELDS, "momentum", "weight_decay")
 
 
+def _warmup_steps(value: float, steps: int) -> int:
+    """A number of warmup steps, or (below 1, as the Trainer's `warmup_steps` reads it) a fraction of the steps."""
+    return round(value * steps) if 0 < value < 1 else int(value)
+
+
 def variant_schedule(variant: str, regime: str, steps: int) -> tuple[int, tuple[int, ...]]:
     """(warmup steps, decay steps) of a rule variant for a run of `steps` steps in `regime`.
 
@@ -243,7 +248,7 @@ class BitHyperRule:
             precrop=int(given.get("precrop", precrop)),
             crop=int(given.get("crop", crop)),
             steps=steps,
-            warmup_steps=int(given.get("warmup_steps", warmup_steps)),
+            warmup_steps=_warmup_steps(given.get("warmup_steps", warmup_steps), steps),
             decay_steps=tuple(int(step) for step in given.get("decay_steps", decay_steps)),
             mixup_alpha=float(given.get("mixup_alpha", MIXUP_ALPHA if dataset_size >= MIXUP_MIN_EXAMPLES else 0.0)),
             learning_rate=learning_rate,

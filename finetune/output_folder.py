@@ -49,13 +49,11 @@ def _replacing_deletes_too_much(output_dir: Path) -> str | None:
     resolved = output_dir.resolve()
     if resolved == Path(resolved.anchor):
         return "a filesystem root"
-    for protected, name in (
-        (Path.cwd().resolve(), "the current directory"),
-        (Path.home().resolve(), "your home directory"),
-    ):
-        if resolved == protected or resolved in protected.parents:
-            return name if resolved == protected else f"a folder that holds {name}"
-    return None
+    protected = {Path.home().resolve(): "your home directory", Path.cwd().resolve(): "the current directory"}
+    if resolved in protected:
+        return protected[resolved]
+    holding = [name for folder, name in protected.items() if resolved in folder.parents]
+    return f"a folder that holds {holding[0]}" if holding else None
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool, signature: dict) -> bool:

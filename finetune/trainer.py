@@ -196,6 +196,20 @@ class BitTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
 
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """The Trainer's log, with `epoch` counted over the training set: the Trainer sees the whole run as one
+        pass over a `HyperRuleTrainingStream`, whose epochs are passes over the examples."""
+        stream = self.train_dataset
+        if not isinstance(stream, HyperRuleTrainingStream):
+            return super().log(logs, start_time)
+        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        seen_by_the_trainer = self.state.epoch
+        self.state.epoch = round(self.state.global_step * batch / len(stream.source), 4)
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.epoch = seen_by_the_trainer
+
     # --- schedule and data order ---
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
