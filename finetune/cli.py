@@ -232,7 +232,10 @@ def main_job(arguments: Arguments, argv: Sequence[str]) -> None:
     result = run_main_job(main_job_settings(arguments, argv))
     if result.folder is not None and arguments.training.push_to_hub and process_state().is_main_process:
         repo_id = push_to_hub(
-            result.folder, arguments.training.hub_model_id, private=arguments.training.hub_private_repo
+            result.folder,
+            arguments.training.hub_model_id,
+            private=arguments.training.hub_private_repo,
+            token=arguments.training.hub_token,
         )
         logger.info("Uploaded to the Hub as %s", repo_id)
 
@@ -315,7 +318,10 @@ def finetune_on_user_data(
         report(result)
         if arguments.training.push_to_hub:
             repo_id = push_to_hub(
-                result.folder, arguments.training.hub_model_id, private=arguments.training.hub_private_repo
+                result.folder,
+                arguments.training.hub_model_id,
+                private=arguments.training.hub_private_repo,
+                token=arguments.training.hub_token,
             )
             logger.info("Uploaded to the Hub as %s", repo_id)
     return result

@@ -141,8 +141,10 @@ class HubUploadError(RuntimeError):
     """The folder is saved locally, but uploading it to the Hub failed."""
 
 
-def push_to_hub(folder: str | os.PathLike, repo_id: str | None = None, *, private: bool | None = None) -> str:
-    """Upload a finished folder as a Hub model repository (token from HF_TOKEN or `hf auth login`); its id.
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str | None = None, *, private: bool | None = None, token: str | None = None
+) -> str:
+    """Upload a finished folder as a Hub model repository (token: `token`, else HF_TOKEN or `hf auth login`); its id.
 
     The folder becomes Hub-ready first (widget example images, card pointing at the repository), then goes
     through the project's one push path, `model_cards.hub.push_folder` (idempotent, resumable). A bare name
@@ -156,14 +158,15 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str | None = None, *, privat
 
     folder = Path(folder)
     repo_id = repo_id or folder.resolve().name
+    api = HfApi(token=token)
     try:
-        check_can_push()
+        check_can_push(api)
         if "/" not in repo_id:
-            repo_id = f"{HfApi().whoami()['name']}/{repo_id}"
+            repo_id = f"{api.whoami()['name']}/{repo_id}"
         if private:
-            HfApi().create_repo(repo_id, private=True, exist_ok=True)
+            api.create_repo(repo_id, private=True, exist_ok=True)
         prepare_hub_folder(folder, CardOptions(repo_id=repo_id))
-        push_folder(folder, repo_id)
+        push_folder(folder, repo_id, api=api)
     except Exception as error:  # offline, no token, network, refusal: all mean "saved, not uploaded"
         raise HubUploadError(
             f"The fine-tuned model is saved in {folder}, but uploading it to the Hub as {repo_id!r} failed: "
