@@ -50,6 +50,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
+class _CheckpointsSecondsApart(logging.Filter):
+    """transformers orders checkpoints by modification time and, when two are less than a second apart (short
+    runs), warns that the filesystem's mtime "may not be reliable": true of neither the filesystem nor the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("mtime may not be reliable")
+
+
+transformers_logging.get_logger("transformers.trainer_utils").addFilter(_CheckpointsSecondsApart())
+
+
 @contextlib.contextmanager
 def transformers_quiet(*, errors_only: bool = False) -> Iterator[None]:
     """transformers' own progress bars off ("Writing model shards" at every checkpoint, "Loading weights" at every
