@@ -22,7 +22,7 @@ from modeling_bit.file_utils import atomic_write_text
 from modeling_bit.folder_layout import MODEL_CARD_FILE
 
 from .registry import REGISTRY, TRAIN_EXAMPLES, VtabTask, task_slug
-from .results import PLOT_FILE, VtabResults, percent, results_table
+from .results import PLOT_FILE, VtabResults, percent, results_table, tasks_phrase
 
 TEMPLATE_NAME = "vtab_card.md.j2"
 TASK_TYPE = "image-classification"
@@ -130,7 +130,7 @@ def build_card(
     title = f"{model} on VTAB-1k"
     finished = len(results.tasks)
     mean = percent(results.mean)
-    scope = "the 19 VTAB-1k tasks" if results.is_full_vtab else f"{finished} task(s)"
+    scope = "the 19 VTAB-1k tasks" if results.is_full_vtab else tasks_phrase(finished)
     summary = (
         f"`{model}` fine-tuned with BiT-HyperRule on {scope}, {TRAIN_EXAMPLES:,} training examples each "
         f"(Big Transfer, §3.2 of the BiT paper): mean top-1 accuracy **{mean}**."

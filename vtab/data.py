@@ -260,7 +260,9 @@ def _image_of(task: VtabTask, example: dict, split_slice: SplitSlice, index: int
     entry = _column(task, example, task.source.image_column)
     name = f"{split_slice.split}[{index}]"
     if isinstance(entry, dict):
-        name = entry.get("path") or name
+        path = entry.get("path")
+        # A file of a shard (e.g. s0000012.webp) is named with its split; a local file by its path.
+        name = (path if Path(path).is_absolute() else f"{split_slice.split}/{path}") if path else name
         data = entry.get("bytes")
         if data is None and entry.get("path"):
             try:

@@ -121,7 +121,7 @@ def _trials(result: TaskResult) -> str:
     return f" (median of {len(result.trials)}: {percent(min(result.trials))}-{percent(max(result.trials))})"
 
 
-def _tasks(count: int) -> str:
+def tasks_phrase(count: int) -> str:
     return f"{count} task" + ("" if count == 1 else "s")
 
 
@@ -136,9 +136,9 @@ def results_table(results: VtabResults, tasks: Sequence[VtabTask] = ()) -> str:
                 mark = "" if confirmed.get(name, result.confirmed) else " (source unconfirmed)"
                 lines.append(f"| {name}{mark} | {group} | {percent(result.accuracy)}{_trials(result)} |")
     for group, summary in groups.items():
-        lines.append(f"| **{group}** mean ({_tasks(summary['tasks'])}) | | **{percent(summary['mean'])}** |")
+        lines.append(f"| **{group}** mean ({tasks_phrase(summary['tasks'])}) | | **{percent(summary['mean'])}** |")
     label = "VTAB-1k score" if results.is_full_vtab else "mean"
-    lines.append(f"| **{label}** ({_tasks(len(results.tasks))}) | | **{percent(results.mean)}** |")
+    lines.append(f"| **{label}** ({tasks_phrase(len(results.tasks))}) | | **{percent(results.mean)}** |")
     return "\n".join(lines)
 
 
