@@ -295,7 +295,7 @@ def open_safetensors(paths: list[Path]) -> TensorContainer:
             handle = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{path} is not a readable .safetensors file: {error}") from error
-        for name in handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
             sliced = handle.get_slice(name)
             infos[name] = TensorInfo(tuple(sliced.get_shape()), sliced.get_dtype() in ("F16", "BF16", "F32", "F64"))
             owner[name] = handle
