@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -183,35 +184,43 @@ class WeightStandardizedConv2d(nn.Conv2d):
 
 
 class BitGroupNormActivation(nn.GroupNorm):
-    """Group Normalization followed by an in-place ReLU (unless `apply_activation=False`)."""
+    """Group Normalization followed by the config's activation: BiT's ReLU, in place."""
 
-    def __init__(self, config: BitConfig, num_channels: int, apply_activation: bool = True):
+    def __init__(self, config: BitConfig, num_channels: int):
         super().__init__(config.num_groups, num_channels, eps=GROUP_NORM_EPS, affine=True)
-        self.apply_activation = apply_activation
+        self.activation = None if config.hidden_act == "relu" else ACT2FN[config.hidden_act]
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         hidden_state = F.group_norm(hidden_state, self.num_groups, self.weight, self.bias, self.eps)
+        if self.activation is not None:
+            return self.activation(hidden_state)
         # In place is safe: group norm's backward needs its input, not its output.
-        return F.relu_(hidden_state) if self.apply_activation else hidden_state
+        return F.relu_(hidden_state)
 
 
 class BitMaxPool2d(nn.Module):
     """The stem's 3x3 stride-2 max-pool over a zero-padded input.
 
-    BiT pads with zeros (1 on each side, or TensorFlow 'SAME' amounts with dynamic padding), then pools
-    without padding. Pooling with its own padding pads with -inf instead, which differs at the border
-    because the stem has no activation and its outputs can be negative; so after such a pool the
-    windows that overlap the border take the zero into account (a max with 0). That gives BiT's result
-    without materializing a padded copy of the stem output.
+    BiT pads with zeros, 1 on each side (docs/recipe.md, "Architecture"), then pools without padding. Configs
+    with `global_padding="SAME"` leave that padding out, and `embedding_dynamic_padding` adds TensorFlow 'SAME'
+    amounts of zeros after it, as stock transformers does. Pooling with its own padding pads with -inf instead,
+    which differs at the border because the stem has no activation and its outputs can be negative; so in
+    BiT's case the pool pads by itself and the windows that overlap the border then take the zero into account
+    (a max with 0): BiT's result without materializing a padded copy of the stem output.
     """
 
-    def __init__(self, dynamic_padding: bool):
+    def __init__(self, config: BitConfig):
         super().__init__()
-        self.pad = DynamicPad2d(3, 2) if dynamic_padding else None
+        self.zero_padding = 0 if config.global_padding == "SAME" else 1
+        self.pad = DynamicPad2d(3, 2) if config.embedding_dynamic_padding else None
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        if self.pad is not None:
-            return F.max_pool2d(self.pad(hidden_state), kernel_size=3, stride=2)
+        if self.pad is not None or not self.zero_padding:
+            if self.zero_padding:
+                hidden_state = F.pad(hidden_state, (self.zero_padding,) * 4)
+            if self.pad is not None:
+                hidden_state = self.pad(hidden_state)
+            return F.max_pool2d(hidden_state, kernel_size=3, stride=2)
         pooled = F.max_pool2d(hidden_state, kernel_size=3, stride=2, padding=1)
         height, width = hidden_state.shape[-2:]
         pooled[..., 0, :].clamp_(min=0)
@@ -240,7 +249,7 @@ class BitEmbeddings(nn.Module):
             padding=config.global_padding,
             eps=config.weight_standardization_eps,
         )
-        self.pooler = BitMaxPool2d(dynamic_padding=config.embedding_dynamic_padding)
+        self.pooler = BitMaxPool2d(config)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if pixel_values.device.type != "cpu":
@@ -299,12 +308,12 @@ class BitPreActivationBottleneckLayer(GradientCheckpointingLayer):
         config: BitConfig,
         in_channels: int,
         out_channels: int,
+        mid_channels: int,
         stride: int,
         is_first_layer: bool,
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        mid_channels = out_channels // 4
         ws = {"padding": config.global_padding, "eps": config.weight_standardization_eps}
         self.downsample = (
             BitDownsampleConv(config, in_channels, out_channels, stride=stride) if is_first_layer else None
@@ -337,6 +346,7 @@ class BitStage(nn.Module):
         config: BitConfig,
         in_channels: int,
         out_channels: int,
+        mid_channels: int,
         stride: int,
         depth: int,
         drop_path_rates: list[float],
@@ -348,6 +358,7 @@ class BitStage(nn.Module):
                     config,
                     in_channels if index == 0 else out_channels,
                     out_channels,
+                    mid_channels,
                     stride=stride if index == 0 else 1,
                     is_first_layer=index == 0,
                     drop_path_rate=drop_path_rates[index],
@@ -369,13 +380,14 @@ class BitEncoder(nn.Module):
         rates = [config.drop_path_rate * index / max(total_units - 1, 1) for index in range(total_units)]
         self.stages = nn.ModuleList()
         in_channels = config.embedding_size
-        for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.hidden_sizes)):
+        for stage_index, (depth, (out_channels, mid_channels)) in enumerate(zip(config.depths, config.stage_widths)):
             first_unit = sum(config.depths[:stage_index])
             self.stages.append(
                 BitStage(
                     config,
                     in_channels,
                     out_channels,
+                    mid_channels,
                     stride=1 if stage_index == 0 else 2,
                     depth=depth,
                     drop_path_rates=rates[first_unit : first_unit + depth],
@@ -481,6 +493,7 @@ class BitModel(BitPreTrainedModel):
                 f"{unsupported}: modeling_bit builds BiT networks only. Build this variant with stock "
                 f"transformers' classes (AutoModel.from_config and AutoBackbone.from_config pick them for you)."
             )
+        config.validate_network()
         super().__init__(config)
         self.embedder = BitEmbeddings(config)
         self.encoder = BitEncoder(config)
