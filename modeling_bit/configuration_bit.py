@@ -1,8 +1,7 @@
-"""BiT configuration and the table of named BiT architectures.
+"""BiT configuration, and the presets: the networks of the variant table (`variants.py`) by name.
 
-The architecture facts (stage depths, widths, head sizes, parameter counts) come from the BiT paper
-(Kolesnikov et al., "Big Transfer (BiT): General Visual Representation Learning") as summarised in
-BIT_RECIPE.md. The serialized form is the one stock `transformers.BitConfig` reads, so a folder we
+The architecture facts (stage depths, widths, normalization constants) are the BiT paper's, as docs/recipe.md
+("Architecture") lists them. The serialized form is the one stock `transformers.BitConfig` reads, so a folder we
 save loads in stock transformers too.
 """
 
@@ -16,60 +15,26 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneConfigMixin
 
-GROUP_NORM_EPS = 1e-5  # BIT_RECIPE.md: GroupNorm eps 1e-5
-WEIGHT_STANDARDIZATION_EPS = 1e-10  # BIT_RECIPE.md: weight standardization eps 1e-10
-IMAGENET21K_NUM_CLASSES = 21843  # BiT-M upstream head (ImageNet-21k)
-ILSVRC2012_NUM_CLASSES = 1000  # BiT-S upstream head and the -ILSVRC2012 fine-tuned variants
+from .variants import (
+    PUBLISHED_ARCHITECTURES,
+    PUBLISHED_CHECKPOINTS,
+    RESNET_DEPTHS,
+    RESNET_HIDDEN_SIZES,
+    RESNET_STEM_CHANNELS,
+    SMALL_NETWORKS,
+)
 
-# Depths of the four stages, per ResNet-v2 depth (BIT_RECIPE.md "Architecture").
-RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-# Stage output channels at width 1: out = 4 * mid, mid = 64 * 2^(s-1).
-RESNET_HIDDEN_SIZES = (256, 512, 1024, 2048)
-RESNET_STEM_CHANNELS = 64
-# The published (depth, width) pairs; each exists as BiT-S (ILSVRC-2012) and BiT-M (ImageNet-21k).
-PUBLISHED_ARCHITECTURES = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+GROUP_NORM_EPS = 1e-5  # docs/recipe.md "Architecture": Group Normalization eps 1e-5
+WEIGHT_STANDARDIZATION_EPS = 1e-10  # docs/recipe.md "Architecture": added to the population variance
 
-
-def _published_presets() -> dict[str, dict]:
-    presets = {}
-    for depth, width in PUBLISHED_ARCHITECTURES:
-        arch = {
-            "depths": RESNET_DEPTHS[depth],
-            "embedding_size": RESNET_STEM_CHANNELS,
-            "hidden_sizes": RESNET_HIDDEN_SIZES,
-            "width_factor": width,
-        }
-        presets[f"BiT-S-R{depth}x{width}"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
-        presets[f"BiT-M-R{depth}x{width}"] = {**arch, "num_labels": IMAGENET21K_NUM_CLASSES}
-        # BiT-M fine-tuned on ILSVRC-2012: same network, 1000-class head.
-        presets[f"BiT-M-R{depth}x{width}-ILSVRC2012"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
-    return presets
-
-
-# Small networks for CPU work, tests and demos. Same topology as BiT, fewer and narrower units;
-# group counts divide every channel count.
-SMALL_PRESETS = {
-    # ~0.13M parameters: runs a 96x96 batch in milliseconds.
-    "bit-tiny": {
-        "depths": (1, 1, 1, 1),
-        "embedding_size": 16,
-        "hidden_sizes": (32, 64, 128, 256),
-        "num_groups": 8,
-        "width_factor": 1,
-        "num_labels": 10,
+# Every published checkpoint's network with its head, then the small networks.
+PRESETS: dict[str, dict] = {
+    **{
+        name: {**row.architecture.config_fields(), "num_labels": row.num_labels}
+        for name, row in PUBLISHED_CHECKPOINTS.items()
     },
-    # ~3.5M parameters: a ResNet-26-v2 at half width.
-    "bit-small": {
-        "depths": (2, 2, 2, 2),
-        "embedding_size": 32,
-        "hidden_sizes": (128, 256, 512, 1024),
-        "num_groups": 16,
-        "width_factor": 1,
-        "num_labels": 10,
-    },
+    **SMALL_NETWORKS,
 }
-
-PRESETS: dict[str, dict] = {**_published_presets(), **SMALL_PRESETS}
 _PRESETS_BY_LOWER_NAME = {name.lower(): name for name in PRESETS}
 
 
@@ -282,4 +247,11 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
         return list(PRESETS)
 
 
-__all__ = ["BitConfig", "PRESETS", "canonical_preset_name"]
+__all__ = [
+    "PUBLISHED_ARCHITECTURES",
+    "RESNET_DEPTHS",
+    "BitConfig",
+    "PRESETS",
+    "canonical_preset_name",
+    "rounded_width",
+]

@@ -447,16 +447,12 @@ class BitPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As in transformers, and by published BiT name (`"BiT-M-R101x3"`, case-insensitive): a local folder or
-        Hub repository of that name wins; otherwise the published checkpoint is downloaded, converted and cached
-        once, then loaded with the given keyword arguments (see `modeling_bit.published`)."""
+        """As in transformers; a config only stock transformers builds is loaded with its class. Importing
+        `modeling_bit` also makes published BiT names load (`"BiT-M-R101x3"`, see `modeling_bit.by_name`)."""
         stock_class = _stock_class_for_variant(cls, kwargs.get("config"))
         if stock_class is not None:
             return stock_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        from .published import resolve_pretrained_name  # the catalog and downloads, only where a name is loaded
-
-        resolved = resolve_pretrained_name(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(resolved, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def _from_config(cls, config, **kwargs):

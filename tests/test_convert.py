@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,12 +31,13 @@ from huggingface_hub import constants
 from published_layout import published_arrays, write_npz
 from safetensors.torch import load_file, save_file
 
+from model_cards import bit_convert
 from modeling_bit import BitForImageClassification, BitModel
-from modeling_bit import convert as convert_module
+from modeling_bit.by_name import converted_published_folder, resolve_pretrained_name
 from modeling_bit.checkpoint_reading import CheckpointError
 from modeling_bit.convert import ConversionError, convert_to_folder
 from modeling_bit.download import DownloadError, cached_download_path
-from modeling_bit.published import converted_published_folder, find_published_checkpoint, resolve_pretrained_name
+from modeling_bit.published import find_published_checkpoint
 
 R50 = (3, 4, 6, 3)
 SMALL = (1, 2, 1, 1)  # a second unit in stage 2 exercises the identity shortcut
@@ -128,7 +130,7 @@ def test_cli_converts_npz_to_a_folder_ours_and_stock_transformers_agree_with_the
 ):
     output = tmp_path / "converted"
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_bit.convert", str(small_npz), "--output", str(output)],
+        [sys.executable, "-m", "model_cards.bit_convert", str(small_npz), "--output", str(output)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -287,7 +289,7 @@ def test_corrupt_local_npz_is_refused_and_nothing_written(tmp_path, small_npz):
 def test_cli_reports_refusals_without_a_traceback(tmp_path, small_arrays):
     source = write_npz(tmp_path / "bad.npz", BAD_CHECKPOINTS["missing"][0](small_arrays))
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_bit.convert", str(source), "--output", str(tmp_path / "out")],
+        [sys.executable, "-m", "model_cards.bit_convert", str(source), "--output", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -372,7 +374,7 @@ BAD_INPUTS = {
                 )
             },
         ),
-        r"source/config\.json describes no BiT network: output_stride=16 \(BiT does not dilate\)",
+        r"source/config\.json describes no BiT network: output_stride=16 \(stage4 would be dilated; BiT does not",
     ),
     "preprocessor_config.json holding a string": (
         lambda tmp: _bit_folder_with(tmp, {"preprocessor_config.json": '"224"'}),
@@ -413,7 +415,10 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, server, hf_cac
 def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_staging_folder(
     tmp_path, small_npz, monkeypatch
 ):
-    folder = convert_to_folder(small_npz, tmp_path / "my-bit")
+    plain = convert_to_folder(small_npz, tmp_path / "plain")  # modeling_bit alone writes no card
+    assert not (plain / "README.md").exists()
+    shutil.rmtree(plain)
+    folder = bit_convert.convert_with_card(small_npz, tmp_path / "my-bit")
     card = (folder / "README.md").read_text()
     assert 'model="my-bit"' in card and ".partial" not in card and "_named" not in card
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -429,11 +434,11 @@ def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_sta
         assert folder_name in ("my-bit", "new") and staging.name != folder_name  # named for where it will be
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_module, "write_model_card", card_fails)
+    monkeypatch.setattr(bit_convert, "write_model_card", card_fails)
     with pytest.raises(ConversionError, match=r"Writing .*my-bit failed .*No space left.*left as it was"):
-        convert_to_folder(small_npz, folder, num_labels=2)
+        bit_convert.convert_with_card(small_npz, folder, num_labels=2)
     with pytest.raises(ConversionError, match="No space left"):
-        convert_to_folder(small_npz, tmp_path / "new")
+        bit_convert.convert_with_card(small_npz, tmp_path / "new")
     assert transformers.AutoConfig.from_pretrained(folder).num_labels == 10  # the earlier conversion is intact
     assert (folder / "README.md").read_text() == card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-bit"]  # no staging folder, no "new"

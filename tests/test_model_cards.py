@@ -33,13 +33,13 @@ from published_layout import published_arrays, write_npz
 from transformers import AutoImageProcessor
 
 from model_cards import CardOptions, prepare_hub_folder, write_card, write_model_card
+from model_cards.bit_convert import convert_with_card
+from model_cards.bit_convert import main as bit_convert
 from model_cards.card import checked_eval_result
 from model_cards.cli import main as bit_model_card
 from model_cards.facts import CardError
 from model_cards.hub import HubPushError, local_files, push_folder
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor, load_rgb_image
-from modeling_bit.convert import convert_to_folder
-from modeling_bit.convert import main as bit_convert
 
 SMALL_DEPTHS = (1, 2, 1, 1)
 R50_DEPTHS = (3, 4, 6, 3)
@@ -211,7 +211,7 @@ def folders(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
     """One folder of every kind we produce, each with its card (written as its producer writes it)."""
     root = tmp_path_factory.mktemp("kinds")
     npz = write_npz(root / "small.npz", published_arrays(SMALL_DEPTHS, num_classes=10, seed=3))
-    converted = convert_to_folder(npz, root / "converted", resolution=64)
+    converted = convert_with_card(npz, root / "converted", resolution=64)
 
     finetuned = save_tiny(root / "finetuned", ["ants", "bees"], 64, seed=1)
     write_finetuned_records(finetuned, hymenoptera_dir)
@@ -1009,7 +1009,7 @@ def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_pa
     command = [
         sys.executable,
         "-m",
-        "modeling_bit.convert",
+        "model_cards.bit_convert",
         "--all",
         "--output-root",
         str(tmp_path / "R"),
@@ -1274,7 +1274,7 @@ def golden_cases(folders, tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
     prepare_hub_folder(folder, CardOptions(repo_id="someone/bit-m-r50x1-ilsvrc2012", base_model="someone/bit-m-r50x1"))
     cases["hub-published"] = folder
     npz = write_npz(root / "small.npz", published_arrays(SMALL_DEPTHS, num_classes=10, seed=3))
-    cases["converted-new-head"] = convert_to_folder(npz, root / "converted-new-head", labels=["cat", "dog", "emu"])
+    cases["converted-new-head"] = convert_with_card(npz, root / "converted-new-head", labels=["cat", "dog", "emu"])
     return cases
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_, run_clean_python
+from conftest import REPO_ROOT, randomize_, run_clean_python
 from PIL import Image
 from reference_bit import reference_forward
 
@@ -542,6 +542,26 @@ def test_hybrid_backbone_configs_are_left_to_stock_transformers():
     exec(textwrap.dedent(dpt), namespace)  # in this process, which imported modeling_bit
     stock = run_clean_python(dpt)
     assert namespace["result"]["depth"] == stock["depth"]
+
+
+def test_modeling_bit_stands_alone_every_module_imports_without_the_packages_above_it():
+    code = """
+import importlib, json, pkgutil, sys
+import modeling_bit
+for module in pkgutil.walk_packages(modeling_bit.__path__, "modeling_bit."):
+    if module.name != "modeling_bit.__main__":  # the demo runs when imported
+        importlib.import_module(module.name)
+above = sorted({name.split(".")[0] for name in sys.modules} & {"model_cards", "finetune", "pretraining"})
+print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("modeling_bit")), "above": above}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert {"modeling_bit.convert", "modeling_bit.by_name", "modeling_bit.checkpoint_reading"} <= set(
+        result["imported"]
+    )
+    assert result["above"] == []
 
 
 def test_package_registers_with_auto_config():
