@@ -1,4 +1,4 @@
-"""Synthetic checkpoints in the published BiT `.npz` layout (BIT_RECIPE.md "Published checkpoints").
+"""Synthetic checkpoints in the published BiT `.npz` layout (docs/recipe.md "Published checkpoints").
 
 Random weights under the published names and TensorFlow layouts (HWIO kernels, the head as a 1x1 conv),
 written from the recipe, not from the converter. Used by the conversion tests and by

@@ -2,7 +2,7 @@
 
 Every checkpoint here is synthetic (random weights in the published layout, written by the test) and every
 download goes to a loopback HTTP server started by the test. Logits are compared with an independent
-functional forward written below from BIT_RECIPE.md, working directly on the raw `.npz` arrays (HWIO kernels,
+functional forward written below from docs/recipe.md, working directly on the raw `.npz` arrays (HWIO kernels,
 TensorFlow names), so that a wrong name mapping or transpose in the converter cannot cancel out.
 """
 
@@ -47,7 +47,7 @@ def arrays_of(depths=SMALL, width=1, num_classes=10, seed=0) -> dict[str, np.nda
     return dict(published_arrays(depths, width, num_classes, seed))
 
 
-# --- the reference: BIT_RECIPE.md semantics on the raw arrays ------------------------------------------------
+# --- the reference: docs/recipe.md semantics on the raw arrays ------------------------------------------------
 
 
 def _ws_conv(x, kernel_hwio, stride=1):

@@ -21,7 +21,7 @@ import modeling_bit
 from modeling_bit import BitBackbone, BitConfig, BitForImageClassification, BitModel, bit_image_processor
 from modeling_bit.modeling_bit import WeightStandardizedConv2d
 
-# BIT_RECIPE.md: backbone parameter counts (no head).
+# docs/recipe.md "Architecture": backbone parameter counts (no head).
 PUBLISHED_BACKBONE_PARAMETERS = {
     "R50x1": 23_500_352,
     "R50x3": 211_174_080,
@@ -163,7 +163,7 @@ def test_cache_is_reused_while_weights_are_unchanged():
         assert conv.standardized_weight() is first
     model.train()
     model(torch.randn(1, 3, 64, 64)).logits.sum().backward()
-    assert conv._cached_weight is None  # training drops it
+    assert conv.standardized._kernel is None  # training drops it
 
 
 def test_cache_invalidated_by_optimizer_step():
@@ -237,7 +237,7 @@ def test_copies_do_not_carry_the_cache_and_inference_mode_copies_work():
         expected = model(pixel_values).logits
         clone = copy.deepcopy(model)  # parameters become inference tensors: no version counter to cache on
         assert relative_error(clone(pixel_values).logits, expected) < 1e-5
-    assert all(m._cached_weight is None for m in clone.modules() if isinstance(m, WeightStandardizedConv2d))
+    assert all(m.standardized._kernel is None for m in clone.modules() if isinstance(m, WeightStandardizedConv2d))
 
 
 # --- heads, losses, outputs ----------------------------------------------------------------------
