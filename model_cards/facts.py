@@ -95,31 +95,22 @@ class Preprocessing:
             return f"{self.height}×{self.width}"
         return f"shortest edge {self.shortest_edge}" if self.shortest_edge else "as given"
 
-    def describe(self) -> str:
-        """One sentence a user can reimplement from, built from the saved values (nothing assumed)."""
-        steps = ["RGB" if self.convert_rgb else "channels as given"]
-        if self.height and self.width:
-            steps.append(f"resized to {self.height}×{self.width} pixels ({self.resample or 'default'} resampling)")
-        elif self.shortest_edge:
-            steps.append(f"resized so the shorter edge is {self.shortest_edge} pixels ({self.resample or 'default'})")
-        steps.append("centre-cropped" if self.center_crop else "no centre crop")
-        if self.rescale_factor is not None:
-            steps.append(
-                "scaled to [0, 1]"
-                if math.isclose(self.rescale_factor, 1 / 255)
-                else f"multiplied by {self.rescale_factor:g}"
-            )
-        if self.mean is not None and self.std is not None:
-            if (
-                set(self.mean) == {0.5}
-                and set(self.std) == {0.5}
-                and self.rescale_factor
-                and math.isclose(self.rescale_factor, 1 / 255)
-            ):
-                steps.append("normalised with mean 0.5 and standard deviation 0.5 per channel, i.e. to [-1, 1]")
-            else:
-                steps.append(f"normalised with mean {list(self.mean)} and standard deviation {list(self.std)}")
-        return "; ".join(steps) + "."
+    @property
+    def scales_to_unit_range(self) -> bool:
+        """Rescaled by 1/255, i.e. 8-bit pixels to [0, 1]."""
+        return self.rescale_factor is not None and math.isclose(self.rescale_factor, 1 / 255)
+
+    @property
+    def normalises_to_bit_range(self) -> bool:
+        """Mean and standard deviation 0.5 per channel after scaling to [0, 1]: BiT's [-1, 1] input."""
+        return (
+            self.mean is not None
+            and self.std is not None
+            and set(self.mean) == {0.5}
+            and set(self.std) == {0.5}
+            and bool(self.rescale_factor)
+            and self.scales_to_unit_range
+        )
 
 
 @dataclass(frozen=True)
