@@ -63,7 +63,7 @@ class ConvertArguments:
     resolution: int | None = field(
         default=None,
         metadata={
-            "help": "Preprocessing size to record (by default the checkpoint's: 224 upstream, 480 -ILSVRC2012).",
+            "help": "Preprocessing size to record (by default the checkpoint's: 224 upstream, 480 for -ILSVRC2012).",
             "metavar": "PIXELS",
         },
     )

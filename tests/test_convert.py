@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import os
 import pickle
 import re
@@ -284,6 +285,28 @@ def test_corrupt_local_npz_is_refused_and_nothing_written(tmp_path, small_npz):
     with pytest.raises(CheckpointError, match="not a valid published-layout .npz"):
         convert_to_folder(tmp_path / "truncated.npz", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz", "truncated.npz"]
+
+
+def test_help_reads_as_written_for_people(capsys, monkeypatch):
+    from model_cards.cli import main as bit_model_card
+    from modeling_bit.published import PUBLISHED_CHECKPOINT_NAMES
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
+    for main in (bit_convert.main, bit_model_card):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        assert "_" not in "".join(re.findall(r"--[\w-]+", text)), text  # dash spellings only
+        assert not re.search(r"--[\w-]+ \[[A-Z_]+\]", text) and "(default: None)" not in text  # plain switches
+        assert "--push " in text
+    with pytest.raises(SystemExit):
+        bit_convert.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in PUBLISHED_CHECKPOINT_NAMES)  # never broken at a hyphen
+    arguments, positional = bit_convert.build_parser().parse_args_into_dataclasses(
+        ["x.npz", "--output", "y", "--num_labels", "3"]  # the underscore spelling is still understood
+    )
+    assert (positional.source, arguments.num_labels, arguments.push) == ("x.npz", 3, False)
 
 
 def test_cli_reports_refusals_without_a_traceback(tmp_path, small_arrays):
@@ -839,13 +862,17 @@ def fake_hub(hf_cache, server, monkeypatch) -> CheckpointServer:
 
 
 def test_by_name_the_published_file_is_converted_not_a_folder_named_like_it(
-    tmp_path, fake_hub, monkeypatch, r50_bytes
+    tmp_path, fake_hub, monkeypatch, r50_bytes, caplog
 ):
     fake_hub.files["/BiT-S-R50x1.npz"] = r50_bytes
     stray = tmp_path / "work" / "BiT-S-R50x1"  # the canonical spelling, not the name the user types below
     BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny")).save_pretrained(stray)
     monkeypatch.chdir(stray.parent)
-    folder = Path(resolve_pretrained_name("bit-s-r50x1"))
+    with caplog.at_level(logging.WARNING, logger="modeling_bit.by_name"):
+        folder = Path(resolve_pretrained_name("bit-s-r50x1"))
+    # One line says what is converted, from where, into where (hundreds of MB for the real checkpoints).
+    [said] = [record.getMessage() for record in caplog.records if record.name == "modeling_bit.by_name"]
+    assert f"converting {fake_hub.url}/BiT-S-R50x1.npz into {folder}" in said
     metadata = json.loads((folder / "bit_conversion.json").read_text())
     assert (metadata["source_kind"], metadata["architecture"]["depths"]) == ("published", list(R50))
     assert fake_hub.gets("/BiT-S-R50x1.npz") == [None]
