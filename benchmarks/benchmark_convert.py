@@ -4,7 +4,7 @@
 
 For each architecture a `.npz` in the published layout (random weights, BiT-M's 21,843-class head by default,
 so the largest files) is written to a temporary folder, tensor by tensor, and converted by
-`modeling_bit.convert.main` in a fresh process, which reports the wall time of the conversion (after the
+`bit-convert`'s `main` (`model_cards.bit_convert.main`, card included) in a fresh process, which reports the wall time of the conversion (after the
 imports), of the whole process, and its peak resident memory (VmHWM, Linux). The baseline is the peak memory of
 the same process importing everything and converting nothing. Files are deleted after each architecture. The
 synthetic file was just written, so it is read from the page cache, as a freshly downloaded file would be.
@@ -37,7 +37,7 @@ ARCHITECTURES = {f"R{depth}x{width}": (RESNET_DEPTHS[depth], width) for depth, w
 _MEASURE = """
 import re, sys, time
 start = time.perf_counter()
-from modeling_bit.convert import main
+from model_cards.bit_convert import main
 imported = time.perf_counter()
 if sys.argv[1:]:
     assert main(sys.argv[1:]) == 0

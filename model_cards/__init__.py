@@ -2,7 +2,7 @@
 
 `write_model_card(folder)` is the one entry point producers (`bit-convert`, `bit-finetune`, pretraining) call
 after saving a folder: it reads what the folder records about itself (`facts.py`), draws plots next to the card
-when matplotlib is installed (`plots.py`), and renders `README.md` from the one Jinja template with metadata built
+when matplotlib is installed (`plots.py`), and renders `README.md` from the Jinja templates with metadata built
 by huggingface_hub's `ModelCardData` and `EvalResult` (`card.py`).
 
 `write_card(folder, CardOptions(repo_id=..., license=..., base_model=...))` renders the card for a Hub repository
@@ -18,13 +18,12 @@ import os
 from pathlib import Path
 
 from modeling_bit.file_utils import atomic_write_text
+from modeling_bit.folder_layout import MODEL_CARD_FILE
 
 from .card import CardOptions, build_model_card
 from .examples import example_images, shipped_example_images, write_example_images
 from .facts import CardError, FolderKind, read_folder
 from .plots import plan_plots, save_plots
-
-README = "README.md"
 
 
 def write_card(
@@ -40,7 +39,7 @@ def write_card(
     if with_examples:
         write_example_images(folder)
     save_plots(folder, plots)
-    path = folder / README
+    path = folder / MODEL_CARD_FILE
     atomic_write_text(path, card)
     return path
 

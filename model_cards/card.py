@@ -2,17 +2,18 @@
 
 The metadata is built with huggingface_hub's `ModelCardData` and `EvalResult` (never hand-written YAML), and every
 id that goes into it is checked first: metric ids against the ones this card reports, dataset ids and model ids
-against the Hub's repository-id grammar. The text comes from the one Jinja template in `templates/`; this module
-prepares each value so that the template never meets a missing one.
+against the Hub's repository-id grammar. The text is Jinja's: `templates/model_card.md.j2` lays out every card and
+one template per folder kind (`converted`, `fine-tuned`, `pretrained`, `plain`) writes its prose. This module
+computes the values they show (names, numbers, tables, metadata, links), so that a template never meets a missing
+one.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -21,6 +22,14 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from modeling_bit import labels as label_lists
+from modeling_bit.folder_layout import (
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    FINETUNE_ARGS_FILE,
+    HYPERRULE_FILE,
+    PREPROCESSOR_FILE,
+    PRETRAINING_FILE,
+)
 from modeling_bit.published import find_published_checkpoint
 
 from .examples import ExampleImage
@@ -33,7 +42,13 @@ from .results import (
     finite,
 )
 
-TEMPLATE_NAME = "model_card.md.j2"
+# The template of each folder kind; each extends model_card.md.j2.
+KIND_TEMPLATES = {
+    FolderKind.CONVERTED: "converted.md.j2",
+    FolderKind.FINE_TUNED: "fine-tuned.md.j2",
+    FolderKind.PRETRAINED: "pretrained.md.j2",
+    FolderKind.SAVED: "plain.md.j2",
+}
 TASK = "image-classification"
 TASK_NAME = "Image Classification"
 # Metric ids (https://hf.co/metrics) these cards report; anything else is refused before writing.
@@ -92,15 +107,6 @@ class Table:
     headers: list[str]
     rows: list[list[str]]
     title: str = ""
-
-
-@dataclass
-class Section:
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    plots: list[Plot] = field(default_factory=list)
-    command: str = ""
-    absent: str = ""
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -334,25 +340,40 @@ def dataset_reference(record: dict) -> DatasetReference | None:
     )
 
 
-class _CardBuilder:
+class _CardValues:
+    """Every value a card shows, computed from the folder's records and the caller's options (no prose)."""
+
     def __init__(self, facts: FolderFacts, plots: list[Plot], examples: list[ExampleImage], options: CardOptions):
         self.facts, self.plots, self.examples, self.options = facts, plots, examples, options
-        conversion = facts.conversion or {}
+        self.kind = facts.kind.value
+        self.conversion = facts.conversion or {}
         self.published = (
-            find_published_checkpoint(conversion["published_name"]) if conversion.get("published_name") else None
+            find_published_checkpoint(self.conversion["published_name"])
+            if self.conversion.get("published_name")
+            else None
         )
         self.trials = few_shot_trials(facts)
         if facts.kind is FolderKind.PRETRAINED:
-            dataset_record = (facts.pretraining or {}).get("dataset") or {}
+            self.dataset_record = (facts.pretraining or {}).get("dataset") or {}
         else:
-            dataset_record = (facts.finetune_args or {}).get("dataset") or {}
-        self.dataset = dataset_reference(dataset_record)
-        k = dataset_record.get("examples_per_class") if facts.kind is FolderKind.FINE_TUNED else None
+            self.dataset_record = (facts.finetune_args or {}).get("dataset") or {}
+        self.dataset = dataset_reference(self.dataset_record)
+        k = self.dataset_record.get("examples_per_class") if facts.kind is FolderKind.FINE_TUNED else None
         self.examples_per_class = int(k) if finite(k) and k > 0 else None
-        model = (facts.finetune_args or {}).get("model")
+        self.finetune_args = facts.finetune_args or {}
+        self.pretraining = facts.pretraining or {}
+        model = self.finetune_args.get("model")
         self.start_model = public_path(model) if isinstance(model, str) and model else None
+        self.from_scratch = bool(self.finetune_args.get("from_scratch"))
         self.title = self.default_title()
         self.model_reference = options.repo_id or self.folder_name
+        self.architecture = facts.architecture
+        self.preprocessing = facts.preprocessing
+        self.multi_label = facts.multi_label
+        self.pretraining_multi_label = bool(self.dataset_record.get("multi_label")) if self.pretraining else False
+        self.network = self.network_name()
+        self.bibtex = BIBTEX
+        self.bit_paper = BIT_PAPER
 
     def default_title(self) -> str:
         """The repository's name; else the published name; else what the folder holds, not its folder name when
@@ -384,7 +405,7 @@ class _CardBuilder:
     def base_model(self) -> str | None:
         if self.options.base_model:
             return check_repo_id(self.options.base_model, "base model")
-        args = self.facts.finetune_args or {}
+        args = self.finetune_args
         model = str(args.get("model") or "")
         # Only a namespaced Hub id is known to be a Hub model: a bare name is a published BiT name or a
         # preset, and a path is a local folder (bit-finetune records whether it was one).
@@ -392,7 +413,7 @@ class _CardBuilder:
             return None
         if (
             self.facts.kind is FolderKind.FINE_TUNED
-            and not args.get("from_scratch")
+            and not self.from_scratch
             and "/" in model
             and not looks_like_path(model)
             and valid_repo_id(model)
@@ -403,9 +424,8 @@ class _CardBuilder:
 
     def datasets(self) -> list[str]:
         ids = []
-        conversion = self.facts.conversion or {}
         for key in ("upstream_dataset", "fine_tuned_on"):
-            known = UPSTREAM_DATASETS.get(conversion.get(key))
+            known = UPSTREAM_DATASETS.get(self.conversion.get(key))
             if self.facts.kind is FolderKind.CONVERTED and known:
                 ids.append(known.hub_id)
         if self.dataset and self.dataset.hub_id:
@@ -416,7 +436,7 @@ class _CardBuilder:
         tags = list(BASE_TAGS)
         if self.examples_per_class:
             tags.append("few-shot")
-        if self.facts.multi_label or ((self.facts.pretraining or {}).get("dataset") or {}).get("multi_label"):
+        if self.multi_label or self.pretraining_multi_label:
             tags.append("multi-label")
         return tags
 
@@ -432,20 +452,12 @@ class _CardBuilder:
         }
         results = []
         if self.facts.kind is FolderKind.FINE_TUNED:
+            names = {"accuracy": self.accuracy_label(), "top_5_accuracy": "Top-5 accuracy"}
             for metric in evaluation_metrics(self.facts):
-                if metric.name == "accuracy":
+                if metric.name in names:
                     results.append(
                         checked_eval_result(
-                            metric_type="accuracy",
-                            metric_value=metric.value,
-                            metric_name=self.accuracy_label(),
-                            **common,
-                        )
-                    )
-                elif metric.name == "top_5_accuracy":
-                    results.append(
-                        checked_eval_result(
-                            metric_type="accuracy", metric_value=metric.value, metric_name="Top-5 accuracy", **common
+                            metric_type="accuracy", metric_value=metric.value, metric_name=names[metric.name], **common
                         )
                     )
         elif self.facts.kind is FolderKind.PRETRAINED:
@@ -483,7 +495,7 @@ class _CardBuilder:
             widget=self.widget(),
         )
 
-    # labels --------------------------------------------------------------------------------------------------
+    # names -----------------------------------------------------------------------------------------------------
 
     def accuracy_label(self) -> str:
         if self.trials is not None:
@@ -496,8 +508,6 @@ class _CardBuilder:
         trials = f", median of {entry['trials']} trials" if finite(entry.get("trials")) else ""
         return f"{entry['examples_per_class']}-shot linear-probe accuracy (held-out images{trials})"
 
-    # text ----------------------------------------------------------------------------------------------------
-
     def network_name(self) -> str:
         architecture = self.facts.architecture
         if architecture.standard_name:
@@ -506,66 +516,67 @@ class _CardBuilder:
             return f"`{architecture.preset_name}` ResNet-v2"
         return "ResNet-v2"
 
-    def summary(self) -> str:
-        facts, network = self.facts, self.network_name()
-        classes = f"{_count(facts.architecture.num_labels)}-class head"
-        if facts.kind is FolderKind.CONVERTED:
-            if self.published:
-                return (
-                    f"The published Big Transfer (BiT) checkpoint **{self.published.name}**, {self.published_story()} "
-                    f"It is a {network} image classifier ({classes}), converted to `transformers` by "
-                    "bit-transfer's `bit-convert`; stock `transformers` loads it as it is."
-                )
-            return (
-                f"A Big Transfer (BiT) {network} image classifier ({classes}), converted to `transformers` by "
-                f"bit-transfer's `bit-convert`{self.conversion_source()}."
-            )
-        if facts.kind is FolderKind.FINE_TUNED:
-            args = facts.finetune_args or {}
-            shots = f", {self.examples_per_class} examples per class" if self.examples_per_class else ""
-            trials = f", median of {len(self.trials.accuracies)} trials" if self.trials else ""
-            on = f" on {self.dataset.display}" if self.dataset else ""
-            if args.get("from_scratch"):
-                start = "trained from random initialisation"
-            else:
-                start = f"fine-tuned from {_code(self.start_model)}" if self.start_model else "fine-tuned"
-            return (
-                f"A Big Transfer (BiT) {network} image classifier ({classes}), {start}{on}{shots} with "
-                f"bit-transfer's `bit-finetune` and the BiT-HyperRule{trials}."
-            )
-        if facts.kind is FolderKind.PRETRAINED:
-            on = f" on {self.dataset.display}" if self.dataset else ""
-            steps = (facts.pretraining or {}).get("steps")
-            steps_text = f" for {_count(steps)} steps" if finite(steps) else ""
-            return (
-                f"A Big Transfer (BiT) {network} ({classes}), pre-trained from random initialisation{on}"
-                f"{steps_text} with bit-transfer's implementation of the BiT upstream recipe."
-            )
-        return (
-            f"A Big Transfer (BiT) {network} image classifier ({classes}) saved with `save_pretrained`. "
-            "The folder does not record how its weights were produced."
-        )
+    def upstream_data(self, key: str) -> UpstreamDataset | None:
+        """A converted folder's upstream (`upstream_dataset`) or fine-tuning (`fine_tuned_on`) data, if known."""
+        return UPSTREAM_DATASETS.get(self.conversion.get(key))
 
-    def published_story(self) -> str:
-        checkpoint = self.published
-        upstream = UPSTREAM_DATASETS[checkpoint.upstream_dataset]
-        if "distilled" in checkpoint.name:
-            return (
-                f"an R50x1 student distilled on {UPSTREAM_DATASETS[label_lists.ILSVRC2012].display} from a BiT-M "
-                "R152x2 teacher, released by the BiT authors."
-            )
-        pretrained = f"pre-trained by the BiT authors on {upstream.display} ({upstream.size})"
-        if checkpoint.fine_tuned_on:
-            tuned = UPSTREAM_DATASETS[checkpoint.fine_tuned_on]
-            return f"{pretrained} and then fine-tuned by them on {tuned.display} ({tuned.size})."
-        return f"{pretrained}."
+    def dataset_named(self, dataset: str) -> UpstreamDataset:
+        return UPSTREAM_DATASETS[dataset]
 
-    def architecture(self) -> Table:
+    @property
+    def conversion_source(self) -> str | None:
+        """The source a conversion recorded, as the card may show it."""
+        source = self.conversion.get("source")
+        return public_path(source) if isinstance(source, str) and source else None
+
+    @property
+    def conversion_source_kind(self) -> str | None:
+        kind = self.conversion.get("source_kind")
+        return kind if isinstance(kind, str) else None
+
+    @property
+    def published_file_name(self) -> str | None:
+        return Path(self.published.file).name if self.published else None
+
+    @property
+    def head_replaced(self) -> bool:
+        return self.conversion.get("head") == "replaced"
+
+    @property
+    def producer_version(self) -> str | None:
+        """The bit-transfer version the producer recorded (conversion or pre-training)."""
+        record = self.conversion if self.facts.kind is FolderKind.CONVERTED else self.pretraining
+        return record.get("bit_transfer_version") or None
+
+    @property
+    def unreadable_images(self) -> int | float | None:
+        unreadable = (self.facts.all_results or {}).get("unreadable_images")
+        return unreadable if finite(unreadable) and unreadable > 0 else None
+
+    def counted(self, record: dict, key: str) -> int | None:
+        """`record[key]` when it is a recorded number, for the text to count."""
+        return record[key] if finite(record.get(key)) else None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.pretraining["final_loss"] if finite(self.pretraining.get("final_loss")) else None
+
+    @property
+    def differences_from_paper(self) -> list:
+        return self.pretraining.get("differences_from_paper") or []
+
+    @property
+    def probed(self) -> bool:
+        return bool(final_probe_results(self.facts))
+
+    # tables ----------------------------------------------------------------------------------------------------
+
+    def architecture_table(self) -> Table:
         a = self.facts.architecture
         rows = [
             [
                 "Network",
-                f"{self.network_name()}: pre-activation bottleneck units, Group Normalization and "
+                f"{self.network}: pre-activation bottleneck units, Group Normalization and "
                 "Weight Standardization (BiT)",
             ]
         ]
@@ -587,228 +598,98 @@ class _CardBuilder:
                 else ""
             )
             rows.append(["Parameters", f"{_count(a.parameters)}{head}"])
-        rows.append(["Classes", f"{_count(a.num_labels)}; names in `config.json` → `id2label`{self.label_source()}"])
-        if self.facts.multi_label:
+        rows.append(["Classes", f"{_count(a.num_labels)}; names in `{CONFIG_FILE}` → `id2label`{self.label_source()}"])
+        if self.multi_label:
             rows.append(["Output", "independent per-class probabilities (sigmoid; multi-label)"])
-        if self.facts.preprocessing:
-            rows.append(["Input resolution", self.facts.preprocessing.resolution])
+        if self.preprocessing:
+            rows.append(["Input resolution", self.preprocessing.resolution])
         if a.weights_dtype:
             rows.append(["Weights", f"{a.weights_dtype}, safetensors"])
         return _table(["", ""], rows)
 
     def label_source(self) -> str:
-        conversion = self.facts.conversion or {}
-        if conversion.get("head") == "published":
+        if self.conversion.get("head") == "published":
             dataset = label_lists.dataset_of_head(self.facts.architecture.num_labels)
             if dataset:
                 return f" (WordNet synsets of {UPSTREAM_DATASETS[dataset].display}, first lemma)"
         return ""
 
-    def production(self) -> Section:
+    def production_tables(self) -> list[Table]:
         kind = self.facts.kind
         if kind is FolderKind.CONVERTED:
-            return self.conversion_section()
-        if kind is FolderKind.FINE_TUNED:
-            return self.finetuning_section()
-        if kind is FolderKind.PRETRAINED:
-            return self.pretraining_section()
-        return Section(
-            paragraphs=[
-                "Not recorded: this folder has none of bit-transfer's provenance files (`bit_conversion.json`, "
-                "`bit_hyperrule.json`, `bit_pretraining.json`). Treat its outputs as untested."
-            ]
-        )
-
-    def conversion_source(self) -> str:
-        record = self.facts.conversion or {}
-        source = record.get("source")
-        if not isinstance(source, str) or not source:
-            return ""
-        kind = f" {record['source_kind']}" if isinstance(record.get("source_kind"), str) else ""
-        return f" from the{kind} source {_code(public_path(source))}"
-
-    def conversion_section(self) -> Section:
-        record = self.facts.conversion
-        version = f" (bit-transfer {record['bit_transfer_version']})" if record.get("bit_transfer_version") else ""
-        paragraphs = []
-        if self.published:
-            paragraphs.append(
-                f"Converted by `bit-convert`{version} from the checkpoint the BiT authors published as "
-                f"{_code(Path(self.published.file).name)} with their code (https://github.com/google-research/big_transfer, "
-                f"weights under the Apache-2.0 licence). Tensor names and layouts were mapped to `transformers`' BiT "
-                "names (kernels HWIO → OIHW); every tensor was checked against the architecture before writing."
-            )
+            tables = [_record_table(self.conversion, CONVERSION_LABELS, f"Conversion record (`{CONVERSION_FILE}`)")]
+        elif kind is FolderKind.FINE_TUNED:
+            tables = [self.hyperrule_table()]
+        elif kind is FolderKind.PRETRAINED:
+            recipe = self.pretraining.get("recipe") or {}
+            tables = [_record_table(recipe, {}, f"Recipe record (`{PRETRAINING_FILE}` → `recipe`)")]
         else:
-            paragraphs.append(
-                f"Converted by `bit-convert`{version}{self.conversion_source()}; every tensor was checked against the "
-                "architecture before writing."
-            )
-        if record.get("head") == "replaced":
-            paragraphs.append(
-                f"The classification head was **replaced** by a zero-initialised {_count(record.get('num_labels') or 0)}-class "
-                "head, as BiT's fine-tuning protocol starts a new task: until it is fine-tuned, every class gets the "
-                "same score."
-            )
-        labels = {
-            "source": "source (as given)",
-            "source_kind": "source kind",
-            "published_name": "published name",
-            "source_url": "downloaded from",
-            "source_sha256": "SHA-256 of the source",
-            "upstream_dataset": "pre-training data",
-            "fine_tuned_on": "fine-tuned on",
-            "head": "head",
-            "num_labels": "classes",
-            "dtype": "weights dtype",
-            "architecture": "architecture",
-            "bit_transfer_version": "bit-transfer version",
-        }
-        table = _record_table(record, labels, "Conversion record (`bit_conversion.json`)")
-        return Section(paragraphs=paragraphs, tables=[table] if table else [])
+            tables = []
+        return [table for table in tables if table]
 
-    def finetuning_section(self) -> Section:
-        args, rule = self.facts.finetune_args or {}, self.facts.hyperrule or {}
-        dataset = args.get("dataset") or {}
-        counts = [
-            f"{_count(dataset['num_train_examples'])} training images"
-            if finite(dataset.get("num_train_examples"))
-            else "",
-            f"{_count(dataset['num_classes'])} classes" if finite(dataset.get("num_classes")) else "",
-            f"{self.examples_per_class} per class, drawn at random for each trial" if self.examples_per_class else "",
-            f"{dataset['trials']} trials" if finite(dataset.get("trials")) and dataset["trials"] > 1 else "",
-        ]
-        on = f" on {self.dataset.display}" if self.dataset else ""
-        described = ", ".join(part for part in counts if part)
-        paragraphs = [
-            f"Fine-tuned with `bit-finetune`{on}" + (f" ({described})" if described else "") + ". The BiT-HyperRule "
-            f"({BIT_PAPER}, §3.3 and Table 1) derives the setting from the training data: SGD with momentum 0.9 and no "
-            "weight decay, a zero-initialised head, linear warmup, the learning rate divided by 10 at 30%, 60% and 90% "
-            "of the steps, the resolution from the image size, the number of steps from the dataset size, and MixUp "
-            'from 20k examples on. Settings given on the command line replace the rule\'s (marked "given" below).'
-        ]
-        if self.trials is not None and self.trials.saved_trial is not None:
-            drew = "its own training examples and seed" if self.trials.examples_per_class else "its own seed"
-            paragraphs.append(
-                f"Each trial drew {drew}; this folder holds the weights of trial {self.trials.saved_trial + 1}, the one "
-                "with the median accuracy."
-            )
-        unreadable = (self.facts.all_results or {}).get("unreadable_images")
-        if finite(unreadable) and unreadable > 0:
-            files = "file was" if unreadable == 1 else "files were"
-            paragraphs.append(
-                f"{_count(unreadable)} unreadable image {files} skipped (listed in `bit_finetune_args.json`)."
-            )
-        tables = []
-        if rule:
-            overrides = set(rule.get("overrides") or [])
-            rows = [
-                [
-                    HYPERRULE_LABELS.get(key, _code(key)),
-                    _value(value),
-                    "given"
-                    if key in overrides
-                    else ("chosen for the device" if key == "micro_batch_size" else "BiT-HyperRule"),
-                ]
-                for key, value in rule.items()
-                if key != "overrides" and value is not None
+    def hyperrule_table(self) -> Table | None:
+        rule = self.facts.hyperrule or {}
+        if not rule:
+            return None
+        overrides = set(rule.get("overrides") or [])
+        rows = [
+            [
+                HYPERRULE_LABELS.get(key, _code(key)),
+                _value(value),
+                "given"
+                if key in overrides
+                else ("chosen for the device" if key == "micro_batch_size" else "BiT-HyperRule"),
             ]
-            tables.append(
-                _table(["setting", "value", "from"], rows, title="BiT-HyperRule record (`bit_hyperrule.json`)")
-            )
-        command = shell_command(args.get("command") or [])
-        return Section(paragraphs=paragraphs, tables=[t for t in tables if t], command=command)
+            for key, value in rule.items()
+            if key != "overrides" and value is not None
+        ]
+        return _table(["setting", "value", "from"], rows, title=f"BiT-HyperRule record (`{HYPERRULE_FILE}`)")
 
-    def pretraining_section(self) -> Section:
-        record = self.facts.pretraining
-        dataset = record.get("dataset") or {}
-        counts = [
-            f"{_count(dataset['num_examples'])} images" if finite(dataset.get("num_examples")) else "",
-            f"{_count(dataset['num_classes'])} classes" if finite(dataset.get("num_classes")) else "",
-            (
-                "multi-label, per-class sigmoid loss"
-                if dataset.get("multi_label")
-                else "single-label, softmax cross-entropy"
-            )
-            if "multi_label" in dataset
-            else "",
-        ]
-        described = ", ".join(part for part in counts if part)
-        on = f" on {self.dataset.display}" if self.dataset else ""
-        run = [
-            f"{_count(record['steps'])} steps" if finite(record.get("steps")) else "",
-            f"global batch {_count(record['global_batch_size'])}" if finite(record.get("global_batch_size")) else "",
-            f"final training loss {record['final_loss']:.4g}" if finite(record.get("final_loss")) else "",
-        ]
-        version = f" (bit-transfer {record['bit_transfer_version']})" if record.get("bit_transfer_version") else ""
-        paragraphs = [
-            f"Pre-trained from random initialisation with `pretraining/pretrain.py`{version}{on}"
-            + (f" ({described})" if described else "")
-            + ": "
-            + ", ".join(part for part in run if part)
-            + f". The recipe is BiT's upstream one ({BIT_PAPER}, §3.3): SGD with momentum 0.9, weight decay, "
-            "learning rate scaled with the batch size, linear warmup and step decays; the record below lists every "
-            "value this run used."
-        ]
-        differences = record.get("differences_from_paper") or []
-        if differences:
-            paragraphs.append(
-                "Where this run differs from the paper's recipe:\n\n" + "\n".join(f"- {line}" for line in differences)
-            )
-        tables = [_record_table(record.get("recipe") or {}, {}, "Recipe record (`bit_pretraining.json` → `recipe`)")]
-        command = shell_command(pretraining_command(record.get("command") or [], record.get("num_processes")))
-        if record.get("command") and not command:
-            paragraphs.append(
-                f"The recorded command (`bit_pretraining.json` → `command`) is not a {_code(PRETRAIN_SCRIPT)} or "
-                f"{_code(PRETRAIN_CONSOLE_SCRIPT)} command line (the run was started from other Python code), so it is "
-                "not shown: the recipe record below lists every value the run used."
-            )
-        return Section(paragraphs=paragraphs, tables=[t for t in tables if t], command=command)
+    @property
+    def command(self) -> str:
+        """The recorded command as the user reruns it; empty when there is none to show."""
+        if self.facts.kind is FolderKind.FINE_TUNED:
+            return shell_command(self.finetune_args.get("command") or [])
+        if self.facts.kind is FolderKind.PRETRAINED:
+            argv = self.pretraining.get("command") or []
+            return shell_command(pretraining_command(argv, self.pretraining.get("num_processes")))
+        return ""
 
-    def results(self) -> Section:
-        facts = self.facts
-        section = Section(plots=self.plots)
+    def results_tables(self) -> list[Table]:
+        facts, tables = self.facts, []
         if facts.kind is FolderKind.FINE_TUNED:
             metrics = evaluation_metrics(facts)
-            dataset = (facts.finetune_args or {}).get("dataset") or {}
             labels = {"accuracy": self.accuracy_label(), "top_5_accuracy": "Top-5 accuracy", "loss": "Loss"}
             rows = [[labels[m.name], _percent(m.value) if m.name != "loss" else f"{m.value:.4f}"] for m in metrics]
-            if rows and finite(dataset.get("num_eval_examples")):
-                rows.append(["Evaluated images", _count(dataset["num_eval_examples"])])
-            table = _table(["metric", "value"], rows, title=f"Evaluation on {self.evaluation_data()}")
-            section.tables.append(table)
+            if rows and finite(self.dataset_record.get("num_eval_examples")):
+                rows.append(["Evaluated images", _count(self.dataset_record["num_eval_examples"])])
+            tables.append(_table(["metric", "value"], rows, title=f"Evaluation on {self.evaluation_data()}"))
             if self.trials is not None:
                 t = self.trials
-                summary = _table(
-                    ["examples per class", "trials", "median", "min", "max"],
-                    [
+                row = [
+                    self.trial_examples_per_class(),
+                    str(len(t.accuracies)),
+                    *map(_percent, (t.median, t.minimum, t.maximum)),
+                ]
+                tables.append(
+                    _table(
+                        ["examples per class", "trials", "median", "min", "max"],
+                        [row],
+                        title="Accuracy over trials (the paper's few-shot protocol: median over random draws)",
+                    )
+                )
+                tables.append(
+                    _table(
+                        ["trial", "accuracy", "weights in this folder"],
                         [
-                            self.trial_examples_per_class(),
-                            str(len(t.accuracies)),
-                            _percent(t.median),
-                            _percent(t.minimum),
-                            _percent(t.maximum),
-                        ]
-                    ],
-                    title="Accuracy over trials (the paper's few-shot protocol: median over random draws)",
+                            [str(i + 1), _percent(a), "yes" if i == t.saved_trial else ""]
+                            for i, a in enumerate(t.accuracies)
+                        ],
+                    )
                 )
-                per_trial = _table(
-                    ["trial", "accuracy", "weights in this folder"],
-                    [
-                        [str(i + 1), _percent(a), "yes" if i == t.saved_trial else ""]
-                        for i, a in enumerate(t.accuracies)
-                    ],
-                )
-                section.tables += [summary, per_trial]
         elif facts.kind is FolderKind.PRETRAINED:
             entries = final_probe_results(facts)
             if entries:
-                step = entries[0]["step"]
-                section.paragraphs.append(
-                    "A few-shot linear probe measures the representation during pre-training (upstream validation loss "
-                    "can look flat while the representation still improves, paper §4.2 and Fig. 5): a ridge-regression classifier "
-                    "on the frozen pre-logits, fit on k random examples per class of held-out images and tested on the "
-                    "rest of them."
-                )
                 rows = [
                     [
                         str(e["examples_per_class"]),
@@ -819,19 +700,16 @@ class _CardBuilder:
                     ]
                     for e in entries
                 ]
-                section.tables.append(
+                tables.append(
                     _table(
                         ["examples per class", "accuracy (median)", "trials", "classes", "test images"],
                         rows,
-                        title=f"Few-shot linear probe after step {_count(step)}",
+                        title=f"Few-shot linear probe after step {_count(entries[0]['step'])}",
                     )
                 )
-            final_loss = (facts.pretraining or {}).get("final_loss")
-            if finite(final_loss):
-                section.tables.append(_table(["", "value"], [["Final training loss", f"{final_loss:.4f}"]]))
-        section.tables = [table for table in section.tables if table]
-        section.absent = self.absent_results()
-        return section
+            if self.final_loss is not None:
+                tables.append(_table(["", "value"], [["Final training loss", f"{self.final_loss:.4f}"]]))
+        return [table for table in tables if table]
 
     def trial_examples_per_class(self) -> str:
         if self.examples_per_class:
@@ -841,7 +719,7 @@ class _CardBuilder:
     def evaluation_data(self) -> str:
         """What bit-finetune evaluated on: the validation folder or split it was given, else examples it held out of
         the training data (finetune/data.py, `split_off_validation`); never the training examples."""
-        record = (self.facts.finetune_args or {}).get("dataset") or {}
+        record = self.dataset_record
         if isinstance(record.get("validation_dir"), str) and record["validation_dir"]:
             return f"the local image folder {_code(public_path(record['validation_dir']))}"
         if self.dataset is None:
@@ -850,173 +728,40 @@ class _CardBuilder:
             return f"the {_code(record['validation_split'])} split of {self.dataset.display}"
         return f"examples of {self.dataset.display} held out of training (a stratified part of each class)"
 
-    def absent_results(self) -> str:
-        kind = self.facts.kind
-        if kind is FolderKind.CONVERTED:
-            return (
-                "No evaluation results are recorded for this folder: bit-transfer did not measure its accuracy. The "
-                "conversion is checked tensor by tensor against the architecture, and bit-transfer's tests check that "
-                "converted checkpoints reproduce a reference forward pass written from the paper's description. For "
-                f"the published models' accuracy, see {BIT_PAPER}."
-            )
-        return "No evaluation results are recorded in this folder."
+    # usage -----------------------------------------------------------------------------------------------------
 
-    def usage(self) -> dict:
-        facts = self.facts
-        k = max(1, min(5, facts.architecture.num_labels))
+    @property
+    def usage_image(self) -> str:
         if self.options.repo_id and self.examples:
-            image = self.example_url(self.examples[0])
-        elif self.examples:
-            image = f"{self.folder_name}/{self.examples[0].file}"
-        else:
-            image = "path/to/image.jpg"
-        location = "" if self.options.repo_id else "  # this folder (or its Hub id once uploaded)"
+            return self.example_url(self.examples[0])
+        if self.examples:
+            return f"{self.folder_name}/{self.examples[0].file}"
+        return "path/to/image.jpg"
+
+    @property
+    def top_k(self) -> int:
+        return max(1, min(5, self.facts.architecture.num_labels))
+
+    @property
+    def sigmoid_scores(self) -> bool:
         # As the pipeline decides (transformers ImageClassificationPipeline.postprocess).
-        sigmoid = facts.multi_label or facts.architecture.num_labels == 1
-        pipeline_code = (
-            "from transformers import pipeline\n\n"
-            f'classifier = pipeline("image-classification", model="{self.model_reference}"){location}\n'
-            f'for prediction in classifier("{image}", top_k={k}):\n'
-            "    print(f\"{prediction['label']}: {prediction['score']:.4f}\")"
-        )
-        auto_code = (
-            "import torch\n"
-            "from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
-            "from transformers.image_utils import load_image\n\n"
-            f'processor = AutoImageProcessor.from_pretrained("{self.model_reference}")\n'
-            f'model = AutoModelForImageClassification.from_pretrained("{self.model_reference}").eval()\n'
-            f'image = load_image("{image}")  # a path or an http(s) URL\n'
-            "with torch.no_grad():\n"
-            '    logits = model(**processor(image, return_tensors="pt")).logits\n'
-            f"scores = logits.{'sigmoid()' if sigmoid else 'softmax(-1)'}[0]\n"
-            f"top = scores.topk({k})\n"
-            "for score, index in zip(top.values.tolist(), top.indices.tolist()):\n"
-            '    print(f"{model.config.id2label[index]}: {score:.4f}")'
-        )
-        note = (
-            "With bit-transfer installed, `import modeling_bit` before loading makes the Auto classes return "
-            "bit-transfer's implementation of the same network (same outputs, faster on CPU)."
-        )
-        return {"pipeline": pipeline_code, "auto_classes": auto_code, "note": note}
-
-    def widget_note(self) -> str:
-        if not self.examples:
-            return ""
-        files = ", ".join(_code(example.file) for example in self.examples)
-        listed = (
-            "are the inference widget's examples"
-            if self.options.repo_id
-            else "become the inference widget's examples when the card is rendered for a Hub repository "
-            "(`bit-model-card FOLDER --repo-id NAMESPACE/NAME`)"
-        )
-        return (
-            f"The images in `examples/` ({files}) {listed}. They are synthetic test patterns drawn by bit-transfer, "
-            "not photographs: they show what the output looks like, not how accurate the model is. Try your own images."
-        )
-
-    def limitations(self) -> list[str]:
-        facts, items = self.facts, []
-        conversion = facts.conversion or {}
-        upstream = UPSTREAM_DATASETS.get(conversion.get("upstream_dataset"))
-        if facts.kind is FolderKind.CONVERTED and not upstream:
-            items.append(
-                "**Upstream data.** Not recorded for this source: what the weights were trained on, and the biases "
-                "they carry, are unknown here. Do not use it to make decisions about people."
-            )
-        elif facts.kind is FolderKind.CONVERTED:
-            tuned = UPSTREAM_DATASETS.get(conversion.get("fine_tuned_on"))
-            learned = f"{upstream.display}" + (f" and then {tuned.display}" if tuned else "")
-            items.append(
-                f"**Upstream data.** The weights learned from {learned}: web photographs labelled against the "
-                "WordNet hierarchy. Such collections over-represent some regions, cultures and kinds of photo, and "
-                "ImageNet's person categories include labels that have been criticised as offensive and were later "
-                "filtered by its maintainers. The model reproduces these biases; do not use it to make decisions "
-                "about people."
-            )
-        elif facts.kind is FolderKind.FINE_TUNED:
-            model = self.start_model
-            items.append(
-                f"**Data.** The model carries what its starting checkpoint {_code(model)} learned upstream (for BiT-S/M: "
-                "ILSVRC-2012 or ImageNet-21k web photographs, with their known biases) and whatever the fine-tuning "
-                "images over- or under-represent. Do not use it to make decisions about people."
-                if model and not (facts.finetune_args or {}).get("from_scratch")
-                else "**Data.** The model learned only from its training images and reproduces what they over- or "
-                "under-represent. Do not use it to make decisions about people."
-            )
-        elif facts.kind is FolderKind.PRETRAINED:
-            items.append(
-                "**Data.** The representation reflects its pre-training images and labels only; whatever they over- or "
-                "under-represent, the model does too. Do not use it to make decisions about people."
-            )
-        items.append(
-            "**Label noise.** Image classification labels are noisy and give one class per image although many images "
-            "show several objects; the BiT paper finds about half of its best model's remaining CIFAR-10 errors are "
-            "label noise or ambiguous images (§6, Fig. 7). Accuracy numbers inherit this noise."
-        )
-        items.append(self.not_evaluated())
-        if self.trials is not None:
-            items.append(
-                f"**Few-shot variance.** With {self.examples_per_class or 'few'} examples per class, accuracy depends "
-                f"on which examples were drawn: the trials range from {_percent(self.trials.minimum)} to "
-                f"{_percent(self.trials.maximum)}."
-            )
-        if conversion.get("head") == "replaced":
-            items.append(
-                "**Untrained head.** The zero-initialised head gives every class the same score until fine-tuned."
-            )
-        if facts.preprocessing and facts.preprocessing.height:
-            items.append(
-                f"**Input.** The model expects photographs preprocessed as described above, at "
-                f"{facts.preprocessing.resolution}; other resolutions and other kinds of image (drawings, medical, "
-                "satellite, screenshots) are outside what it was trained on unless it is fine-tuned for them."
-            )
-        pretraining_multi_label = ((facts.pretraining or {}).get("dataset") or {}).get("multi_label")
-        if pretraining_multi_label and not facts.multi_label:
-            items.append(
-                "**Scores.** It was trained with a per-class sigmoid loss, but `config.json` does not set "
-                "`problem_type: multi_label_classification`, so the pipeline applies softmax: rank by score, and do "
-                "not read the scores as independent probabilities."
-            )
-        return items
-
-    def not_evaluated(self) -> str:
-        kind = self.facts.kind
-        if kind is FolderKind.CONVERTED:
-            return (
-                "**Not evaluated here.** bit-transfer did not measure this folder's accuracy on any dataset, nor its "
-                "robustness to distribution shift or its calibration."
-            )
-        if kind is FolderKind.FINE_TUNED:
-            where = self.dataset.display if self.dataset else "its evaluation images"
-            return (
-                f"**Evaluated only on {where}.** Not on other distributions, not for robustness or calibration; "
-                "accuracy elsewhere may be much lower."
-            )
-        if kind is FolderKind.PRETRAINED:
-            return (
-                "**Evaluated only upstream.** The only measurements are the training loss and a few-shot linear probe "
-                "on held-out pre-training images; transfer to downstream tasks, robustness and calibration were not "
-                "measured."
-            )
-        return "**Not evaluated.** Nothing in this folder records an evaluation."
-
-    def render(self) -> str:
-        card_data = self.card_data()
-        return _template().render(
-            card_data=card_data.to_yaml(),
-            title=self.title,
-            summary=self.summary(),
-            architecture=self.architecture(),
-            preprocessing=self.facts.preprocessing.describe() if self.facts.preprocessing else "",
-            production=self.production(),
-            results=self.results(),
-            usage=self.usage(),
-            widget_note=self.widget_note(),
-            limitations=self.limitations(),
-            bibtex=BIBTEX,
-        )
+        return self.multi_label or self.facts.architecture.num_labels == 1
 
 
+CONVERSION_LABELS = {
+    "source": "source (as given)",
+    "source_kind": "source kind",
+    "published_name": "published name",
+    "source_url": "downloaded from",
+    "source_sha256": "SHA-256 of the source",
+    "upstream_dataset": "pre-training data",
+    "fine_tuned_on": "fine-tuned on",
+    "head": "head",
+    "num_labels": "classes",
+    "dtype": "weights dtype",
+    "architecture": "architecture",
+    "bit_transfer_version": "bit-transfer version",
+}
 HYPERRULE_LABELS = {
     "dataset_size": "training examples (decides the schedule)",
     "median_image_area": "median image area in pixels (decides the resolution)",
@@ -1034,17 +779,24 @@ HYPERRULE_LABELS = {
 }
 
 
+def _oneline(text) -> str:
+    """A paragraph written over several template lines, as the one line Markdown renders it as."""
+    return " ".join(str(text).split())
+
+
 @cache
-def _template() -> jinja2.Template:
+def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
+        loader=jinja2.PackageLoader(__package__, "templates"),
+        extensions=["jinja2.ext.do"],
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,  # Markdown, not HTML; values are prepared (and table cells escaped) in Python
     )
-    source = resources.files(__package__).joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")
-    return environment.from_string(source)
+    environment.filters.update(code=_code, count=_count, percent=_percent, oneline=_oneline)
+    return environment
 
 
 def build_model_card(
@@ -1053,7 +805,19 @@ def build_model_card(
     """The card of a read folder; its metadata is parsed back by `ModelCard` before it is returned."""
     if options.repo_id:
         check_repo_id(options.repo_id, "repo id", namespaced=True)
-    text = _CardBuilder(facts, plots, examples, options).render()
+    card = _CardValues(facts, plots, examples, options)
+    files = {
+        "conversion": CONVERSION_FILE,
+        "hyperrule": HYPERRULE_FILE,
+        "finetune_args": FINETUNE_ARGS_FILE,
+        "pretraining": PRETRAINING_FILE,
+        "preprocessor": PREPROCESSOR_FILE,
+    }
+    text = (
+        _environment()
+        .get_template(KIND_TEMPLATES[facts.kind])
+        .render(card=card, card_data=card.card_data().to_yaml(), files=files)
+    )
     text = re.sub(r"\n{3,}", "\n\n", text)  # blank lines left by skipped sections
     return ModelCard(text)
 

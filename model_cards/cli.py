@@ -15,9 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
 from . import CardOptions, prepare_hub_folder
+from .command_line import CommandLineParser
 from .facts import CardError
 from .hub import HubPushError, check_can_push, push_folder
 
@@ -45,7 +44,7 @@ class ModelCardArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = HfArgumentParser(ModelCardArguments, prog="bit-model-card", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(ModelCardArguments, prog="bit-model-card", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "folder",
         metavar="FOLDER",

@@ -1,13 +1,8 @@
 """What a saved BiT folder says about itself: its network, its preprocessing, and how it was produced.
 
-Every folder bit-transfer writes carries `config.json`, `model.safetensors`, `preprocessor_config.json` and one
-metadata file naming its kind, as its producer writes it:
-
-- `bit_conversion.json`: converted by `bit-convert`;
-- `bit_hyperrule.json` / `bit_finetune_args.json` (+ `eval_results.json`, `all_results.json`,
-  `training_log.json`): fine-tuned by `bit-finetune`;
-- `bit_pretraining.json` (+ `training_log.jsonl`, `probe_results.json`): pre-trained by `pretraining/pretrain.py`;
-- none: a model saved with `save_pretrained`, origin unrecorded.
+The folder's files and their names are `modeling_bit.folder_layout`'s: `config.json`, `model.safetensors`,
+`preprocessor_config.json` and one metadata file naming its kind (converted, fine-tuned, pre-trained; none for a
+plain `save_pretrained` folder), as its producer writes it.
 
 Only the files are read (the safetensors header, not the weights), so a card for R152x4 costs milliseconds.
 """
@@ -21,28 +16,24 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_bit.configuration_bit import (
-    RESNET_DEPTHS,
-    RESNET_HIDDEN_SIZES,
-    RESNET_STEM_CHANNELS,
-    SMALL_PRESETS,
+from modeling_bit.folder_layout import (
+    ALL_RESULTS_FILE,
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    EVAL_RESULTS_FILE,
+    FINETUNE_ARGS_FILE,
+    FINETUNE_LOG_FILE,
+    HEAD_TENSORS,
+    HYPERRULE_FILE,
+    PREPROCESSOR_FILE,
+    PRETRAINING_FILE,
+    PRETRAINING_LOG_FILE,
+    PROBE_RESULTS_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
 )
+from modeling_bit.variants import architecture_name, small_network_name
 
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-CONVERSION_FILE = "bit_conversion.json"
-HYPERRULE_FILE = "bit_hyperrule.json"
-FINETUNE_ARGS_FILE = "bit_finetune_args.json"
-EVAL_RESULTS_FILE = "eval_results.json"
-ALL_RESULTS_FILE = "all_results.json"
-FINETUNE_LOG_FILE = "training_log.json"
-PRETRAINING_FILE = "bit_pretraining.json"
-PRETRAINING_LOG_FILE = "training_log.jsonl"
-PROBE_RESULTS_FILE = "probe_results.json"
-
-HEAD_TENSORS = ("classifier.1.weight", "classifier.1.bias")
 _SAFETENSORS_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # PIL's resampling filter numbers, as image processors store them.
 _RESAMPLE_NAMES = {0: "nearest", 1: "Lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "Hamming"}
@@ -78,26 +69,12 @@ class Architecture:
     @property
     def standard_name(self) -> str | None:
         """ "R50x1"-style name when this is one of ResNet-v2 50/101/152 at an integer width, else None."""
-        for depth, stage_depths in RESNET_DEPTHS.items():
-            if tuple(self.depths) != tuple(stage_depths) or self.stem_channels % RESNET_STEM_CHANNELS:
-                continue
-            width = self.stem_channels // RESNET_STEM_CHANNELS
-            if tuple(self.stage_channels) == tuple(width * size for size in RESNET_HIDDEN_SIZES):
-                return f"R{depth}x{width}"
-        return None
+        return architecture_name(self.depths, self.stem_channels, self.stage_channels)
 
     @property
     def preset_name(self) -> str | None:
         """The small CPU preset (`bit-tiny`, `bit-small`) this network is, if any."""
-        for name, preset in SMALL_PRESETS.items():
-            width = preset.get("width_factor", 1)
-            if (
-                tuple(self.depths) == tuple(preset["depths"])
-                and self.stem_channels == preset["embedding_size"] * width
-                and tuple(self.stage_channels) == tuple(size * width for size in preset["hidden_sizes"])
-            ):
-                return name
-        return None
+        return small_network_name(self.depths, self.stem_channels, self.stage_channels)
 
 
 @dataclass(frozen=True)
@@ -118,31 +95,22 @@ class Preprocessing:
             return f"{self.height}×{self.width}"
         return f"shortest edge {self.shortest_edge}" if self.shortest_edge else "as given"
 
-    def describe(self) -> str:
-        """One sentence a user can reimplement from, built from the saved values (nothing assumed)."""
-        steps = ["RGB" if self.convert_rgb else "channels as given"]
-        if self.height and self.width:
-            steps.append(f"resized to {self.height}×{self.width} pixels ({self.resample or 'default'} resampling)")
-        elif self.shortest_edge:
-            steps.append(f"resized so the shorter edge is {self.shortest_edge} pixels ({self.resample or 'default'})")
-        steps.append("centre-cropped" if self.center_crop else "no centre crop")
-        if self.rescale_factor is not None:
-            steps.append(
-                "scaled to [0, 1]"
-                if math.isclose(self.rescale_factor, 1 / 255)
-                else f"multiplied by {self.rescale_factor:g}"
-            )
-        if self.mean is not None and self.std is not None:
-            if (
-                set(self.mean) == {0.5}
-                and set(self.std) == {0.5}
-                and self.rescale_factor
-                and math.isclose(self.rescale_factor, 1 / 255)
-            ):
-                steps.append("normalised with mean 0.5 and standard deviation 0.5 per channel, i.e. to [-1, 1]")
-            else:
-                steps.append(f"normalised with mean {list(self.mean)} and standard deviation {list(self.std)}")
-        return "; ".join(steps) + "."
+    @property
+    def scales_to_unit_range(self) -> bool:
+        """Rescaled by 1/255, i.e. 8-bit pixels to [0, 1]."""
+        return self.rescale_factor is not None and math.isclose(self.rescale_factor, 1 / 255)
+
+    @property
+    def normalises_to_bit_range(self) -> bool:
+        """Mean and standard deviation 0.5 per channel after scaling to [0, 1]: BiT's [-1, 1] input."""
+        return (
+            self.mean is not None
+            and self.std is not None
+            and set(self.mean) == {0.5}
+            and set(self.std) == {0.5}
+            and bool(self.rescale_factor)
+            and self.scales_to_unit_range
+        )
 
 
 @dataclass(frozen=True)

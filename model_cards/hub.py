@@ -24,10 +24,11 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import httpx
 from huggingface_hub.utils.sha import git_hash
 
-from .card import check_repo_id
-from .facts import CONFIG_FILE, CardError
+from modeling_bit.folder_layout import CONFIG_FILE, MODEL_CARD_FILE
 
-README = "README.md"
+from .card import check_repo_id
+from .facts import CardError
+
 # Hidden files (a crashed atomic write's temporary, editor or cache folders) never go to the Hub.
 HIDDEN_PATTERNS = (".*", "*/.*")
 # Every remote file not in the folder is deleted by the upload (`upload_folder` keeps `.gitattributes` regardless).
@@ -120,8 +121,8 @@ def check_can_push(api: HfApi | None = None) -> None:
 def push_folder(folder: str | os.PathLike, repo_id: str, *, api: HfApi | None = None) -> PushResult:
     """Upload `folder` to the model repository `repo_id` (created if missing); skip it if already identical."""
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / README).is_file():
-        raise HubPushError(f"{folder} is not a Hub-ready folder: {CONFIG_FILE} and {README} are expected.")
+    if not (folder / CONFIG_FILE).is_file() or not (folder / MODEL_CARD_FILE).is_file():
+        raise HubPushError(f"{folder} is not a Hub-ready folder: {CONFIG_FILE} and {MODEL_CARD_FILE} are expected.")
     try:
         check_repo_id(repo_id, "repo id", namespaced=True)
     except CardError as error:

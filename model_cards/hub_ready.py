@@ -15,6 +15,8 @@ alone. A name that fails is reported and the others continue; the exit status sa
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,21 +26,21 @@ from pathlib import Path
 
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from modeling_bit import labels as label_lists
 from modeling_bit.checkpoint_reading import CheckpointError
-from modeling_bit.configuration_bit import RESNET_DEPTHS
-from modeling_bit.convert import CONVERSION_METADATA, ConversionError, convert_to_folder
+from modeling_bit.convert import ConversionError, convert_to_folder
 from modeling_bit.download import DownloadError
+from modeling_bit.folder_layout import CONVERSION_FILE, WEIGHTS_FILE
 from modeling_bit.published import (
     PUBLISHED_CHECKPOINTS,
     PublishedCheckpoint,
     find_published_checkpoint,
     published_names_help,
 )
+from modeling_bit.variants import upstream_checkpoint
 
 from . import prepare_hub_folder
 from .card import CardOptions, check_repo_id
-from .facts import WEIGHTS_FILE, CardError
+from .facts import CardError
 from .hub import HubPushError, PushResult, check_can_push, push_folder
 
 logger = logging.getLogger(__name__)
@@ -64,14 +66,6 @@ def repo_name(checkpoint: PublishedCheckpoint) -> str:
     return checkpoint.name.lower()
 
 
-def upstream_checkpoint(checkpoint: PublishedCheckpoint) -> PublishedCheckpoint | None:
-    """The BiT-M checkpoint a fine-tuned one (-ILSVRC2012, the distillation teachers) started from."""
-    if not checkpoint.fine_tuned_on or checkpoint.upstream_dataset != label_lists.IMAGENET21K:
-        return None
-    depth = next(depth for depth, stages in RESNET_DEPTHS.items() if tuple(stages) == tuple(checkpoint.depths))
-    return PUBLISHED_CHECKPOINTS[f"BiT-M-R{depth}x{checkpoint.width_factor}"]
-
-
 def select_checkpoints(names: Sequence[str] | None) -> list[PublishedCheckpoint]:
     if not names:
         return list(PUBLISHED_CHECKPOINTS.values())
@@ -88,7 +82,7 @@ def holds_complete_conversion(folder: Path, checkpoint: PublishedCheckpoint) -> 
     """Whether `folder` is a finished `bit-convert` of `checkpoint` with its published head (conversions are atomic,
     so the metadata file exists only beside complete weights)."""
     try:
-        record = json.loads((folder / CONVERSION_METADATA).read_text())
+        record = json.loads((folder / CONVERSION_FILE).read_text())
     except (OSError, ValueError):
         return False
     return (
@@ -134,11 +128,20 @@ def write_published_folders(
         # A base model is named only when its repository is written by the same run.
         base_model = f"{namespace}/{repo_name(upstream)}" if upstream and upstream.name in selected else None
         converted, result = False, None
+        options = CardOptions(repo_id=repo_id, base_model=base_model)
         try:
-            if not holds_complete_conversion(folder, checkpoint):
-                convert_to_folder(checkpoint, folder, dtype=PUBLISHED_DTYPE)
+            if holds_complete_conversion(folder, checkpoint):
+                prepare_hub_folder(folder, options)  # re-rendered: the same bytes for the same folder
+            else:
+                # The card and examples go into the staging folder, inside the conversion's atomic swap.
+                staged = dataclasses.replace(options, folder_name=folder.name)
+                convert_to_folder(
+                    checkpoint,
+                    folder,
+                    dtype=PUBLISHED_DTYPE,
+                    finish=functools.partial(prepare_hub_folder, options=staged),
+                )
                 converted = True
-            prepare_hub_folder(folder, CardOptions(repo_id=repo_id, base_model=base_model))
             if push:
                 result = push_folder(folder, repo_id)
         except (ConversionError, CheckpointError, DownloadError, CardError, HubPushError) as error:
@@ -178,6 +181,5 @@ __all__ = [
     "Outcome",
     "holds_complete_conversion",
     "run",
-    "upstream_checkpoint",
     "write_published_folders",
 ]

@@ -6,18 +6,22 @@ Importing this package registers our classes with transformers' Auto API for `mo
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from .by_name import route_through_published_names
 from .configuration_bit import PRESETS, BitConfig, canonical_preset_name
 from .image_processing_bit import BIT_IMAGE_MEAN, BIT_IMAGE_STD, bit_image_processor, load_rgb_image
 from .modeling_bit import BitBackbone, BitForImageClassification, BitModel, BitPreTrainedModel
-from .published import PUBLISHED_CHECKPOINT_NAMES, route_auto_classes_through_published_names
+from .published import PUBLISHED_CHECKPOINT_NAMES
 
 # "bit" is a built-in model type, hence exist_ok: ours replace stock transformers' for this process.
 AutoConfig.register("bit", BitConfig, exist_ok=True)
 AutoModel.register(BitConfig, BitModel, exist_ok=True)
 AutoModelForImageClassification.register(BitConfig, BitForImageClassification, exist_ok=True)
 AutoBackbone.register(BitConfig, BitBackbone, exist_ok=True)
-# `AutoModel.from_pretrained("BiT-M-R50x1")`: published BiT names resolve to converted checkpoints.
-route_auto_classes_through_published_names(AutoConfig, AutoModel, AutoModelForImageClassification, AutoImageProcessor)
+# `BitModel.from_pretrained("BiT-M-R50x1")`, `AutoModel.from_pretrained("BiT-M-R50x1")`: published BiT names
+# resolve to converted checkpoints.
+route_through_published_names(
+    BitPreTrainedModel, AutoConfig, AutoModel, AutoModelForImageClassification, AutoImageProcessor
+)
 
 __all__ = [
     "BIT_IMAGE_MEAN",

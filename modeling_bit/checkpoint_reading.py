@@ -2,7 +2,7 @@
 
 Three naming schemes are understood, recognised from the tensor names:
 
-- published `.npz` (BIT_RECIPE.md "Published checkpoints"): `resnet/root_block/standardized_conv2d/kernel`,
+- published `.npz` (docs/recipe.md "Published checkpoints"): `resnet/root_block/standardized_conv2d/kernel`,
   `resnet/block{1..4}/unit{01..}/{a,b,c}/...`, TensorFlow layouts (HWIO kernels, the head as a 1x1 conv);
 - timm's ResNetV2-BiT state dicts: `stem.conv.weight`, `stages.{s}.blocks.{u}.norm1.weight`, `head.fc.weight`;
 - stock transformers: `bit.embedder.convolution.weight`, ... (also without the `bit.` prefix of `BitModel`).
@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .configuration_bit import RESNET_STEM_CHANNELS, BitConfig
+from .configuration_bit import BitConfig
+from .folder_layout import CONFIG_FILE, HEAD_BIAS, HEAD_WEIGHT, PYTORCH_WEIGHTS_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 from .modeling_bit import BitModel
+from .variants import RESNET_STEM_CHANNELS
 
-NUM_STAGES = 4  # ResNet-v2: four stages (BIT_RECIPE.md "Architecture")
+NUM_STAGES = 4  # ResNet-v2: four stages (docs/recipe.md "Architecture")
 RGB_CHANNELS = 3
 STEM = "bit.embedder.convolution.weight"
-HEAD_WEIGHT, HEAD_BIAS = "classifier.1.weight", "classifier.1.bias"
 _UNIT_PATTERN = re.compile(r"bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.")
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 
@@ -330,17 +331,17 @@ def open_torch_state_dict(path: Path) -> TensorContainer:
 
 def open_transformers_folder(folder: Path) -> TensorContainer:
     """The weights of a transformers folder: model.safetensors, its sharded form, or pytorch_model.bin."""
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
+    single = folder / WEIGHTS_FILE
+    index = folder / WEIGHTS_INDEX_FILE
     if single.is_file():
         return open_safetensors([single])
     if index.is_file():
         return open_safetensors([folder / shard for shard in _shard_files(index)])
-    if (folder / "pytorch_model.bin").is_file():
-        return open_torch_state_dict(folder / "pytorch_model.bin")
+    if (folder / PYTORCH_WEIGHTS_FILE).is_file():
+        return open_torch_state_dict(folder / PYTORCH_WEIGHTS_FILE)
     raise CheckpointError(
-        f"{folder} has a config.json but no weights: expected model.safetensors, model.safetensors.index.json "
-        "or pytorch_model.bin."
+        f"{folder} has a {CONFIG_FILE} but no weights: expected {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} "
+        f"or {PYTORCH_WEIGHTS_FILE}."
     )
 
 

@@ -1,8 +1,7 @@
-"""BiT configuration and the table of named BiT architectures.
+"""BiT configuration, and the presets: the networks of the variant table (`variants.py`) by name.
 
-The architecture facts (stage depths, widths, head sizes, parameter counts) come from the BiT paper
-(Kolesnikov et al., "Big Transfer (BiT): General Visual Representation Learning") as summarised in
-BIT_RECIPE.md. The serialized form is the one stock `transformers.BitConfig` reads, so a folder we
+The architecture facts (stage depths, widths, normalization constants) are the BiT paper's, as docs/recipe.md
+("Architecture") lists them. The serialized form is the one stock `transformers.BitConfig` reads, so a folder we
 save loads in stock transformers too.
 """
 
@@ -13,63 +12,49 @@ import math
 import numbers
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneConfigMixin
 
-GROUP_NORM_EPS = 1e-5  # BIT_RECIPE.md: GroupNorm eps 1e-5
-WEIGHT_STANDARDIZATION_EPS = 1e-10  # BIT_RECIPE.md: weight standardization eps 1e-10
-IMAGENET21K_NUM_CLASSES = 21843  # BiT-M upstream head (ImageNet-21k)
-ILSVRC2012_NUM_CLASSES = 1000  # BiT-S upstream head and the -ILSVRC2012 fine-tuned variants
+from .variants import (
+    PUBLISHED_ARCHITECTURES,
+    PUBLISHED_CHECKPOINTS,
+    RESNET_DEPTHS,
+    RESNET_HIDDEN_SIZES,
+    RESNET_STEM_CHANNELS,
+    SMALL_NETWORKS,
+)
 
-# Depths of the four stages, per ResNet-v2 depth (BIT_RECIPE.md "Architecture").
-RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-# Stage output channels at width 1: out = 4 * mid, mid = 64 * 2^(s-1).
-RESNET_HIDDEN_SIZES = (256, 512, 1024, 2048)
-RESNET_STEM_CHANNELS = 64
-# The published (depth, width) pairs; each exists as BiT-S (ILSVRC-2012) and BiT-M (ImageNet-21k).
-PUBLISHED_ARCHITECTURES = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+GROUP_NORM_EPS = 1e-5  # docs/recipe.md "Architecture": Group Normalization eps 1e-5
+WEIGHT_STANDARDIZATION_EPS = 1e-10  # docs/recipe.md "Architecture": added to the population variance
 
-
-def _published_presets() -> dict[str, dict]:
-    presets = {}
-    for depth, width in PUBLISHED_ARCHITECTURES:
-        arch = {
-            "depths": RESNET_DEPTHS[depth],
-            "embedding_size": RESNET_STEM_CHANNELS,
-            "hidden_sizes": RESNET_HIDDEN_SIZES,
-            "width_factor": width,
-        }
-        presets[f"BiT-S-R{depth}x{width}"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
-        presets[f"BiT-M-R{depth}x{width}"] = {**arch, "num_labels": IMAGENET21K_NUM_CLASSES}
-        # BiT-M fine-tuned on ILSVRC-2012: same network, 1000-class head.
-        presets[f"BiT-M-R{depth}x{width}-ILSVRC2012"] = {**arch, "num_labels": ILSVRC2012_NUM_CLASSES}
-    return presets
-
-
-# Small networks for CPU work, tests and demos. Same topology as BiT, fewer and narrower units;
-# group counts divide every channel count.
-SMALL_PRESETS = {
-    # ~0.13M parameters: runs a 96x96 batch in milliseconds.
-    "bit-tiny": {
-        "depths": (1, 1, 1, 1),
-        "embedding_size": 16,
-        "hidden_sizes": (32, 64, 128, 256),
-        "num_groups": 8,
-        "width_factor": 1,
-        "num_labels": 10,
+# Every published checkpoint's network with its head, then the small networks.
+PRESETS: dict[str, dict] = {
+    **{
+        name: {**row.architecture.config_fields(), "num_labels": row.num_labels}
+        for name, row in PUBLISHED_CHECKPOINTS.items()
     },
-    # ~3.5M parameters: a ResNet-26-v2 at half width.
-    "bit-small": {
-        "depths": (2, 2, 2, 2),
-        "embedding_size": 32,
-        "hidden_sizes": (128, 256, 512, 1024),
-        "num_groups": 16,
-        "width_factor": 1,
-        "num_labels": 10,
-    },
+    **SMALL_NETWORKS,
 }
-
-PRESETS: dict[str, dict] = {**_published_presets(), **SMALL_PRESETS}
 _PRESETS_BY_LOWER_NAME = {name.lower(): name for name in PRESETS}
+
+
+def rounded_width(channels: float, divisor: int = 8) -> int:
+    """A channel count rounded as stock transformers rounds its BiT stage and bottleneck widths: to the nearest
+    multiple of `divisor` (halves up), at least `divisor`, and one step up if that lost more than 10%. BiT's own
+    widths (multiples of 32, bottlenecks a quarter of them) are unchanged by it."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+def _first_dilated_stage(num_stages: int, output_stride: int) -> int | None:
+    """The first stage stock transformers dilates instead of striding: the stem reduces by 4, every stage after the
+    first by 2 more, and a stage whose input is already reduced by `output_stride` keeps its resolution."""
+    reduction = 4
+    for stage in range(num_stages):
+        if reduction >= output_stride:
+            return stage
+        reduction *= 1 if stage == 0 else 2
+    return None
 
 
 def _is_positive_integer(value) -> bool:
@@ -90,14 +75,15 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of a BiT (ResNet-v2 with Group Normalization and Weight Standardization) network.
 
     The JSON it writes is the one stock `transformers.BitConfig` reads (`model_type = "bit"`, the format of
-    [google/bit-50](https://huggingface.co/google/bit-50)).
+    [google/bit-50](https://huggingface.co/google/bit-50)), and it reads every config stock transformers reads:
+    once `modeling_bit` is imported this class stands in for stock `BitConfig`.
 
     Args:
         num_channels (`int`, defaults to 3): input image channels.
         embedding_size (`int`, defaults to 64): output channels of the 7x7 stem convolution.
-        hidden_sizes (`list[int]`, defaults to `[256, 512, 1024, 2048]`): output channels of each stage;
-            the bottleneck width of a stage is a quarter of it. Each must be a multiple of 32 so the
-            bottleneck width is a multiple of 8 (stock transformers rounds it to one).
+        hidden_sizes (`list[int]`, defaults to `[256, 512, 1024, 2048]`): output channels of each stage; the
+            bottleneck width of a stage is a quarter of it. Both are rounded as stock transformers rounds them
+            (`rounded_width`: to a multiple of 8), which leaves BiT's multiples of 32 as they are.
         depths (`list[int]`, defaults to `[3, 4, 6, 3]`): units per stage.
         width_factor (`int`, defaults to 1): multiplies every channel count, stem included. It is folded
             into `embedding_size` and `hidden_sizes` at construction and then reads 1, so the saved
@@ -105,10 +91,12 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
             the stem and final norm narrow and crashes for values above 1).
         num_groups (`int`, defaults to 32): Group Normalization groups; must divide every channel count.
         weight_standardization_eps (`float`, defaults to 1e-10): added to each filter's variance.
+        hidden_act (`str`, defaults to `"relu"`): the activation after each Group Normalization (BiT: ReLU).
         global_padding (`str`, *optional*): `None` for BiT's symmetric padding, or `"SAME"` for
-            TensorFlow-style dynamic padding as in some stock-transformers checkpoints.
+            TensorFlow-style dynamic padding as in some stock-transformers checkpoints (stock's `"VALID"` is read
+            too; stock transformers' classes build it).
         embedding_dynamic_padding (`bool`, defaults to `False`): TensorFlow-style dynamic padding before
-            the stem max-pool instead of BiT's fixed zero padding of 1 (used with `global_padding="SAME"`).
+            the stem max-pool (after BiT's zero padding of 1, unless `global_padding="SAME"`).
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate, increasing linearly over units.
         out_features / out_indices: stages the backbone returns (`"stem"`, `"stage1"` ... `"stage4"`).
     """
@@ -153,42 +141,45 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
                 raise ValueError(f"{name}={value!r}: expected a positive integer.")
         for name in ("depths", "hidden_sizes"):
             values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not all(_is_positive_integer(value) for value in values):
+            if (
+                isinstance(values, (str, bytes))
+                or not values
+                or not all(_is_positive_integer(value) for value in values)
+            ):
                 raise ValueError(f"{name}={values!r}: expected a list of positive integers, one per stage.")
 
     def validate_architecture(self) -> None:
-        """Raise `ValueError` if these values cannot build a network.
+        """Raise `ValueError` for values no BiT config may hold, whatever builds the network.
 
-        Stock transformers' non-pre-activation variant (`layer_type="bottleneck"`, the ViT/DPT-hybrid
-        backbone) and dilated variants (`output_stride` < 32) are valid configs too: this class stands in
-        for stock `BitConfig` once `modeling_bit` is imported, so it must keep reading them. Our model
-        classes hand those configs to stock transformers' classes (see `unsupported_by_preactivation_bit`).
+        As lenient as stock `BitConfig`, whose folders this class must read: stock transformers'
+        non-pre-activation variant (`layer_type="bottleneck"`, the ViT/DPT-hybrid backbone), dilated variants
+        (`output_stride` below 32) and any width it rounds are valid configs. Whether a network can be built from
+        them is `validate_network`'s question, asked when one is built.
         """
         if self.layer_type not in ("preactivation", "bottleneck"):
             raise ValueError(f"layer_type={self.layer_type!r}: expected 'preactivation' (BiT) or 'bottleneck'.")
-        if self.hidden_act != "relu":
-            raise ValueError(f"hidden_act={self.hidden_act!r}: BiT uses 'relu'.")
-        if self.global_padding not in (None, "SAME"):
-            raise ValueError(f"global_padding={self.global_padding!r}: expected None (BiT) or 'SAME'.")
-        if self.output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride={self.output_stride}: expected 32 (BiT), or 16 / 8 (dilated).")
-        # Stock transformers' hybrid backbones build only the first len(depths) stages of hidden_sizes.
-        stage_counts_fit = (
-            len(self.depths) == len(self.hidden_sizes)
-            if self.layer_type == "preactivation"
-            else len(self.depths) <= len(self.hidden_sizes)
-        )
-        if not self.depths or not stage_counts_fit:
-            raise ValueError(
-                f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty and of equal length "
-                "(one entry per stage)."
-            )
-        if any(size < 32 or size % 32 for size in self.hidden_sizes):
-            raise ValueError(
-                f"hidden_sizes {self.hidden_sizes}: each must be a positive multiple of 32, so that the bottleneck "
-                "width (a quarter of it) is a multiple of 8."
-            )
-        channel_counts = [self.embedding_size, *self.hidden_sizes, *(size // 4 for size in self.hidden_sizes)]
+        if self.global_padding not in (None, "SAME", "VALID"):
+            raise ValueError(f"global_padding={self.global_padding!r}: expected None (BiT), 'SAME' or 'VALID'.")
+        if self.weight_standardization_eps <= 0:
+            raise ValueError(f"weight_standardization_eps={self.weight_standardization_eps}: expected > 0.")
+
+    @property
+    def stage_widths(self) -> list[tuple[int, int]]:
+        """(output channels, bottleneck channels) of each stage, as stock transformers builds them: `hidden_sizes`
+        and a quarter of each, rounded (`rounded_width`). Stages are paired with `depths`; extra entries of
+        `hidden_sizes` build nothing (stock's hybrid backbones list four and build fewer)."""
+        widths = []
+        for _, hidden_size in zip(self.depths, self.hidden_sizes):
+            out_channels = rounded_width(hidden_size)
+            widths.append((out_channels, rounded_width(out_channels * 0.25)))
+        return widths
+
+    def validate_network(self) -> None:
+        """Raise `ValueError` if no implementation can build a network from these values."""
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: expected an activation name such as 'relu' (BiT).")
+        channel_counts = [self.embedding_size, self.hidden_sizes[-1]]
+        channel_counts += [count for widths in self.stage_widths for count in widths]
         indivisible = sorted({count for count in channel_counts if count % self.num_groups})
         if indivisible:
             raise ValueError(
@@ -197,15 +188,25 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate={self.drop_path_rate}: expected a value in [0, 1).")
-        if self.weight_standardization_eps <= 0:
-            raise ValueError(f"weight_standardization_eps={self.weight_standardization_eps}: expected > 0.")
 
     def unsupported_by_preactivation_bit(self) -> str | None:
-        """Why our (BiT, pre-activation, undilated) classes cannot build this config, or None if they can."""
+        """Why our (BiT: pre-activation, undilated, padded) classes cannot build this config, or None if they can.
+
+        Our model classes hand such configs to stock transformers' classes, which build them as they always did.
+        """
         if self.layer_type != "preactivation":
             return f"layer_type={self.layer_type!r} (BiT is a pre-activation ResNet-v2)"
-        if self.output_stride != 32:
-            return f"output_stride={self.output_stride} (BiT does not dilate)"
+        dilated = _first_dilated_stage(len(self.depths), self.output_stride)
+        if dilated is not None:
+            return f"output_stride={self.output_stride} (stage{dilated + 1} would be dilated; BiT does not dilate)"
+        if self.global_padding == "VALID":
+            return "global_padding='VALID' (unpadded 3x3 convolutions, which shrink the residual branch)"
+        last_stage_channels = self.stage_widths[-1][0]
+        if last_stage_channels != self.hidden_sizes[-1]:
+            return (
+                f"hidden_sizes {self.hidden_sizes}: the last stage is {last_stage_channels} channels wide (rounded to "
+                f"a multiple of 8) but the final norm and head expect {self.hidden_sizes[-1]}"
+            )
         return None
 
     @property
@@ -237,11 +238,20 @@ class BitConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"num_labels={num_labels!r}: expected a positive integer.")
         if fields.get("id2label") is None:
             fields["num_labels"] = num_labels
-        return cls(**fields)
+        config = cls(**fields)
+        config.validate_network()  # an override that builds no network is refused now, not when a model is built
+        return config
 
     @staticmethod
     def preset_names() -> list[str]:
         return list(PRESETS)
 
 
-__all__ = ["BitConfig", "PRESETS", "canonical_preset_name"]
+__all__ = [
+    "PUBLISHED_ARCHITECTURES",
+    "RESNET_DEPTHS",
+    "BitConfig",
+    "PRESETS",
+    "canonical_preset_name",
+    "rounded_width",
+]

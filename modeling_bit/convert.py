@@ -1,25 +1,19 @@
-"""`bit-convert`: any published BiT checkpoint as a folder that our classes and stock transformers load.
+"""Converting any published BiT checkpoint into a folder that our classes and stock transformers load.
 
-    bit-convert SOURCE --output DIR [--num-labels N] [--labels FILE] [--dtype float32|bfloat16|float16]
-                                    [--resolution PIXELS]
-    bit-convert --all --output-root R --namespace NS [--names NAME ...] [--push]
-
-SOURCE is a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`, `BiT-R50x1-distilled-224`;
-case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the published layout, an
-http(s) URL of one, a timm ResNetV2-BiT state dict (`.safetensors`, or `.bin`/`.pth` read with
+`convert_to_folder(SOURCE, DIR)` takes a published name (`BiT-M-R101x3`, `bit-s-r50x1`, `BiT-M-R50x1-ILSVRC2012`,
+`BiT-R50x1-distilled-224`; case-insensitive; downloaded once into the Hugging Face cache), a local `.npz` in the
+published layout, an http(s) URL of one, a timm ResNetV2-BiT state dict (`.safetensors`, or `.bin`/`.pth` read with
 `weights_only=True`), or a stock-transformers BiT folder. The architecture is inferred from the tensors; a
 checkpoint that is not a ResNetV2-BiT is refused, naming the first offending tensor, before anything is written.
 
 DIR receives config.json (with id2label), model.safetensors, preprocessor_config.json (BiT preprocessing at
-the checkpoint's resolution), bit_conversion.json (how it was produced) and README.md (the model card). The
-head is kept as published (with ImageNet-21k or ILSVRC-2012 class names) unless `--num-labels`/`--labels`
-replace it with a zero-initialised one, as the BiT fine-tuning protocol does.
+the checkpoint's resolution) and bit_conversion.json (how it was produced), in a staging folder that replaces DIR
+only when complete; a caller's `finish(staging)` runs last inside it (`bit-convert` writes the model card there,
+`model_cards/bit_convert.py`). The head is kept as published (with ImageNet-21k or ILSVRC-2012 class names)
+unless `num_labels`/`labels` replace it with a zero-initialised one, as the BiT fine-tuning protocol does.
 
 Weights are streamed: each tensor is read, converted and written before the next one is read, so converting
 R152x4 (0.93 B parameters) needs memory for its largest tensor, not for the model.
-
-`--all` writes one Hub-ready folder per published checkpoint into R (weights, configs, card, class names, widget
-examples), each carded for the Hub repository NS/<name>, and with `--push` uploads them (`model_cards/hub_ready.py`).
 """
 
 from __future__ import annotations
@@ -30,29 +24,33 @@ import json
 import logging
 import os
 import struct
-import sys
 import tempfile
 import urllib.parse
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from huggingface_hub.utils import tqdm as hf_tqdm
-from transformers import HfArgumentParser
 
-from model_cards import write_model_card
-
-from . import labels as label_lists
-from .checkpoint_reading import HEAD_BIAS, HEAD_WEIGHT, BitCheckpoint, CheckpointError, open_checkpoint, tensor_bytes
+from .checkpoint_reading import BitCheckpoint, CheckpointError, open_checkpoint, tensor_bytes
 from .configuration_bit import BitConfig
-from .download import DownloadError, sha256_of_file
+from .download import sha256_of_file
 from .file_utils import atomic_directory, atomic_write_json
+from .folder_layout import (
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    PREPROCESSOR_FILE,
+    PYTORCH_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    square_size,
+)
 from .image_processing_bit import bit_image_processor
+from .labels import IMAGENET21K, dataset_of_head, label_names
 from .modeling_bit import MIN_IMAGE_SIZE
 from .published import (
-    PUBLISHED_CHECKPOINT_NAMES,
     UPSTREAM_RESOLUTION,
     PublishedCheckpoint,
     download_npz_url,
@@ -65,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-CONVERSION_METADATA = "bit_conversion.json"
 WRITE_SLICE_BYTES = 64 << 20
 
 
@@ -100,8 +97,8 @@ def resolve_source(source: str | os.PathLike | PublishedCheckpoint, *, local_fil
         return Source(given, "url", path, file_type=".npz", url=given)
     path = Path(given).expanduser()
     if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is a folder without config.json: not a transformers BiT folder.")
+        if path.is_dir() and not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a transformers BiT folder.")
         kind = "transformers" if path.is_dir() else "npz" if path.suffix.lower() == ".npz" else None
         return Source(given, kind, path)
     published = find_published_checkpoint(given)
@@ -159,9 +156,9 @@ def published_head_labels(checkpoint: BitCheckpoint, source: Source, source_conf
     own = source_config.get("id2label") or {}
     if len(own) == num_labels:
         return [str(own[key]) for key in sorted(own, key=int)]
-    dataset = source.published.head_dataset if source.published else label_lists.dataset_of_head(num_labels)
+    dataset = source.published.head_dataset if source.published else dataset_of_head(num_labels)
     if dataset is not None:
-        return label_lists.label_names(dataset)
+        return label_names(dataset)
     return [f"LABEL_{index}" for index in range(num_labels)]
 
 
@@ -236,20 +233,20 @@ def _check_output_dir(output_dir: Path) -> None:
             f"--output {output_dir}: cannot write in {existing} ({error.strerror or error}); "
             "expected a writable folder."
         ) from error
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONVERSION_METADATA).is_file():
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / CONVERSION_FILE).is_file():
         raise ConversionError(
-            f"--output {output_dir} exists and is not an earlier bit-convert output ({CONVERSION_METADATA} is "
+            f"--output {output_dir} exists and is not an earlier bit-convert output ({CONVERSION_FILE} is "
             "missing); refusing to replace it. Choose a new or empty folder."
         )
 
 
 def _source_config(source: Source) -> dict:
-    """config.json, bit_conversion.json and the square preprocessing size of a transformers source folder."""
+    """config.json, bit_conversion.json and preprocessor_config.json of a transformers source folder."""
     if not source.path.is_dir():
         return {}
-    config = _read_json_object(source.path / "config.json")
-    _refuse_variants_that_are_not_bit(source.path / "config.json", config)
-    for extra, key in ((CONVERSION_METADATA, "_conversion"), ("preprocessor_config.json", "_preprocessor")):
+    config = _read_json_object(source.path / CONFIG_FILE)
+    _refuse_variants_that_are_not_bit(source.path / CONFIG_FILE, config)
+    for extra, key in ((CONVERSION_FILE, "_conversion"), (PREPROCESSOR_FILE, "_preprocessor")):
         if (source.path / extra).is_file():
             config[key] = _read_json_object(source.path / extra)
     return config
@@ -257,7 +254,7 @@ def _source_config(source: Source) -> dict:
 
 def _refuse_variants_that_are_not_bit(path: Path, config: dict) -> None:
     # Stock transformers' hybrid/dilated backbones share model_type "bit"; converting one as BiT would be wrong.
-    variant_fields = {key: config[key] for key in ("layer_type", "output_stride") if key in config}
+    variant_fields = {key: config[key] for key in ("layer_type", "output_stride", "global_padding") if key in config}
     try:
         unsupported = BitConfig(**variant_fields).unsupported_by_preactivation_bit()
     except ValueError as error:
@@ -280,14 +277,13 @@ def _read_json_object(path: Path) -> dict:
 
 
 def _resolution(source: Source, source_config: dict, requested: int | None) -> int:
+    """The preprocessing size to record: as requested, else the published checkpoint's, else a source folder's own,
+    else the upstream BiT resolution."""
     if requested is not None:
         return requested
     if source.published is not None:
         return source.published.resolution
-    size = source_config.get("_preprocessor", {}).get("size") or {}
-    if isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width"):
-        return int(size["height"])
-    return UPSTREAM_RESOLUTION
+    return square_size(source_config.get("_preprocessor", {}).get("size")) or UPSTREAM_RESOLUTION
 
 
 # --- conversion ----------------------------------------------------------------------------------------------
@@ -302,6 +298,7 @@ def convert_to_folder(
     dtype: str | None = None,
     resolution: int | None = None,
     local_files_only: bool = False,
+    finish: Callable[[Path], object] | None = None,
 ) -> Path:
     """Convert the BiT checkpoint `source` into the transformers folder `output_dir` and return its path.
 
@@ -310,8 +307,9 @@ def convert_to_folder(
     spelling), or a `PublishedCheckpoint` (always the published file). `num_labels`/`labels` (a file with one
     name per line, or the names) replace the head with a zero-initialised one; `dtype` is "float32" (default),
     "bfloat16" or "float16"; `resolution` overrides the checkpoint's preprocessing size; `local_files_only`
-    forbids downloading (a published name or URL must be cached). Everything is checked before anything is
-    written; the folder appears complete, model card included, or not at all (an earlier conversion there is
+    forbids downloading (a published name or URL must be cached). `finish(staging)` is called last, with the
+    staging folder that then replaces `output_dir` (e.g. to write a model card into it). Everything is checked
+    before anything is written; the folder appears complete or not at all (an earlier conversion there is
     replaced).
     """
     output_dir = Path(output_dir)
@@ -355,11 +353,12 @@ def convert_to_folder(
         with atomic_directory(output_dir.absolute()) as staging:
             config.save_pretrained(staging)
             write_safetensors_streaming(
-                staging / "model.safetensors", shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
+                staging / WEIGHTS_FILE, shapes, DTYPES[dtype_name], read_tensor, {"format": "pt"}
             )
             bit_image_processor(image_size).save_pretrained(staging)
-            atomic_write_json(staging / CONVERSION_METADATA, metadata)
-            write_model_card(staging, folder_name=output_dir.absolute().name)  # last: it describes the complete folder
+            atomic_write_json(staging / CONVERSION_FILE, metadata)
+            if finish is not None:
+                finish(staging)  # last: it sees the complete folder
     except OSError as error:  # e.g. the disk filled up
         raise ConversionError(f"Writing {output_dir} failed ({error}); it was left as it was.") from error
     logger.info("Converted %s into %s", resolved.given, output_dir)
@@ -372,7 +371,7 @@ def _output_config(
     # GN groups and padding are not visible in the tensors: BiT's values, unless a transformers folder says otherwise.
     architecture_fields = ("num_groups", "global_padding", "embedding_dynamic_padding", "layer_type", "hidden_act")
     try:
-        return BitConfig(
+        config = BitConfig(
             depths=checkpoint.depths,
             width_factor=checkpoint.width_factor,
             id2label=dict(enumerate(head_labels)),
@@ -381,10 +380,12 @@ def _output_config(
             dtype=dtype_name,
             **{key: source_config[key] for key in architecture_fields if key in source_config},
         )
+        config.validate_network()
     except ValueError as error:
         raise CheckpointError(
-            f"{checkpoint.path}/config.json describes no BiT network this package runs: {error}"
+            f"{checkpoint.path / CONFIG_FILE} describes no BiT network this package runs: {error}"
         ) from error
+    return config
 
 
 def _conversion_metadata(
@@ -397,12 +398,12 @@ def _conversion_metadata(
     elif earlier:
         upstream, fine_tuned = earlier.get("upstream_dataset"), earlier.get("fine_tuned_on")
     else:  # only a 21,843-class head says for sure where it comes from
-        head = label_lists.dataset_of_head(checkpoint.num_labels or 0)
-        upstream, fine_tuned = (head, None) if head == label_lists.IMAGENET21K else (None, None)
+        head = dataset_of_head(checkpoint.num_labels or 0)
+        upstream, fine_tuned = (head, None) if head == IMAGENET21K else (None, None)
     weights = next(
         (
             path
-            for path in (source.path, source.path / "model.safetensors", source.path / "pytorch_model.bin")
+            for path in (source.path, source.path / WEIGHTS_FILE, source.path / PYTORCH_WEIGHTS_FILE)
             if path.is_file()
         ),
         None,
@@ -423,152 +424,4 @@ def _conversion_metadata(
     }
 
 
-# --- command line --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConvertArguments:
-    """Options of `bit-convert` (SOURCE is positional)."""
-
-    output: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder to write (created; an earlier bit-convert output there is replaced).",
-            "metavar": "DIR",
-        },
-    )
-    num_labels: int | None = field(
-        default=None,
-        metadata={"help": "Replace the head with a zero-initialised one of this many classes.", "metavar": "N"},
-    )
-    labels: str | None = field(
-        default=None,
-        metadata={
-            "help": "Replace the head with a zero-initialised one; FILE has one class name per line.",
-            "metavar": "FILE",
-        },
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "Data type of the written weights."}
-    )
-    resolution: int | None = field(
-        default=None,
-        metadata={
-            "help": "Preprocessing size to record (by default the checkpoint's: 224 upstream, 480 -ILSVRC2012).",
-            "metavar": "PIXELS",
-        },
-    )
-    all: bool = field(
-        default=False,
-        metadata={"help": "Write a Hub-ready folder for every published checkpoint (or --names) into --output-root."},
-    )
-    output_root: str | None = field(
-        default=None,
-        metadata={"help": "With --all: the folder that receives one folder per checkpoint.", "metavar": "R"},
-    )
-    names: list[str] | None = field(
-        default=None, metadata={"help": "With --all: only these published names (any case).", "metavar": "NAME"}
-    )
-    namespace: str | None = field(
-        default=None,
-        metadata={
-            "help": "Required with --all: write the cards for the Hub repositories NS/<name> (and push there).",
-            "metavar": "NS",
-        },
-    )
-    push: bool = field(
-        default=False,
-        metadata={
-            "help": "With --all: upload each folder to NS/<name> (create_repo + upload_folder; identical repos are left alone)."
-        },
-    )
-
-
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(
-        ConvertArguments,
-        prog="bit-convert",
-        description=__doc__.split("\n\n")[0],
-        epilog=f"Published names: {published_names_help()}.",
-    )
-    parser.add_argument(
-        "source",
-        nargs="?",
-        metavar="SOURCE",
-        help="Published BiT name, .npz file or http(s) URL, timm state dict (.safetensors/.bin/.pth), "
-        "or transformers folder.",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    arguments, positional = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if arguments.all:
-        return _convert_all(parser, arguments, positional.source)
-    all_only = [
-        flag
-        for flag, value in (
-            ("--output-root", arguments.output_root),
-            ("--names", arguments.names),
-            ("--namespace", arguments.namespace),
-            ("--push", arguments.push),
-        )
-        if value
-    ]
-    if all_only:
-        parser.error(f"{', '.join(all_only)} only go with --all.")
-    if positional.source is None or arguments.output is None:
-        parser.error("expected SOURCE and --output DIR (or --all --output-root R).")
-    try:
-        folder = convert_to_folder(
-            positional.source,
-            arguments.output,
-            num_labels=arguments.num_labels,
-            labels=arguments.labels,
-            dtype=arguments.dtype,
-            resolution=arguments.resolution,
-        )
-    except (ConversionError, CheckpointError, DownloadError) as error:
-        print(f"bit-convert: error: {error}", file=sys.stderr)
-        return 1
-    print(folder)
-    return 0
-
-
-def _convert_all(parser, arguments: ConvertArguments, source: str | None) -> int:
-    # model_cards imports this module: import it only when used.
-    from model_cards.hub import HubPushError
-    from model_cards.hub_ready import HubReadyError, run
-
-    single = [
-        flag
-        for flag, value in (
-            ("SOURCE", source),
-            ("--output", arguments.output),
-            ("--num-labels", arguments.num_labels),
-            ("--labels", arguments.labels),
-            ("--resolution", arguments.resolution),
-        )
-        if value is not None
-    ]
-    if arguments.dtype != "float32":
-        single.append("--dtype")
-    if single:
-        parser.error(
-            f"--all writes the published checkpoints as published (float32, published heads): drop {', '.join(single)}."
-        )
-    if arguments.output_root is None:
-        parser.error("--all needs --output-root R, the folder that receives one folder per checkpoint.")
-    try:
-        return run(arguments.output_root, arguments.names, arguments.namespace, arguments.push)
-    except (HubReadyError, HubPushError) as error:
-        print(f"bit-convert: error: {error}", file=sys.stderr)
-        return 1
-
-
-__all__ = ["PUBLISHED_CHECKPOINT_NAMES", "ConvertArguments", "convert_to_folder", "main"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["ConversionError", "Source", "convert_to_folder", "resolve_source"]

@@ -21,6 +21,8 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# The older weights file of transformers folders, read (never written) when converting one.
+PYTORCH_WEIGHTS_FILE = "pytorch_model.bin"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 MODEL_CARD_FILE = "README.md"
 # The files `from_pretrained` needs: a folder holding them is a complete model.

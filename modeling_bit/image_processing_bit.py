@@ -1,10 +1,10 @@
 """BiT preprocessing, defined once: decode to RGB, resize to a fixed square, scale to [-1, 1].
 
-BIT_RECIPE.md: input is RGB scaled to [-1, 1] (mean 0.5, std 0.5 per channel); test-time preprocessing
-is a plain resize to a fixed square, no center crop. `bit_image_processor` returns stock transformers'
-BiT image processor configured that way, so the `preprocessor_config.json` it saves is read by stock
-`AutoImageProcessor` (and the Hub widget) and preprocesses exactly as our training and evaluation do.
-Training transforms resize with the same processor (to the pre-crop size) and then crop and flip.
+docs/recipe.md ("Architecture"): input is RGB scaled to [-1, 1] (mean 0.5, std 0.5 per channel); test-time
+preprocessing is a plain resize to a fixed square, no center crop (paper §2.2). `bit_image_processor` returns stock
+transformers' BiT image processor configured that way, so the `preprocessor_config.json` it saves is read by stock
+`AutoImageProcessor` (and the Hub widget) and preprocesses exactly as our training and evaluation do. Training
+transforms resize with the same processor (to the pre-crop size) and then crop and flip.
 """
 
 from __future__ import annotations

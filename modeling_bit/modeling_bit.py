@@ -1,18 +1,13 @@
 """PyTorch BiT: ResNet-v2 with Group Normalization and Weight Standardization.
 
-The network of "Big Transfer (BiT): General Visual Representation Learning" (Kolesnikov et al.), as
-specified in BIT_RECIPE.md. Parameter names are exactly those of stock `transformers`' BiT classes
-(`bit.embedder.convolution.weight`, `bit.encoder.stages.0.layers.0.conv1.weight`, ...), so state dicts
-and saved folders interchange with no mapping.
+The network of "Big Transfer (BiT): General Visual Representation Learning" (Kolesnikov et al.), as docs/recipe.md
+("Architecture") describes it. Parameter names are exactly those of stock `transformers`' BiT classes
+(`bit.embedder.convolution.weight`, `bit.encoder.stages.0.layers.0.conv1.weight`, ...), so state dicts and saved
+folders interchange with no mapping.
 
-Read top to bottom: layers (weight-standardized conv, group norm + ReLU, stem), the pre-activation
-bottleneck unit, stages, then the `PreTrainedModel` classes.
-
-Speed. Weight standardization depends only on the weights, so outside of training its result is
-computed once and reused until the weights change (tracked by the tensor version counter, storage,
-dtype and device). While gradients flow to the weights it is recomputed in every forward with the
-fused group-norm kernel, which is several times faster than the batch-norm formulation, forward and
-backward, on CPU.
+Read top to bottom: layers (weight-standardized conv, group norm + activation, stem), the pre-activation
+bottleneck unit, stages, then the `PreTrainedModel` classes. Outside training, each convolution reuses its
+standardized kernel until its weights change (`weight_standardization.StandardizedWeights`).
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -34,32 +30,13 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_bit import GROUP_NORM_EPS, WEIGHT_STANDARDIZATION_EPS, BitConfig
-
-# Inference without gradients runs convolutions on kernels prepacked for oneDNN (CPU, float32): at
-# batch 1 that halves the time of the weight-heavy late stages (benchmarks/benchmark_model.py).
-_ONEDNN_PREPACK_AVAILABLE = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-)
+from .weight_standardization import StandardizedWeights
 
 # BiT downsamples by 32; smaller inputs leave the last stage nothing to see.
 MIN_IMAGE_SIZE = 32
-# Training on CPU: stages run channels-last until their feature maps are smaller than this. Measured on R50x1,
-# batch 8 @128, against stock transformers in one process: 1.16-1.18x, against 1.13-1.15x with every stage in the
-# default layout and 1.05-1.10x with only the first stage channels-last.
+# Training on CPU: stages run channels-last until their feature maps are smaller than this, where group norm's
+# backward costs more channels-last than the convolutions gain (README, "Speed"; benchmarks/benchmark_model.py).
 CHANNELS_LAST_TRAINING_MIN_SIZE = 16
-
-
-def standardize_weight(weight: Tensor, eps: float) -> Tensor:
-    """Weight Standardization: each output filter minus its mean, over sqrt(population variance + eps).
-
-    Computed as a group norm with one group per filter over the (in, kh, kw) values: the same
-    arithmetic as `(w - mean) / sqrt(var + eps)`, with a fused kernel for forward and backward.
-    """
-    out_channels = weight.shape[0]
-    flat = weight.reshape(1, out_channels, -1)
-    return F.group_norm(flat, out_channels, eps=eps).reshape_as(weight)
 
 
 class DynamicPad2d(nn.Module):
@@ -104,114 +81,62 @@ class WeightStandardizedConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=static_padding, bias=False)
         self.pad = DynamicPad2d(kernel_size, stride) if dynamic else None
         self.eps = eps
-        self._cached_weight: Tensor | None = None
-        self._cached_key: tuple | None = None
-
-    def __getstate__(self) -> dict:
-        # The cache is derived data (and a oneDNN tensor cannot be copied or pickled): copies start without it.
-        state = self.__dict__.copy()
-        state["_cached_weight"] = state["_cached_key"] = None
-        return state
+        self.standardized = StandardizedWeights()
 
     def train(self, mode: bool = True) -> WeightStandardizedConv2d:
         # `model.eval()` / `model.train()` start from fresh weights, even after edits the version counter
         # cannot see (through `weight.data`).
-        self._cached_weight = self._cached_key = None
+        self.standardized.clear()
         return super().train(mode)
 
     def standardized_weight(self) -> Tensor:
-        """The standardized kernel, in the graph while the weights train, else cached (dense layout)."""
-        weight = self.weight
-        if torch.compiler.is_compiling():
-            # Traced graphs (torch.compile, torch.export) have no version counters or data pointers to key a
-            # cache on; the compiler can fold the standardization of frozen weights itself.
-            return standardize_weight(weight, self.eps)
-        if (weight.requires_grad and torch.is_grad_enabled()) or weight.is_meta or weight.is_inference():
-            # Training: part of the graph. Drop any cache so it neither holds memory nor goes stale.
-            # (Inference tensors have no version counter, so a cache of them could not tell changes.)
-            self._cached_weight = self._cached_key = None
-            return standardize_weight(weight, self.eps)
-        return self._cached()
-
-    def _cached(self, packed_for_input: torch.Size | None = None) -> Tensor:
-        weight = self.weight
-        # Any in-place update (optimizer step, load_state_dict, `with no_grad: w.mul_()`) bumps the version
-        # counter; a move or dtype change replaces the storage.
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, packed_for_input)
-        if self._cached_key != key:
-            # A normal tensor even under inference_mode, so later autograd use of the cache stays legal.
-            with torch.inference_mode(False), torch.no_grad():
-                standardized = standardize_weight(weight, self.eps)
-                if packed_for_input is not None:
-                    # oneDNN's blocked layout for this input shape, reordered once instead of in every call.
-                    self._cached_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                        standardized.to_mkldnn(),
-                        self.padding,
-                        self.stride,
-                        self.dilation,
-                        self.groups,
-                        list(packed_for_input),
-                    )
-                else:
-                    # Channels-last kernels make oneDNN run the layer channels-last, faster on CPU.
-                    self._cached_weight = standardized.contiguous(memory_format=torch.channels_last)
-            self._cached_key = key
-        return self._cached_weight
-
-    def _can_use_packed_weight(self, hidden_state: Tensor) -> bool:
-        weight = self.weight
-        return (
-            _ONEDNN_PREPACK_AVAILABLE
-            and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and hidden_state.dtype == torch.float32
-            and not weight.is_meta
-            and not weight.is_inference()
-        )
+        """The standardized kernel, in the graph while the weights train, else cached."""
+        return self.standardized.kernel(self, self.eps)
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         if self.pad is not None:
             hidden_state = self.pad(hidden_state)
-        if self._can_use_packed_weight(hidden_state):
-            packed = self._cached(packed_for_input=hidden_state.shape)
-            return torch.ops.mkldnn._convolution_pointwise(
-                hidden_state, packed, None, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
-            )
-        return F.conv2d(hidden_state, self.standardized_weight(), None, self.stride, self.padding)
+        return self.standardized.convolve(self, self.eps, hidden_state)
 
 
 class BitGroupNormActivation(nn.GroupNorm):
-    """Group Normalization followed by an in-place ReLU (unless `apply_activation=False`)."""
+    """Group Normalization followed by the config's activation: BiT's ReLU, in place."""
 
-    def __init__(self, config: BitConfig, num_channels: int, apply_activation: bool = True):
+    def __init__(self, config: BitConfig, num_channels: int):
         super().__init__(config.num_groups, num_channels, eps=GROUP_NORM_EPS, affine=True)
-        self.apply_activation = apply_activation
+        self.activation = None if config.hidden_act == "relu" else ACT2FN[config.hidden_act]
 
     def forward(self, hidden_state: Tensor) -> Tensor:
         hidden_state = F.group_norm(hidden_state, self.num_groups, self.weight, self.bias, self.eps)
+        if self.activation is not None:
+            return self.activation(hidden_state)
         # In place is safe: group norm's backward needs its input, not its output.
-        return F.relu_(hidden_state) if self.apply_activation else hidden_state
+        return F.relu_(hidden_state)
 
 
 class BitMaxPool2d(nn.Module):
     """The stem's 3x3 stride-2 max-pool over a zero-padded input.
 
-    BiT pads with zeros (1 on each side, or TensorFlow 'SAME' amounts with dynamic padding), then pools
-    without padding. Pooling with its own padding pads with -inf instead, which differs at the border
-    because the stem has no activation and its outputs can be negative; so after such a pool the
-    windows that overlap the border take the zero into account (a max with 0). That gives BiT's result
-    without materializing a padded copy of the stem output.
+    BiT pads with zeros, 1 on each side (docs/recipe.md, "Architecture"), then pools without padding. Configs
+    with `global_padding="SAME"` leave that padding out, and `embedding_dynamic_padding` adds TensorFlow 'SAME'
+    amounts of zeros after it, as stock transformers does. Pooling with its own padding pads with -inf instead,
+    which differs at the border because the stem has no activation and its outputs can be negative; so in
+    BiT's case the pool pads by itself and the windows that overlap the border then take the zero into account
+    (a max with 0): BiT's result without materializing a padded copy of the stem output.
     """
 
-    def __init__(self, dynamic_padding: bool):
+    def __init__(self, config: BitConfig):
         super().__init__()
-        self.pad = DynamicPad2d(3, 2) if dynamic_padding else None
+        self.zero_padding = 0 if config.global_padding == "SAME" else 1
+        self.pad = DynamicPad2d(3, 2) if config.embedding_dynamic_padding else None
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        if self.pad is not None:
-            return F.max_pool2d(self.pad(hidden_state), kernel_size=3, stride=2)
+        if self.pad is not None or not self.zero_padding:
+            if self.zero_padding:
+                hidden_state = F.pad(hidden_state, (self.zero_padding,) * 4)
+            if self.pad is not None:
+                hidden_state = self.pad(hidden_state)
+            return F.max_pool2d(hidden_state, kernel_size=3, stride=2)
         pooled = F.max_pool2d(hidden_state, kernel_size=3, stride=2, padding=1)
         height, width = hidden_state.shape[-2:]
         pooled[..., 0, :].clamp_(min=0)
@@ -240,12 +165,12 @@ class BitEmbeddings(nn.Module):
             padding=config.global_padding,
             eps=config.weight_standardization_eps,
         )
-        self.pooler = BitMaxPool2d(dynamic_padding=config.embedding_dynamic_padding)
+        self.pooler = BitMaxPool2d(config)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if pixel_values.device.type != "cpu":
             return self.pooler(self.convolution(pixel_values))
-        # On CPU, oneDNN's strided 7x7 conv and the max-pool are several times faster channels-last.
+        # On CPU, oneDNN runs the strided 7x7 convolution and the max-pool faster channels-last (README, "Speed").
         return self.pooler(self.convolution(pixel_values.contiguous(memory_format=torch.channels_last)))
 
 
@@ -299,12 +224,12 @@ class BitPreActivationBottleneckLayer(GradientCheckpointingLayer):
         config: BitConfig,
         in_channels: int,
         out_channels: int,
+        mid_channels: int,
         stride: int,
         is_first_layer: bool,
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        mid_channels = out_channels // 4
         ws = {"padding": config.global_padding, "eps": config.weight_standardization_eps}
         self.downsample = (
             BitDownsampleConv(config, in_channels, out_channels, stride=stride) if is_first_layer else None
@@ -337,6 +262,7 @@ class BitStage(nn.Module):
         config: BitConfig,
         in_channels: int,
         out_channels: int,
+        mid_channels: int,
         stride: int,
         depth: int,
         drop_path_rates: list[float],
@@ -348,6 +274,7 @@ class BitStage(nn.Module):
                     config,
                     in_channels if index == 0 else out_channels,
                     out_channels,
+                    mid_channels,
                     stride=stride if index == 0 else 1,
                     is_first_layer=index == 0,
                     drop_path_rate=drop_path_rates[index],
@@ -369,13 +296,14 @@ class BitEncoder(nn.Module):
         rates = [config.drop_path_rate * index / max(total_units - 1, 1) for index in range(total_units)]
         self.stages = nn.ModuleList()
         in_channels = config.embedding_size
-        for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.hidden_sizes)):
+        for stage_index, (depth, (out_channels, mid_channels)) in enumerate(zip(config.depths, config.stage_widths)):
             first_unit = sum(config.depths[:stage_index])
             self.stages.append(
                 BitStage(
                     config,
                     in_channels,
                     out_channels,
+                    mid_channels,
                     stride=1 if stage_index == 0 else 2,
                     depth=depth,
                     drop_path_rates=rates[first_unit : first_unit + depth],
@@ -435,16 +363,12 @@ class BitPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As in transformers, and by published BiT name (`"BiT-M-R101x3"`, case-insensitive): a local folder or
-        Hub repository of that name wins; otherwise the published checkpoint is downloaded, converted and cached
-        once, then loaded with the given keyword arguments (see `modeling_bit.published`)."""
+        """As in transformers; a config only stock transformers builds is loaded with its class. Importing
+        `modeling_bit` also makes published BiT names load (`"BiT-M-R101x3"`, see `modeling_bit.by_name`)."""
         stock_class = _stock_class_for_variant(cls, kwargs.get("config"))
         if stock_class is not None:
             return stock_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        from .published import resolve_pretrained_name  # the catalog and downloads, only where a name is loaded
-
-        resolved = resolve_pretrained_name(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(resolved, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def _from_config(cls, config, **kwargs):
@@ -481,6 +405,7 @@ class BitModel(BitPreTrainedModel):
                 f"{unsupported}: modeling_bit builds BiT networks only. Build this variant with stock "
                 f"transformers' classes (AutoModel.from_config and AutoBackbone.from_config pick them for you)."
             )
+        config.validate_network()
         super().__init__(config)
         self.embedder = BitEmbeddings(config)
         self.encoder = BitEncoder(config)

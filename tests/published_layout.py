@@ -1,4 +1,4 @@
-"""Synthetic checkpoints in the published BiT `.npz` layout (BIT_RECIPE.md "Published checkpoints").
+"""Synthetic checkpoints in the published BiT `.npz` layout (docs/recipe.md "Published checkpoints").
 
 Random weights under the published names and TensorFlow layouts (HWIO kernels, the head as a 1x1 conv),
 written from the recipe, not from the converter. Used by the conversion tests and by
@@ -46,10 +46,13 @@ def published_arrays(depths, width: int = 1, num_classes: int = 10, seed: int = 
 
 
 def write_npz(path: Path, arrays: Iterable[tuple[str, np.ndarray]] | dict[str, np.ndarray]) -> Path:
-    """Write an `.npz` as `np.savez` lays it out (uncompressed zip of `.npy` members), one array at a time."""
+    """Write an `.npz` as `np.savez` lays it out (uncompressed zip of `.npy` members), one array at a time.
+
+    Members carry a fixed timestamp, so the same arrays give the same bytes (and SHA-256) on every run."""
     items = arrays.items() if isinstance(arrays, dict) else arrays
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in items:
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as stream:
                 np.lib.format.write_array(stream, np.asarray(array), allow_pickle=False)
     return path

@@ -1,4 +1,4 @@
-"""An independent functional BiT forward, written from BIT_RECIPE.md, for parity tests.
+"""An independent functional BiT forward, written from docs/recipe.md ("Architecture"), for parity tests.
 
 Plain tensor arithmetic on a state dict with stock-transformers names; no code shared with
 `modeling_bit`. Works in any float dtype (tests use float64 for tight comparisons).

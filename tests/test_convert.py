@@ -2,7 +2,7 @@
 
 Every checkpoint here is synthetic (random weights in the published layout, written by the test) and every
 download goes to a loopback HTTP server started by the test. Logits are compared with an independent
-functional forward written below from BIT_RECIPE.md, working directly on the raw `.npz` arrays (HWIO kernels,
+functional forward written below from docs/recipe.md, working directly on the raw `.npz` arrays (HWIO kernels,
 TensorFlow names), so that a wrong name mapping or transpose in the converter cannot cancel out.
 """
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import os
 import pickle
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,12 +32,13 @@ from huggingface_hub import constants
 from published_layout import published_arrays, write_npz
 from safetensors.torch import load_file, save_file
 
+from model_cards import bit_convert
 from modeling_bit import BitForImageClassification, BitModel
-from modeling_bit import convert as convert_module
+from modeling_bit.by_name import converted_published_folder, resolve_pretrained_name
 from modeling_bit.checkpoint_reading import CheckpointError
 from modeling_bit.convert import ConversionError, convert_to_folder
 from modeling_bit.download import DownloadError, cached_download_path
-from modeling_bit.published import converted_published_folder, find_published_checkpoint, resolve_pretrained_name
+from modeling_bit.published import find_published_checkpoint
 
 R50 = (3, 4, 6, 3)
 SMALL = (1, 2, 1, 1)  # a second unit in stage 2 exercises the identity shortcut
@@ -45,7 +48,7 @@ def arrays_of(depths=SMALL, width=1, num_classes=10, seed=0) -> dict[str, np.nda
     return dict(published_arrays(depths, width, num_classes, seed))
 
 
-# --- the reference: BIT_RECIPE.md semantics on the raw arrays ------------------------------------------------
+# --- the reference: docs/recipe.md semantics on the raw arrays ------------------------------------------------
 
 
 def _ws_conv(x, kernel_hwio, stride=1):
@@ -128,7 +131,7 @@ def test_cli_converts_npz_to_a_folder_ours_and_stock_transformers_agree_with_the
 ):
     output = tmp_path / "converted"
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_bit.convert", str(small_npz), "--output", str(output)],
+        [sys.executable, "-m", "model_cards.bit_convert", str(small_npz), "--output", str(output)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -284,10 +287,32 @@ def test_corrupt_local_npz_is_refused_and_nothing_written(tmp_path, small_npz):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz", "truncated.npz"]
 
 
+def test_help_reads_as_written_for_people(capsys, monkeypatch):
+    from model_cards.cli import main as bit_model_card
+    from modeling_bit.published import PUBLISHED_CHECKPOINT_NAMES
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
+    for main in (bit_convert.main, bit_model_card):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        assert "_" not in "".join(re.findall(r"--[\w-]+", text)), text  # dash spellings only
+        assert not re.search(r"--[\w-]+ \[[A-Z_]+\]", text) and "(default: None)" not in text  # plain switches
+        assert "--push " in text
+    with pytest.raises(SystemExit):
+        bit_convert.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in PUBLISHED_CHECKPOINT_NAMES)  # never broken at a hyphen
+    arguments, positional = bit_convert.build_parser().parse_args_into_dataclasses(
+        ["x.npz", "--output", "y", "--num_labels", "3"]  # the underscore spelling is still understood
+    )
+    assert (positional.source, arguments.num_labels, arguments.push) == ("x.npz", 3, False)
+
+
 def test_cli_reports_refusals_without_a_traceback(tmp_path, small_arrays):
     source = write_npz(tmp_path / "bad.npz", BAD_CHECKPOINTS["missing"][0](small_arrays))
     completed = subprocess.run(
-        [sys.executable, "-m", "modeling_bit.convert", str(source), "--output", str(tmp_path / "out")],
+        [sys.executable, "-m", "model_cards.bit_convert", str(source), "--output", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -372,7 +397,7 @@ BAD_INPUTS = {
                 )
             },
         ),
-        r"source/config\.json describes no BiT network: output_stride=16 \(BiT does not dilate\)",
+        r"source/config\.json describes no BiT network: output_stride=16 \(stage4 would be dilated; BiT does not",
     ),
     "preprocessor_config.json holding a string": (
         lambda tmp: _bit_folder_with(tmp, {"preprocessor_config.json": '"224"'}),
@@ -413,7 +438,10 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, server, hf_cac
 def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_staging_folder(
     tmp_path, small_npz, monkeypatch
 ):
-    folder = convert_to_folder(small_npz, tmp_path / "my-bit")
+    plain = convert_to_folder(small_npz, tmp_path / "plain")  # modeling_bit alone writes no card
+    assert not (plain / "README.md").exists()
+    shutil.rmtree(plain)
+    folder = bit_convert.convert_with_card(small_npz, tmp_path / "my-bit")
     card = (folder / "README.md").read_text()
     assert 'model="my-bit"' in card and ".partial" not in card and "_named" not in card
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -429,11 +457,11 @@ def test_the_card_is_written_before_the_folder_appears_and_failures_leave_no_sta
         assert folder_name in ("my-bit", "new") and staging.name != folder_name  # named for where it will be
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_module, "write_model_card", card_fails)
+    monkeypatch.setattr(bit_convert, "write_model_card", card_fails)
     with pytest.raises(ConversionError, match=r"Writing .*my-bit failed .*No space left.*left as it was"):
-        convert_to_folder(small_npz, folder, num_labels=2)
+        bit_convert.convert_with_card(small_npz, folder, num_labels=2)
     with pytest.raises(ConversionError, match="No space left"):
-        convert_to_folder(small_npz, tmp_path / "new")
+        bit_convert.convert_with_card(small_npz, tmp_path / "new")
     assert transformers.AutoConfig.from_pretrained(folder).num_labels == 10  # the earlier conversion is intact
     assert (folder / "README.md").read_text() == card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-bit"]  # no staging folder, no "new"
@@ -834,13 +862,17 @@ def fake_hub(hf_cache, server, monkeypatch) -> CheckpointServer:
 
 
 def test_by_name_the_published_file_is_converted_not_a_folder_named_like_it(
-    tmp_path, fake_hub, monkeypatch, r50_bytes
+    tmp_path, fake_hub, monkeypatch, r50_bytes, caplog
 ):
     fake_hub.files["/BiT-S-R50x1.npz"] = r50_bytes
     stray = tmp_path / "work" / "BiT-S-R50x1"  # the canonical spelling, not the name the user types below
     BitForImageClassification(BitForImageClassification.config_class.from_preset("bit-tiny")).save_pretrained(stray)
     monkeypatch.chdir(stray.parent)
-    folder = Path(resolve_pretrained_name("bit-s-r50x1"))
+    with caplog.at_level(logging.WARNING, logger="modeling_bit.by_name"):
+        folder = Path(resolve_pretrained_name("bit-s-r50x1"))
+    # One line says what is converted, from where, into where (hundreds of MB for the real checkpoints).
+    [said] = [record.getMessage() for record in caplog.records if record.name == "modeling_bit.by_name"]
+    assert f"converting {fake_hub.url}/BiT-S-R50x1.npz into {folder}" in said
     metadata = json.loads((folder / "bit_conversion.json").read_text())
     assert (metadata["source_kind"], metadata["architecture"]["depths"]) == ("published", list(R50))
     assert fake_hub.gets("/BiT-S-R50x1.npz") == [None]

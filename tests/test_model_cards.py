@@ -33,13 +33,13 @@ from published_layout import published_arrays, write_npz
 from transformers import AutoImageProcessor
 
 from model_cards import CardOptions, prepare_hub_folder, write_card, write_model_card
+from model_cards.bit_convert import convert_with_card
+from model_cards.bit_convert import main as bit_convert
 from model_cards.card import checked_eval_result
 from model_cards.cli import main as bit_model_card
 from model_cards.facts import CardError
 from model_cards.hub import HubPushError, local_files, push_folder
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor, load_rgb_image
-from modeling_bit.convert import convert_to_folder
-from modeling_bit.convert import main as bit_convert
 
 SMALL_DEPTHS = (1, 2, 1, 1)
 R50_DEPTHS = (3, 4, 6, 3)
@@ -211,7 +211,7 @@ def folders(tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
     """One folder of every kind we produce, each with its card (written as its producer writes it)."""
     root = tmp_path_factory.mktemp("kinds")
     npz = write_npz(root / "small.npz", published_arrays(SMALL_DEPTHS, num_classes=10, seed=3))
-    converted = convert_to_folder(npz, root / "converted", resolution=64)
+    converted = convert_with_card(npz, root / "converted", resolution=64)
 
     finetuned = save_tiny(root / "finetuned", ["ants", "bees"], 64, seed=1)
     write_finetuned_records(finetuned, hymenoptera_dir)
@@ -1009,7 +1009,7 @@ def test_bit_convert_all_writes_pushes_and_resumes_hub_ready_folders(hub, tmp_pa
     command = [
         sys.executable,
         "-m",
-        "modeling_bit.convert",
+        "model_cards.bit_convert",
         "--all",
         "--output-root",
         str(tmp_path / "R"),
@@ -1218,3 +1218,84 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
         for name in plots:
             with Image.open(folder / name) as image:
                 image.verify()
+
+
+# --- golden cards: the same folders render the same cards, byte for byte -----------------------------------------
+
+GOLDEN_DIR = Path(__file__).parent / "golden" / "model_cards"
+# The records `bit-convert` writes for a published checkpoint, on a copy of the small converted folder: each
+# published branch of the card (upstream, fine-tuned, distilled student, teacher) without converting real sizes.
+PUBLISHED_RECORDS = {
+    "BiT-M-R50x1": ("BiT-M-R50x1.npz", "imagenet-21k", None),
+    "BiT-M-R50x1-ILSVRC2012": ("BiT-M-R50x1-ILSVRC2012.npz", "imagenet-21k", "ilsvrc-2012"),
+    "BiT-R50x1-distilled-224": ("distill/R50x1_224.npz", "ilsvrc-2012", None),
+    "BiT-M-R152x2-teacher-384": ("distill/R152x2_T_384.npz", "imagenet-21k", "ilsvrc-2012"),
+}
+
+
+@pytest.fixture(scope="module")
+def golden_cases(folders, tmp_path_factory, hymenoptera_dir) -> dict[str, Path]:
+    """Every card the fixtures of this file render, each written as its producer (or `bit-model-card`) writes it."""
+    root = tmp_path_factory.mktemp("golden")
+    cases = {kind: folders[kind] for kind in KINDS}
+    for kind in KINDS:
+        folder = shutil.copytree(folders[kind], root / f"hub-{kind}")
+        prepare_hub_folder(
+            folder, CardOptions(repo_id=f"someone/bit-{kind}", license="mit", base_model="someone/bit-base")
+        )
+        cases[f"hub-{kind}"] = folder
+    for kind, names in METADATA_FILES.items():
+        for name in names:
+            folder = shutil.copytree(folders[kind], root / f"{kind}-without-{name}")
+            (folder / name).unlink()
+            write_model_card(folder)
+            cases[folder.name] = folder
+    for case, dataset, labels in (
+        ("dataset-hub-name", {"name": "beans", "validation_split": "test"}, ("ants", "bees")),
+        ("dataset-hub-id", {"name": "someone/hymenoptera", "config": "full"}, [f"class {i}" for i in range(7)]),
+        ("dataset-train-dir", {"train_dir": "digits"}, ("ants", "bees")),
+        ("dataset-local-path", {"name": str(hymenoptera_dir)}, ("ants", "bees")),
+        ("dataset-main-job", {"name": "sklearn.datasets.load_digits"}, ("ants", "bees")),
+    ):
+        finetuned_card(root / case, hymenoptera_dir, dataset, labels)
+        cases[case] = root / case
+    record = json.loads((folders["converted"] / "bit_conversion.json").read_text())
+    for name, (file, upstream, fine_tuned) in PUBLISHED_RECORDS.items():
+        folder = shutil.copytree(folders["converted"], root / name.lower())
+        url = f"https://storage.googleapis.com/bit_models/{file}"
+        fields = {"source": name, "source_kind": "published", "published_name": name, "source_url": url}
+        write_json(
+            folder / "bit_conversion.json",
+            {**record, **fields, "upstream_dataset": upstream, "fine_tuned_on": fine_tuned},
+        )
+        write_model_card(folder)
+        cases[f"published-{folder.name}"] = folder
+    folder = shutil.copytree(root / "bit-m-r50x1-ilsvrc2012", root / "hub-published")
+    prepare_hub_folder(folder, CardOptions(repo_id="someone/bit-m-r50x1-ilsvrc2012", base_model="someone/bit-m-r50x1"))
+    cases["hub-published"] = folder
+    npz = write_npz(root / "small.npz", published_arrays(SMALL_DEPTHS, num_classes=10, seed=3))
+    cases["converted-new-head"] = convert_with_card(npz, root / "converted-new-head", labels=["cat", "dog", "emu"])
+    return cases
+
+
+GOLDEN_CASES = [
+    *KINDS,
+    *(f"hub-{kind}" for kind in KINDS),
+    *(f"{kind}-without-{name}" for kind, names in METADATA_FILES.items() for name in names),
+    *("dataset-hub-name", "dataset-hub-id", "dataset-train-dir", "dataset-local-path", "dataset-main-job"),
+    *(f"published-{name.lower()}" for name in PUBLISHED_RECORDS),
+    "hub-published",
+    "converted-new-head",
+]
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_cards_render_byte_for_byte_as_their_golden_files(golden_cases, case):
+    """`BIT_REGENERATE_GOLDEN_CARDS=1 pytest tests/test_model_cards.py -k golden` rewrites the golden files: do that
+    only for an intended change of the cards, and list what changed in the commit."""
+    text = (golden_cases[case] / "README.md").read_text(encoding="utf-8")
+    golden = GOLDEN_DIR / f"{case}.txt"  # not .md: ruff format would rewrite its Python blocks
+    if os.environ.get("BIT_REGENERATE_GOLDEN_CARDS") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text, encoding="utf-8")
+    assert text == golden.read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_, run_clean_python
+from conftest import REPO_ROOT, randomize_, run_clean_python
 from PIL import Image
 from reference_bit import reference_forward
 
@@ -21,7 +21,7 @@ import modeling_bit
 from modeling_bit import BitBackbone, BitConfig, BitForImageClassification, BitModel, bit_image_processor
 from modeling_bit.modeling_bit import WeightStandardizedConv2d
 
-# BIT_RECIPE.md: backbone parameter counts (no head).
+# docs/recipe.md "Architecture": backbone parameter counts (no head).
 PUBLISHED_BACKBONE_PARAMETERS = {
     "R50x1": 23_500_352,
     "R50x3": 211_174_080,
@@ -163,7 +163,7 @@ def test_cache_is_reused_while_weights_are_unchanged():
         assert conv.standardized_weight() is first
     model.train()
     model(torch.randn(1, 3, 64, 64)).logits.sum().backward()
-    assert conv._cached_weight is None  # training drops it
+    assert conv.standardized._kernel is None  # training drops it
 
 
 def test_cache_invalidated_by_optimizer_step():
@@ -237,7 +237,7 @@ def test_copies_do_not_carry_the_cache_and_inference_mode_copies_work():
         expected = model(pixel_values).logits
         clone = copy.deepcopy(model)  # parameters become inference tensors: no version counter to cache on
         assert relative_error(clone(pixel_values).logits, expected) < 1e-5
-    assert all(m._cached_weight is None for m in clone.modules() if isinstance(m, WeightStandardizedConv2d))
+    assert all(m.standardized._kernel is None for m in clone.modules() if isinstance(m, WeightStandardizedConv2d))
 
 
 # --- heads, losses, outputs ----------------------------------------------------------------------
@@ -325,45 +325,120 @@ def test_our_folder_loads_in_stock_transformers(tmp_path, width, ant_image_path)
     assert [entry["score"] for entry in result["top"]] == pytest.approx([p for p, _ in expected], abs=1e-4)
 
 
-@pytest.mark.parametrize("padding", [{}, {"global_padding": "SAME", "embedding_dynamic_padding": True}])
-def test_stock_folder_loads_in_ours(tmp_path, padding):
+# Configs stock transformers builds, as stock saves them. Ours build those that are BiT networks, at any width stock
+# rounds (to multiples of 8) and group count it accepts; the others (not pre-activation, dilated, unpadded, or a
+# last stage narrower than its head) are stock transformers' to build.
+STOCK_CONFIGS = {
+    # transformers' own BiT test configuration (`embeddings_size` is a typo there: the stem keeps 64 channels).
+    "transformers-tests": {
+        "embeddings_size": 10,
+        "hidden_sizes": [8, 16, 32, 64],
+        "depths": [1, 1, 2, 1],
+        "num_groups": 1,
+    },
+    "bit-widths": {"embedding_size": 16, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 2, 1, 1], "num_groups": 8},
+    "same-padding": {
+        "embedding_size": 16,
+        "hidden_sizes": [32, 64, 128, 256],
+        "depths": [1, 2, 1, 1],
+        "num_groups": 8,
+        "global_padding": "SAME",
+        "embedding_dynamic_padding": True,
+    },
+    "rounded-widths-gelu": {
+        "embedding_size": 12,
+        "hidden_sizes": [12, 20, 44, 48],
+        "depths": [1, 1, 1, 1],
+        "num_groups": 4,
+        "hidden_act": "gelu",
+    },
+    "same-without-stem-padding": {
+        "embedding_size": 16,
+        "hidden_sizes": [30, 64, 128, 256],
+        "depths": [1, 1, 1, 1],
+        "num_groups": 2,
+        "global_padding": "same",
+    },
+    "dynamic-after-zero-padding": {
+        "embedding_size": 8,
+        "hidden_sizes": [8, 16, 32, 64],
+        "depths": [1, 1, 1, 1],
+        "num_groups": 1,
+        "embedding_dynamic_padding": True,
+    },
+}
+STOCK_ONLY_CONFIGS = {
+    "hybrid": {
+        "layer_type": "bottleneck",
+        "global_padding": "SAME",
+        "hidden_sizes": [8, 16, 32],
+        "depths": [1, 1, 1],
+        "num_groups": 1,
+    },
+    "dilated": {"output_stride": 16, "hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "num_groups": 1},
+    "valid-padding": {
+        "global_padding": "valid",
+        "hidden_sizes": [8, 16, 32, 64],
+        "depths": [1, 1, 1, 1],
+        "num_groups": 1,
+    },
+    "last-stage-rounded": {"hidden_sizes": [8, 16, 32, 60], "depths": [1, 1, 1, 1], "num_groups": 1},
+}
+
+
+def test_every_config_stock_builds_still_loads_after_import_with_stock_logits(tmp_path):
     pixel_values = torch.randn(2, 3, 65, 80)
     torch.save(pixel_values, tmp_path / "input.pt")
-    # The stock folder, its logits and its backbone's feature maps, from a process that never imported ours.
+    # The stock folders, their logits and backbone feature maps, from a process that never imported ours.
     stock = run_clean_python(
         f"""
         import torch, transformers
-        folder = {str(tmp_path)!r}
-        torch.manual_seed(0)
-        config = transformers.BitConfig(
-            embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 2, 1, 1], num_groups=8, num_labels=3,
-            **{padding!r}
-        )
-        model = transformers.BitForImageClassification(config).eval()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "norm" in name or "classifier" in name:
-                    parameter.add_(0.2 * torch.randn_like(parameter))
-        model.save_pretrained(folder + "/stock")
-        backbone = transformers.BitBackbone.from_pretrained(folder + "/stock", out_features=["stem", "stage2", "stage4"])
-        x = torch.load(folder + "/input.pt", weights_only=True)
-        with torch.no_grad():
-            result = {{
-                "logits": model(x).logits.tolist(),
-                "features": [f.tolist() for f in backbone.eval()(x).feature_maps],
-                "names": sorted(model.state_dict()),
-            }}
+        root = {str(tmp_path)!r}
+        x = torch.load(root + "/input.pt", weights_only=True)
+        result = {{}}
+        for name, fields in { ({**STOCK_CONFIGS, **STOCK_ONLY_CONFIGS})!r}.items():
+            torch.manual_seed(0)
+            model = transformers.BitForImageClassification(transformers.BitConfig(num_labels=3, **fields)).eval()
+            with torch.no_grad():
+                for parameter_name, parameter in model.named_parameters():
+                    if "norm" in parameter_name or "classifier" in parameter_name:
+                        parameter.add_(0.2 * torch.randn_like(parameter))
+            model.save_pretrained(f"{{root}}/{{name}}")
+            try:
+                with torch.no_grad():
+                    logits = model(x).logits.tolist()
+            except RuntimeError:  # stock builds and saves it, but cannot run it
+                logits = None
+            features = None
+            if name in {list(STOCK_CONFIGS)!r}:
+                backbone = transformers.BitBackbone.from_pretrained(
+                    f"{{root}}/{{name}}", out_features=["stem", "stage2", "stage4"]
+                )
+                with torch.no_grad():
+                    features = [f.tolist() for f in backbone.eval()(x).feature_maps]
+            result[name] = {{"logits": logits, "features": features, "names": sorted(model.state_dict())}}
         """
     )
-    ours = BitForImageClassification.from_pretrained(tmp_path / "stock").eval()
-    assert sorted(ours.state_dict()) == stock["names"]
-    backbone = BitBackbone.from_pretrained(tmp_path / "stock", out_features=["stem", "stage2", "stage4"]).eval()
-    with torch.no_grad():
-        assert relative_error(ours(pixel_values).logits, torch.tensor(stock["logits"])) <= 1e-4
-        features = backbone(pixel_values).feature_maps
-    assert len(features) == 3
-    for actual, expected in zip(features, stock["features"]):
-        assert relative_error(actual, torch.tensor(expected)) <= 1e-4
+    for name in STOCK_CONFIGS:
+        folder = tmp_path / name
+        assert type(transformers.AutoConfig.from_pretrained(folder)) is BitConfig, name
+        auto = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+        direct = BitForImageClassification.from_pretrained(folder).eval()
+        backbone = BitBackbone.from_pretrained(folder, out_features=["stem", "stage2", "stage4"]).eval()
+        assert type(auto) is BitForImageClassification and sorted(direct.state_dict()) == stock[name]["names"], name
+        with torch.no_grad():
+            for model in (auto, direct):
+                assert relative_error(model(pixel_values).logits, torch.tensor(stock[name]["logits"])) <= 1e-4, name
+            features = backbone(pixel_values).feature_maps
+        assert len(features) == 3
+        for actual, expected in zip(features, stock[name]["features"], strict=True):
+            assert relative_error(actual, torch.tensor(expected)) <= 1e-4, name
+    for name in STOCK_ONLY_CONFIGS:
+        auto = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / name).eval()
+        assert type(auto) is transformers.BitForImageClassification, name
+        if stock[name]["logits"] is not None:
+            with torch.no_grad():
+                assert relative_error(auto(pixel_values).logits, torch.tensor(stock[name]["logits"])) <= 1e-6, name
 
 
 def test_auto_classes_return_ours_after_import(tmp_path):
@@ -418,9 +493,10 @@ def test_bad_pixel_values_are_refused_clearly(pixel_values, message):
     "overrides, message",
     [
         ({"num_groups": 5}, "num_groups=5 must divide"),
-        ({"hidden_sizes": [30, 64, 128, 256]}, "multiple of 32"),
-        ({"depths": [1, 1, 1]}, "equal length"),
+        ({"hidden_sizes": [30, 64, 128, 256], "num_groups": 32}, r"does not divide \[8, 16\]"),  # 30 -> 32, mid 8
+        ({"hidden_act": "relu7"}, "hidden_act='relu7'"),
         ({"depths": [1, 1, 1, 1.5]}, "list of positive integers"),
+        ({"depths": []}, "list of positive integers"),
         ({"layer_type": "resnet"}, "expected 'preactivation'"),
         ({"embedding_size": 0}, "embedding_size=0: expected a positive integer"),
         ({"embedding_size": -16}, "embedding_size=-16"),
@@ -432,6 +508,16 @@ def test_bad_pixel_values_are_refused_clearly(pixel_values, message):
 def test_configs_that_cannot_build_a_network_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         BitConfig.from_preset("bit-tiny", **overrides)
+
+
+def test_variants_only_stock_builds_are_refused_by_our_classes_with_the_reason():
+    for overrides, message in (
+        ({"depths": [1, 1, 1]}, "the last stage is 128 channels wide"),  # three stages of bit-tiny's four widths
+        ({"output_stride": 16}, "stage4 would be dilated"),
+        ({"global_padding": "valid"}, "global_padding='VALID'"),
+    ):
+        with pytest.raises(ValueError, match=f"{message}.*stock transformers' classes"):
+            BitForImageClassification(BitConfig.from_preset("bit-tiny", **overrides))
 
 
 def test_hybrid_backbone_configs_are_left_to_stock_transformers():
@@ -456,6 +542,26 @@ def test_hybrid_backbone_configs_are_left_to_stock_transformers():
     exec(textwrap.dedent(dpt), namespace)  # in this process, which imported modeling_bit
     stock = run_clean_python(dpt)
     assert namespace["result"]["depth"] == stock["depth"]
+
+
+def test_modeling_bit_stands_alone_every_module_imports_without_the_packages_above_it():
+    code = """
+import importlib, json, pkgutil, sys
+import modeling_bit
+for module in pkgutil.walk_packages(modeling_bit.__path__, "modeling_bit."):
+    if module.name != "modeling_bit.__main__":  # the demo runs when imported
+        importlib.import_module(module.name)
+above = sorted({name.split(".")[0] for name in sys.modules} & {"model_cards", "finetune", "pretraining"})
+print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("modeling_bit")), "above": above}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert {"modeling_bit.convert", "modeling_bit.by_name", "modeling_bit.checkpoint_reading"} <= set(
+        result["imported"]
+    )
+    assert result["above"] == []
 
 
 def test_package_registers_with_auto_config():

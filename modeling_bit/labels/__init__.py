@@ -11,13 +11,9 @@ import collections
 import functools
 from importlib import resources
 
-from ..configuration_bit import ILSVRC2012_NUM_CLASSES, IMAGENET21K_NUM_CLASSES
-
-IMAGENET21K = "imagenet-21k"  # BiT-M upstream head, 21,843 classes
-ILSVRC2012 = "ilsvrc-2012"  # BiT-S upstream head and every ILSVRC-2012 fine-tuned head, 1,000 classes
+from ..variants import ILSVRC2012, IMAGENET21K, NUM_CLASSES
 
 _FILES = {IMAGENET21K: "imagenet21k.tsv", ILSVRC2012: "ilsvrc2012.tsv"}
-_NUM_CLASSES = {IMAGENET21K: IMAGENET21K_NUM_CLASSES, ILSVRC2012: ILSVRC2012_NUM_CLASSES}
 
 
 @functools.cache
@@ -27,8 +23,8 @@ def synsets_and_lemmas(dataset: str) -> tuple[tuple[str, str], ...]:
         raise ValueError(f"No class names for {dataset!r}; known: {', '.join(_FILES)}.")
     text = resources.files(__name__).joinpath(_FILES[dataset]).read_text(encoding="utf-8")
     rows = tuple(tuple(line.split("\t", 1)) for line in text.splitlines())
-    if len(rows) != _NUM_CLASSES[dataset]:
-        raise RuntimeError(f"{_FILES[dataset]} has {len(rows)} classes, expected {_NUM_CLASSES[dataset]}: reinstall.")
+    if len(rows) != NUM_CLASSES[dataset]:
+        raise RuntimeError(f"{_FILES[dataset]} has {len(rows)} classes, expected {NUM_CLASSES[dataset]}: reinstall.")
     return rows
 
 
@@ -46,7 +42,7 @@ def label_names(dataset: str) -> list[str]:
 
 def dataset_of_head(num_classes: int) -> str | None:
     """The dataset whose class list a head of `num_classes` outputs, if it is one of the published heads."""
-    return next((dataset for dataset, count in _NUM_CLASSES.items() if count == num_classes), None)
+    return next((dataset for dataset, count in NUM_CLASSES.items() if count == num_classes), None)
 
 
 __all__ = ["ILSVRC2012", "IMAGENET21K", "dataset_of_head", "label_names", "synsets_and_lemmas"]
