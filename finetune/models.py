@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig
 
 from modeling_bit import BitConfig, BitForImageClassification, canonical_preset_name
-from modeling_bit.published import find_published_checkpoint, resolve_pretrained_name
+from modeling_bit.by_name import resolve_pretrained_name
+from modeling_bit.published import find_published_checkpoint
 
 from .errors import FinetuneInputError
 from .progress import transformers_quiet
@@ -44,7 +45,7 @@ def resolve_model_name(name: str) -> str:
     """Where `--model` is read from, decided before any network request where the name says it: a local path
     as it is; a preset name that is no published checkpoint is refused (it names an architecture, not
     weights); a published BiT name becomes its converted folder unless a Hub repository of that name exists
-    (one query, `modeling_bit.published.resolve_pretrained_name`); anything else is a Hub id."""
+    (one query, `modeling_bit.by_name.resolve_pretrained_name`); anything else is a Hub id."""
     if os.path.exists(name):
         return name
     if canonical_preset_name(name) is not None and find_published_checkpoint(name) is None:
