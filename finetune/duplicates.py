@@ -81,9 +81,7 @@ def write_duplicates(path: str | os.PathLike, record: DuplicatesRecord) -> Path:
 def read_duplicates(path: str | os.PathLike) -> DuplicatesRecord:
     """The record in `path`, or a `FinetuneInputError` naming what is wrong with it."""
     path = Path(path)
-    expected = (
-        "expected the duplicates.json that bit-dedup writes ({'threshold': ..., 'model': ..., 'pairs': [...]})"
-    )
+    expected = "expected the duplicates.json that bit-dedup writes ({'threshold': ..., 'model': ..., 'pairs': [...]})"
     try:
         value = json.loads(path.read_text())
     except OSError as error:
@@ -212,3 +210,30 @@ def table6(rows: Sequence[tuple[str, DeduplicatedAccuracy]]) -> str:
             f"{row.duplicates_removed} |"
         )
     return "\n".join(lines)
+
+
+class DeduplicatedEvaluation:
+    """`FinetuneJob.extra_results` for `bit-finetune --exclude-duplicates FILE`: the fine-tuned model's accuracy on
+    the evaluation split with and without the near-duplicates `FILE` names, logged as Table 6.
+
+    The record is read and matched against the evaluation split at construction, before anything is trained."""
+
+    def __init__(self, path: str | os.PathLike, evaluation: datasets.Dataset, test_set_name: str):
+        if isinstance(evaluation, datasets.IterableDataset):
+            raise FinetuneInputError(
+                "--exclude-duplicates matches the evaluation images by content: drop --streaming."
+            )
+        self.record = read_duplicates(path)
+        self.removed = duplicate_indices(evaluation, self.record)
+        self.test_set_name = test_set_name
+
+    def __call__(self, job, result) -> dict:
+        from modeling_bit import BitForImageClassification
+
+        model = BitForImageClassification.from_pretrained(str(result.saved_model_dir()))
+        if torch.cuda.is_available():
+            model = model.cuda()
+        row = evaluate_deduplicated(model, job.data.eval, self.record, result.rule.crop, num_workers=job.num_workers)
+        logger.info("Accuracy on the full and the de-duplicated test set (BiT paper Table 6):")
+        logger.info(table6([(self.test_set_name, row)]))
+        return {**row.results(), "duplicates_threshold": self.record.threshold, "duplicates_model": self.record.model}
