@@ -510,6 +510,7 @@ def draw_curve(curve: list[dict], hyperrule_accuracy: float | None) -> bytes | N
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     trials = [point["trials"] for point in curve]
@@ -522,6 +523,7 @@ def draw_curve(curve: list[dict], hyperrule_accuracy: float | None) -> bytes | N
     )
     if hyperrule_accuracy is not None:
         axes.axhline(100 * hyperrule_accuracy, color="tab:red", linestyle="--", label="BiT-HyperRule")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("number of random trials")
     axes.set_ylabel("validation accuracy (%)")
     axes.set_title(f"Expected best of N trials ({CURVE_ORDERINGS} random orderings)")
