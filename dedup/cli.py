@@ -122,6 +122,11 @@ class SearchArguments:
 
 
 ARGUMENT_CLASSES = (UpstreamArguments, DownstreamArguments, SearchArguments)
+USAGE = """
+  bit-dedup --upstream-dir U --downstream-dir D --output-dir O [--model M] [--threshold T] [options]
+  bit-dedup --upstream-dataset NAME [--upstream-streaming] --downstream-dataset NAME2 [--downstream-split test]
+            --output-dir O [options]
+  bit-dedup ... --finetuned-model F     + Table 6: F's accuracy on the full and the de-duplicated downstream set"""
 
 
 def _source(arguments, side: str) -> ImageSource:
@@ -147,7 +152,11 @@ def _source(arguments, side: str) -> ImageSource:
 
 def make_job(argv: Sequence[str]) -> DedupJob:
     parser = HfArgumentParser(
-        ARGUMENT_CLASSES, prog="bit-dedup", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+        ARGUMENT_CLASSES,
+        prog="bit-dedup",
+        usage=USAGE,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     upstream, downstream, search = parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)
     if search.output_dir is None:
