@@ -141,7 +141,7 @@ class FaissSearch(ExactCosineSearch):
         index.add(keys)
         limits, values, rows = index.range_search(self.query_array, self.threshold)
         if len(rows):
-            queries = np.repeat(np.arange(len(self.query_array)), np.diff(limits))
+            queries = np.repeat(np.arange(len(self.query_array)), np.diff(limits.astype(np.int64)))
             self._keep_pairs(
                 torch.from_numpy(np.stack([queries, rows + self.rows_seen, values], axis=1).astype(np.float64))
             )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Appendix A's ranges, for checks: dropout in [0, 0.7]; decay strengths are any non-negative number.
+# A dropout rate must be below 1 (a rate of 1 would drop every pre-logit); Appendix A searches [0, 0.7].
 MAX_DROPOUT = 1.0
 
 
