@@ -37,11 +37,13 @@ from .command_line import (
 )
 from .data import ImageClassificationData, load_hub_dataset, load_image_folders
 from .distributed import process_state
+from .duplicates import DeduplicatedEvaluation
 from .engine import FinetuneJob, FinetuneResult, run_finetuning
 from .errors import FinetuneInputError
 from .hyperrule import LARGE_IMAGE_RESOLUTION_BIT_L
 from .main_job import MainJobSettings, run_main_job
 from .output_folder import HubUploadError, push_to_hub
+from .search import APPENDIX_A, SearchJob, run_search
 
 logger = logging.getLogger("finetune")
 
@@ -72,6 +74,74 @@ and evaluates."""
 
 
 @dataclasses.dataclass
+class AnalysisArguments:
+    """The paper's two analyses on a fine-tuning run: random search (§4.4, Appendix A) and near-duplicates (§4.5)."""
+
+    _argument_group_name = "Random search (paper §4.4, Appendix A) and near-duplicates (§4.5)"
+
+    search: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Random search: N trials of Appendix A's space (learning rate, steps, pre-logits dropout, decay "
+            "toward the initial weights, MixUp, resolution) through Trainer.hyperparameter_search (optuna), selected "
+            "on a validation split held out of the training set, the chosen one reported on the evaluation split "
+            "(the test split). --resume continues a killed search."
+        },
+    )
+    search_processes: int = dataclasses.field(
+        default=1, metadata={"help": "Worker processes running trials side by side (CPU)."}
+    )
+    search_steps: list[int] | None = dataclasses.field(
+        default=None,
+        metadata={"help": f"Replace the searched step counts (Appendix A: {' '.join(map(str, APPENDIX_A.steps))})."},
+    )
+    search_resolutions: list[int] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": f"Replace the searched resolutions (Appendix A: {' '.join(map(str, APPENDIX_A.resolution))})."
+        },
+    )
+    pre_logits_dropout: float | None = dataclasses.field(
+        default=None, metadata={"help": "Dropout rate on the pre-logits while training (BiT-HyperRule: none)."}
+    )
+    decay_to_initial_weights: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Weight decay toward the weights fine-tuning starts from (BiT-HyperRule: none)."},
+    )
+    exclude_duplicates: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "A duplicates.json from bit-dedup: also report the accuracy on the evaluation split without its "
+            "near-duplicates (paper Table 6)."
+        },
+    )
+
+    def regularizers(self) -> dict:
+        """The `BitTrainingArguments` fields these flags set."""
+        values = {
+            "pre_logits_dropout": self.pre_logits_dropout,
+            "decay_to_initial_weights": self.decay_to_initial_weights,
+        }
+        for name, value in values.items():
+            if value is not None and not (0 <= value < 1 if name == "pre_logits_dropout" else value >= 0):
+                raise FinetuneInputError(f"{flag(name)} {value}: expected a rate in [0, 1) / a strength >= 0.")
+        return {name: value for name, value in values.items() if value}
+
+    def search_job(self, job: FinetuneJob, validation_fraction: float) -> SearchJob:
+        space = dataclasses.replace(
+            APPENDIX_A,
+            steps=tuple(self.search_steps or APPENDIX_A.steps),
+            resolution=tuple(self.search_resolutions or APPENDIX_A.resolution),
+        )
+        if self.exclude_duplicates or self.regularizers():
+            raise FinetuneInputError(
+                "--search draws the dropout and decay of each trial; evaluate its folder without near-duplicates with "
+                "bit-dedup --finetuned-model O, not --exclude-duplicates."
+            )
+        return SearchJob(job, self.search, space, self.search_processes, validation_fraction)
+
+
+@dataclasses.dataclass
 class Arguments:
     """The parsed command line; `given` holds the fields the command line set (whatever their value)."""
 
@@ -81,13 +151,21 @@ class Arguments:
     run: RunArguments
     training: FinetuneTrainingArguments
     given: frozenset[str]
+    analysis: AnalysisArguments = dataclasses.field(default_factory=AnalysisArguments)
 
     def given_flags(self, names: Sequence[str]) -> list[str]:
         return [flag(name) for name in names if name in self.given]
 
 
 # HyperRule first in --help, then what to train, on what, and how the run goes; the Trainer's own flags last.
-ARGUMENT_CLASSES = (HyperRuleArguments, ModelArguments, DataArguments, RunArguments, FinetuneTrainingArguments)
+ARGUMENT_CLASSES = (
+    HyperRuleArguments,
+    ModelArguments,
+    DataArguments,
+    RunArguments,
+    AnalysisArguments,
+    FinetuneTrainingArguments,
+)
 
 
 def parse_arguments(argv: Sequence[str]) -> Arguments:
@@ -107,6 +185,7 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
         run=by_class[RunArguments],
         training=by_class[FinetuneTrainingArguments],
         given=given,
+        analysis=by_class[AnalysisArguments],
     )
 
 
@@ -286,9 +365,11 @@ def make_job(arguments: Arguments, argv: Sequence[str]) -> FinetuneJob:
     check_arguments(arguments)
     trainer_flags = sort_trainer_flags(arguments.training, arguments.given, arguments.run.resume)
     overrides = rule_overrides(arguments.rule, trainer_flags)
+    data = load_data(arguments)
+    duplicates = arguments.analysis.exclude_duplicates
     return FinetuneJob(
         model=arguments.model.model,
-        data=load_data(arguments),
+        data=data,
         from_scratch=arguments.model.from_scratch,
         hyperrule=arguments.rule.hyperrule,
         large_resolution=LARGE_IMAGE_RESOLUTION_BIT_L if arguments.rule.bit_l_resolution else None,
@@ -298,12 +379,23 @@ def make_job(arguments: Arguments, argv: Sequence[str]) -> FinetuneJob:
         trials=arguments.data.trials or 1,
         seed=arguments.training.seed,
         output_dir=arguments.training.output_dir,
-        training=trainer_flags.training,
+        training={**trainer_flags.training, **arguments.analysis.regularizers()},
         resume=trainer_flags.resume,
         overwrite_output_dir=arguments.run.overwrite_output_dir,
         per_class_accuracy=arguments.run.per_class_accuracy,
         command=["bit-finetune", *argv],
+        extra_results=DeduplicatedEvaluation(duplicates, data.eval, _test_set_name(data)) if duplicates else None,
     )
+
+
+def _test_set_name(data: ImageClassificationData) -> str:
+    """The evaluation split's name for Table 6: its folder, or the dataset and split."""
+    source = data.source
+    if "validation_dir" in source:
+        return Path(source["validation_dir"]).name
+    if "name" in source:
+        return f"{source['name']} {source.get('validation_split', '(held out)')}"
+    return f"{Path(source['train_dir']).name} (held out)"
 
 
 def finetune_on_user_data(
@@ -374,6 +466,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         arguments = parse_arguments(argv)
         if arguments.data.train_dir is None and arguments.data.dataset is None:
             main_job(arguments, argv)
+        elif arguments.analysis.search is not None:
+            if arguments.training.push_to_hub:
+                raise FinetuneInputError(
+                    "--search with --push-to-hub: upload the finished folder with bit-model-card."
+                )
+            job = make_job(arguments, argv)
+            run_search(arguments.analysis.search_job(job, arguments.data.validation_fraction))
         else:
             finetune_on_user_data(arguments, argv, callbacks=callbacks)
     except FinetuneInputError as error:

@@ -116,6 +116,9 @@ class FinetuneJob:
             `dataloader_num_workers` also sets the processes decoding images (default: up to 4).
         quiet: no progress bars and no per-trial messages (for callers that report themselves).
         command: the command line to record in `bit_finetune_args.json`.
+        extra_results: called on the main process with (job, result) once the trials are done, before the output
+            folder is written; the dict it returns is added to the results (`all_results.json`), e.g. the
+            accuracy on the test set without near-duplicates (`finetune.duplicates`).
     """
 
     model: str
@@ -138,6 +141,7 @@ class FinetuneJob:
     per_class_accuracy: bool = False
     quiet: bool = False
     command: list[str] = dataclasses.field(default_factory=list)
+    extra_results: Callable[[FinetuneJob, FinetuneResult], dict] | None = None
 
     def __post_init__(self):
         if self.trials < 1:
@@ -546,6 +550,8 @@ def run_finetuning(
     with _work_dir(job) as work_dir:
         results = _run_trials(job, planned, work_dir, resuming, callbacks, on_trial_end)
         result = summarize(job, planned.rule, results, work_dir)
+        if job.extra_results is not None and state.is_main_process:
+            result.all_results.update(job.extra_results(job, result))
         if job.output_dir is not None and state.is_main_process:
             result.folder = write_result_folder(job, result, job.output_dir)
         state.wait_for_everyone()

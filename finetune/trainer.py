@@ -32,6 +32,7 @@ from transformers import Trainer, TrainingArguments
 from .distributed import process_state
 from .hyperrule import DECAY_FACTOR, BitHyperRule, learning_rate_multiplier, mixup_micro_batch_warning
 from .preprocessing import HyperRuleTrainingStream
+from .regularizers import InitialWeightDecay, PreLogitsDropout
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class BitTrainingArguments(TrainingArguments):
         default=DECAY_FACTOR, metadata={"help": "Factor of each staircase decay."}
     )
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "MixUp Beta(alpha, alpha); 0 turns it off."})
+    # The random search's regularisers (paper Appendix A; finetune.regularizers); BiT-HyperRule uses neither.
+    pre_logits_dropout: float = dataclasses.field(
+        default=0.0, metadata={"help": "Dropout rate on the pre-logits (the classifier's input) while training."}
+    )
+    decay_to_initial_weights: float = dataclasses.field(
+        default=0.0, metadata={"help": "Strength of the weight decay toward the weights training started from."}
+    )
 
     @classmethod
     def from_hyperrule(cls, rule: BitHyperRule, output_dir: str, **overrides) -> BitTrainingArguments:
@@ -191,7 +199,11 @@ class BitTrainer(Trainer):
         self.unreadable_images: set[str] = set()
         self.evaluated_examples = 0  # by the last evaluate(): readable examples over all processes
         self._mixup_counter = (-1, 0)  # (optimizer step, micro-batches seen in it)
+        self._initial_weights: InitialWeightDecay | None = None
+        self._pre_logits_dropout: PreLogitsDropout | None = None
         super().__init__(model=model, args=args, **kwargs)
+        if self._initial_weights is None:
+            self._capture_initial_weights(self.model)
         # compute_loss returns the mean over its micro-batch; let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -209,6 +221,39 @@ class BitTrainer(Trainer):
             super().log(logs, start_time)
         finally:
             self.state.epoch = seen_by_the_trainer
+
+    # --- regularisers of the random search (finetune.regularizers) ---
+
+    def _capture_initial_weights(self, model: torch.nn.Module | None) -> None:
+        """Remember the weights training starts from (before any checkpoint is resumed into them), when a decay
+        toward them may be asked: by the arguments, or by a hyper-parameter search's trials (model_init)."""
+        if model is not None and (getattr(self.args, "decay_to_initial_weights", 0.0) > 0 or self.model_init):
+            self._initial_weights = InitialWeightDecay(model, 0.0)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        self._capture_initial_weights(model)
+        return model
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the decay toward the initial weights before each step and dropout on the
+        pre-logits when `BitTrainingArguments` ask for them."""
+        optimizer = super().create_optimizer(model)
+        decay = getattr(self.args, "decay_to_initial_weights", 0.0)
+        if self._initial_weights is not None:
+            self._initial_weights.detach()
+            if decay > 0:
+                self._initial_weights.strength = float(decay)
+                self._initial_weights.attach(optimizer)
+        elif decay > 0:
+            raise ValueError("decay_to_initial_weights needs the initial weights, captured when the model is given.")
+        if self._pre_logits_dropout is not None:
+            self._pre_logits_dropout.remove()
+            self._pre_logits_dropout = None
+        rate = getattr(self.args, "pre_logits_dropout", 0.0)
+        if rate > 0:
+            self._pre_logits_dropout = PreLogitsDropout(self.accelerator.unwrap_model(model or self.model), rate)
+        return optimizer
 
     # --- schedule and data order ---
 
