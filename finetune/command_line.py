@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -428,16 +428,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text.replace("%%", "%").replace("%", "%%")
 
 
-def build_parser(argument_classes: Sequence[type], **parser_options) -> HfArgumentParser:
+def build_parser(
+    argument_classes: Sequence[type], *, hidden: Collection[str] = (), **parser_options
+) -> HfArgumentParser:
     """An `HfArgumentParser` of `argument_classes` (a `FinetuneTrainingArguments` among them) whose --help groups
-    the Trainer's flags (`_regroup_trainer_flags`); `parser_options` are argparse's (prog, usage, epilog, ...)."""
+    the Trainer's flags (`_regroup_trainer_flags`) and leaves out the fields `hidden` (a tool that refuses them);
+    `parser_options` are argparse's (prog, usage, epilog, ...)."""
     parser = HfArgumentParser(argument_classes, formatter_class=HelpFormatter, **parser_options)
     _regroup_trainer_flags(parser)
+    for action in parser._actions:
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS
     return parser
 
 
 def parse_command_line(
-    argument_classes: Sequence[type], argv: Sequence[str], **parser_options
+    argument_classes: Sequence[type], argv: Sequence[str], *, hidden: Collection[str] = (), **parser_options
 ) -> tuple[dict[type, object], frozenset[str]]:
     """({argument class: its parsed instance}, the fields the command line set, whatever their value).
 
@@ -445,12 +451,12 @@ def parse_command_line(
     errors become `FinetuneInputError`s."""
     argv = list(argv)
     try:
-        parsed = build_parser(argument_classes, **parser_options).parse_args_into_dataclasses(
+        parsed = build_parser(argument_classes, hidden=hidden, **parser_options).parse_args_into_dataclasses(
             args=argv, look_for_args_file=False
         )
     except (ValueError, ImportError) as error:
         raise FinetuneInputError(_trainer_error(error)) from error
-    given_parser = build_parser(argument_classes, **parser_options)
+    given_parser = build_parser(argument_classes, hidden=hidden, **parser_options)
     for action in given_parser._actions:
         action.default = argparse.SUPPRESS
     given = frozenset(vars(given_parser.parse_args(argv)))
@@ -524,14 +530,18 @@ class TrainerFlags:
 
 
 def sort_trainer_flags(
-    training_args: FinetuneTrainingArguments, given: frozenset[str], resume: bool = False
+    training_args: FinetuneTrainingArguments,
+    given: frozenset[str],
+    resume: bool = False,
+    *,
+    program: str = "bit-finetune",
 ) -> TrainerFlags:
     """The given Trainer fields as rule overrides, Trainer settings for every trial and the resume switch
-    (`resume`: --resume, which --resume-from-checkpoint latest also sets); refused ones raise."""
+    (`resume`: --resume, which --resume-from-checkpoint latest also sets); refused ones raise, naming `program`."""
     refused = [name for name in REFUSED_TRAINER_FIELDS if name in given]
     if refused:
         name = refused[0]
-        raise FinetuneInputError(f"{flag(name)}: not used by bit-finetune ({REFUSED_TRAINER_FIELDS[name]}).")
+        raise FinetuneInputError(f"{flag(name)}: not used by {program} ({REFUSED_TRAINER_FIELDS[name]}).")
     optimizer = getattr(training_args.optim, "value", training_args.optim)
     if "optim" in given and optimizer != "sgd":
         raise FinetuneInputError(
@@ -554,7 +564,7 @@ def sort_trainer_flags(
         value = str(training_args.resume_from_checkpoint).strip().lower()
         if value not in RESUME_ALIASES:
             raise FinetuneInputError(
-                f"--resume-from-checkpoint {training_args.resume_from_checkpoint}: bit-finetune resumes its own run in "
+                f"--resume-from-checkpoint {training_args.resume_from_checkpoint}: {program} resumes its own run in "
                 "--output-dir from the newest complete checkpoint: pass --resume (or --resume-from-checkpoint latest)."
             )
         resume = True
@@ -607,12 +617,15 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging() -> None:
-    """Our messages (the "finetune" loggers) as plain lines on stdout, from the main process only."""
-    handler = _StdoutHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    package_logger = logging.getLogger("finetune")
-    if not package_logger.handlers:
-        package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO if process_state().is_main_process else logging.WARNING)
-    package_logger.propagate = False
+def configure_logging(*packages: str) -> None:
+    """The messages of the "finetune" loggers (and of `packages`' loggers) as plain lines on stdout, from the main
+    process only."""
+    level = logging.INFO if process_state().is_main_process else logging.WARNING
+    for name in ("finetune", *packages):
+        package_logger = logging.getLogger(name)
+        if not package_logger.handlers:
+            handler = _StdoutHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            package_logger.addHandler(handler)
+        package_logger.setLevel(level)
+        package_logger.propagate = False

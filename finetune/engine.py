@@ -105,7 +105,9 @@ class FinetuneJob:
         data: training and evaluation splits. `data.train` may also be `PreprocessedImages` already resized to
             the rule's pre-crop (and `data.eval` to its crop), as the main job prepares its digits once.
         hyperrule: "paper" or "released" (`finetune.hyperrule`); `large_resolution` replaces the variant's
-            resolution for large images; `rule_overrides` are `BitHyperRule` fields given by the user.
+            resolution for large images; `rule_overrides` are `BitHyperRule` fields given by the user;
+            `task_augmentation` turns off the random crop or flip the task's labels forbid (paper Appendix B), as
+            part of the rule rather than an override.
         gradient_accumulation_steps: given instead of a micro-batch: the micro-batch follows from it.
         median_image_area: measured by the caller (not an override); None: measured from the training images.
         examples_per_class: few-shot: each trial draws its own balanced subset of this many examples per class.
@@ -127,6 +129,7 @@ class FinetuneJob:
     hyperrule: str = PAPER
     large_resolution: tuple[int, int] | None = None
     rule_overrides: dict = dataclasses.field(default_factory=dict)
+    task_augmentation: dict = dataclasses.field(default_factory=dict)
     gradient_accumulation_steps: int | None = None
     median_image_area: float | None = None
     examples_per_class: int | None = None
@@ -170,6 +173,7 @@ class FinetuneJob:
             "hyperrule": self.hyperrule,
             "large_resolution": plain(self.large_resolution),
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "task_augmentation": dict(sorted(self.task_augmentation.items())),
             "examples_per_class": self.examples_per_class,
             "trials": self.trials,
             "seed": self.seed,
@@ -357,7 +361,12 @@ def plan_rule(job: FinetuneJob, model: torch.nn.Module) -> BitHyperRule:
         area, measured = median_image_area(job.data.train, seed=job.seed)
         _log(job, "Median image area %s px, read from the headers of %d training images.", f"{area:,.0f}", measured)
     rule = BitHyperRule.from_dataset(
-        training_set_size(job), area, variant=job.hyperrule, large_resolution=job.large_resolution, **overrides
+        training_set_size(job),
+        area,
+        variant=job.hyperrule,
+        large_resolution=job.large_resolution,
+        task_augmentation=job.task_augmentation,
+        **overrides,
     )
     state = process_state()
     if job.gradient_accumulation_steps is not None and rule.micro_batch_size is None:

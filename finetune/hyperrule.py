@@ -198,12 +198,15 @@ class BitHyperRule:
         *,
         variant: str = PAPER,
         large_resolution: tuple[int, int] | None = None,
+        task_augmentation: dict[str, bool] | None = None,
         **overrides,
     ) -> BitHyperRule:
         """The rule for a training set of `num_examples` examples whose median image area is `median_area`.
 
         `variant` is "paper" or "released" (see the module docstring); `large_resolution` replaces the variant's
-        (precrop, crop) for large images. `overrides` are fields of the rule (`steps=100`, `precrop=40`,
+        (precrop, crop) for large images. `task_augmentation` ({"random_crop": False, "horizontal_flip": False})
+        is what the task's labels allow (paper Appendix B): part of the rule, not an override. `overrides` are fields
+        of the rule (`steps=100`, `precrop=40`,
         `crop=32`, `batch_size=64`, ...); None values are ignored. Derived fields follow the overridden ones:
         with `steps` overridden the warmup and the decays keep the variant's fractions of the schedule; with
         `batch_size` overridden and no `learning_rate`, the rate is scaled linearly with the batch.
@@ -254,8 +257,8 @@ class BitHyperRule:
             learning_rate=learning_rate,
             batch_size=batch_size,
             micro_batch_size=int(given["micro_batch_size"]) if "micro_batch_size" in given else None,
-            random_crop=bool(given.get("random_crop", True)),
-            horizontal_flip=bool(given.get("horizontal_flip", True)),
+            random_crop=bool(given.get("random_crop", (task_augmentation or {}).get("random_crop", True))),
+            horizontal_flip=bool(given.get("horizontal_flip", (task_augmentation or {}).get("horizontal_flip", True))),
             momentum=float(given.get("momentum", SGD_MOMENTUM)),
             weight_decay=float(given.get("weight_decay", WEIGHT_DECAY)),
             variant=variant,
@@ -365,7 +368,11 @@ class BitHyperRule:
         """Human-readable summary, one line per decision, overridden fields marked."""
 
         def mark(*names):
-            return " (override)" if any(name in self.overrides for name in names) else ""
+            if any(name in self.overrides for name in names):
+                return " (override)"
+            if any(name in AUGMENTATION_FIELDS and not getattr(self, name) for name in names):
+                return " (the task's labels, paper Appendix B)"
+            return ""
 
         area_side = "<" if self.median_image_area < SMALL_IMAGE_AREA else ">="
         lines = [

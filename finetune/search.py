@@ -50,13 +50,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import PrinterCallback, ProgressCallback
 
 from modeling_bit.file_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 from modeling_bit.folder_layout import MODEL_CARD_FILE
 
 from .data import split_off_validation
+from .distributed import process_state
 from .engine import FinetuneJob, evaluation_inputs, plan, run_finetuning, training_inputs, trial_training_arguments
 from .errors import FinetuneInputError
 from .hyperrule import BitHyperRule
@@ -189,7 +189,7 @@ class SearchJob:
                 "--search-processes > 1 runs trials in forked CPU processes; on an accelerator run one process per "
                 "device (or Ray Tune across machines)."
             )
-        if PartialState().num_processes > 1:
+        if process_state().num_processes > 1:
             raise FinetuneInputError("--search runs in one process: start it without torchrun / accelerate launch.")
 
     @property
@@ -337,7 +337,7 @@ class SearchTrainer(BitTrainer):
         if self.hp_search_backend is None or trial is None:
             return
         settings = self.hp_space(trial)
-        state = PartialState()
+        state = process_state()
         rule = trial_rule(self.base_rule, settings).for_device(self.model, state.device, state.num_processes)
         args = trial_training_arguments(
             self.search_job, rule, self.search.work_dir / "trials", seed=self.search_job.seed, in_memory=True

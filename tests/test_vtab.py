@@ -377,6 +377,8 @@ def test_results_per_task_group_and_mean_and_the_task_folders(vtab_run, local_ta
     ):
         rule = json.loads((output / "tasks" / name / "bit_hyperrule.json").read_text())
         assert (rule["horizontal_flip"], rule["random_crop"], rule["steps"], rule["crop"]) == (flip, crop, 2, 32)
+        # The task's own rule (Appendix B), not an override of it.
+        assert not {"horizontal_flip", "random_crop"} & set(rule["overrides"])
 
 
 def test_prepared_data_has_the_registry_labels_and_both_protocols(vtab_run, local_tasks):

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import TrainerCallback
 
 from finetune.command_line import (
@@ -28,6 +27,7 @@ from finetune.command_line import (
     rule_overrides,
     sort_trainer_flags,
 )
+from finetune.distributed import process_state
 from finetune.errors import FinetuneInputError
 from finetune.hyperrule import LARGE_IMAGE_RESOLUTION_BIT_L
 
@@ -119,6 +119,7 @@ def parse_arguments(argv: Sequence[str]):
     return parse_command_line(
         ARGUMENT_CLASSES,
         argv,
+        hidden=REFUSED,
         prog="bit-vtab",
         usage=USAGE,
         description=__doc__.split("\n\n")[0],
@@ -147,7 +148,7 @@ def make_settings(by_class: dict, given: frozenset[str], argv: Sequence[str]) ->
         raise FinetuneInputError(
             "--resume continues the run in --output-dir, --overwrite-output-dir starts over: give one."
         )
-    trainer_flags = sort_trainer_flags(training, given, run_args.resume)
+    trainer_flags = sort_trainer_flags(training, given, run_args.resume, program="bit-vtab")
     own_tasks = load_task_files(vtab_args.task_file or [])
     return VtabSettings(
         model=model_args.model,
@@ -169,22 +170,11 @@ def make_settings(by_class: dict, given: frozenset[str], argv: Sequence[str]) ->
     )
 
 
-def _configure_logging() -> None:
-    """bit-finetune's logging (plain lines on stdout, main process only), for the "vtab" loggers too."""
-    configure_logging()
-    finetune_logger, vtab_logger = logging.getLogger("finetune"), logging.getLogger("vtab")
-    if not vtab_logger.handlers:
-        for handler in finetune_logger.handlers:
-            vtab_logger.addHandler(handler)
-    vtab_logger.setLevel(finetune_logger.level)
-    vtab_logger.propagate = False
-
-
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """Entry point of `bit-vtab`; returns the exit status (2: bad input, 130: interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging()
-    main_process = PartialState().is_main_process
+    configure_logging("vtab")
+    main_process = process_state().is_main_process
     try:
         by_class, given = parse_arguments(argv)
         vtab_args = by_class[VtabArguments]

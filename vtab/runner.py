@@ -8,7 +8,7 @@
    unknown or unreachable source, a task with fewer than 1,000 training examples or bad labels stops the run before
    it starts; unreadable images are skipped and counted;
 3. fine-tunes each task not finished yet with `finetune.engine.run_finetuning` into `O/tasks/<task>/` (the rule
-   from the task's data, the task's Appendix B flip/crop switches on top of the user's overrides, `--trials` runs
+   from the task's data, the task's Appendix B flip/crop switches as part of the rule, the user's overrides, `--trials` runs
    reported by their median), resuming an interrupted task from its checkpoint;
 4. records each finished task in `O/vtab_results.json` as soon as it finishes, then writes the table, the bar chart
    and the run's model card (`vtab.results`, `vtab.card`).
@@ -27,10 +27,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
+from finetune.distributed import process_state
 from finetune.engine import RESUMABLE_TRAINING_SETTINGS, FinetuneJob, FinetuneResult, run_finetuning
 from finetune.errors import FinetuneInputError
 from finetune.hyperrule import PAPER
@@ -165,7 +165,7 @@ def _clear_run_outputs(output_dir: Path) -> None:
 def prepare_tasks(settings: VtabSettings) -> dict[str, PreparedTask]:
     """Every task's examples, read by the main process before any training (failures stop the whole run here);
     the other processes then open what it wrote."""
-    state = PartialState()
+    state = process_state()
     data_dir = settings.output_dir / DATA_DIR
     error = None
     prepared: dict[str, PreparedTask] = {}
@@ -196,7 +196,7 @@ def prepare_tasks(settings: VtabSettings) -> dict[str, PreparedTask]:
 
 def run_vtab(settings: VtabSettings, callbacks: Sequence[TrainerCallback] = ()) -> VtabResults:
     """Run every task of `settings` not finished yet; see the module docstring."""
-    state = PartialState()
+    state = process_state()
     if not settings.tasks:
         raise FinetuneInputError("No tasks to run.")
     previous = check_output_dir(settings)
@@ -251,18 +251,15 @@ def run_vtab(settings: VtabSettings, callbacks: Sequence[TrainerCallback] = ()) 
 
 def make_job(settings: VtabSettings, task: VtabTask, prepared: PreparedTask, task_dir: Path) -> FinetuneJob:
     """The engine's job for one task: the shared settings, the task's data, its Appendix B switches."""
-    overrides = dict(settings.rule_overrides)
-    if not task.flip:
-        overrides["horizontal_flip"] = False
-    if not task.crop:
-        overrides["random_crop"] = False
+    augmentation = {"horizontal_flip": task.flip, "random_crop": task.crop}
     return FinetuneJob(
         model=settings.model,
         data=prepared.data(settings.protocol),
         from_scratch=settings.from_scratch,
         hyperrule=settings.hyperrule,
         large_resolution=settings.large_resolution,
-        rule_overrides=overrides,
+        rule_overrides=dict(settings.rule_overrides),
+        task_augmentation={name: allowed for name, allowed in augmentation.items() if not allowed},
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         trials=settings.trials,
         seed=settings.seed,
