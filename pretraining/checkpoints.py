@@ -292,11 +292,13 @@ def check_resumable(progress: dict, signature: dict, checkpoint: Path) -> None:
     for key, value in signature.items():
         saved = progress.get(key, "(not recorded)")
         if key == "recipe" and isinstance(saved, dict):
-            changed.extend(
-                f"recipe {name} is {value[name]!r} now, the checkpoint used {saved.get(name)!r}"
-                for name in value
-                if saved.get(name) != value[name]
-            )
+            for name in value:
+                if saved.get(name) != value[name]:
+                    change = f"recipe {name} is {value[name]!r} now, the checkpoint used {saved.get(name)!r}"
+                    if name == "warmup_steps" and isinstance(saved.get(name), int):
+                        # Runs given a length used to keep the paper's 5,000 warmup steps; they now scale them.
+                        change += f" (--warmup-steps {saved[name]} continues with the checkpoint's)"
+                    changed.append(change)
         elif saved != value:
             change = f"{key} ({RESUME_KEYS[key]}) is {value!r} now, the checkpoint used {saved!r}"
             if key == "num_processes" and isinstance(saved, int):

@@ -220,10 +220,20 @@ def one_message_and_a_clean_exit(interrupted_hint):
             _say(f"interrupted. {interrupted_hint()}")
         _leave_process_group()
         raise SystemExit(128 + signal.SIGINT) from None
-    except torch.distributed.DistError:
-        if _processes() > 1 and is_main_process():
+    except RuntimeError as error:  # torch.distributed.DistError is one; gloo reports a peer gone as a plain one
+        if _processes() == 1 or not _peer_gone(error):
+            raise
+        if is_main_process():
             _say("stopped: another process of the run ended first (its message, if any, is above).")
         raise SystemExit(PEER_STOPPED_STATUS) from None
+
+
+# How the process-group backends report a collective whose peer has exited.
+PEER_GONE_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker")
+
+
+def _peer_gone(error: RuntimeError) -> bool:
+    return isinstance(error, torch.distributed.DistError) or any(text in str(error) for text in PEER_GONE_MESSAGES)
 
 
 def _processes() -> int:

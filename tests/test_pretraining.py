@@ -692,6 +692,11 @@ def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_pat
     with pytest.raises(InputError, match=r"used 2 \(relaunch with accelerate launch --multi_gpu --num_processes 2 "):
         check_resumable({**progress, "num_processes": 2}, signature, checkpoint)
 
+    # A run given a length before the warmup scaled with it (5,000 steps then): the flag that continues it is named.
+    older = {**progress, "recipe": {**progress["recipe"], "warmup_steps": 5000}}
+    with pytest.raises(InputError, match=r"warmup_steps is 0 now, the checkpoint used 5000 \(--warmup-steps 5000 "):
+        check_resumable(older, signature, checkpoint)
+
     # Another intra-op thread count only changes the last bits: the resume runs, and says so.
     reset_accelerate()
     capsys.readouterr()
