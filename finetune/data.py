@@ -1,43 +1,62 @@
-"""Datasets for fine-tuning: image folders and Hub datasets through `datasets`, splits and few-shot subsets.
+"""Datasets for fine-tuning: image folders and Hub datasets through `image_data`, splits and few-shot subsets.
 
-Every loader returns an `ImageClassificationData` whose splits have two columns: `image` (an undecoded
-`datasets.Image`: path and/or bytes, so decoding happens in DataLoader workers with
-`modeling_bit.load_rgb_image`, and unreadable files are skipped rather than crashing a worker) and
-`label` (a `ClassLabel`). Input that cannot be fine-tuned on (a missing folder or column, one class,
-no images, more examples per class requested than a class has) raises `FinetuneInputError` (a `ValueError`) saying what was
-expected, before any image is decoded.
+Loading, split and column lookup and the reading of image cells are `image_data`'s, shared with
+pre-training; what is fine-tuning's own lives here: the `image`/`label` (ClassLabel) column contract,
+stratified held-out splits and few-shot subsets. Every loader returns an `ImageClassificationData` whose
+splits have two columns: `image` (an undecoded `datasets.Image`: path and/or bytes, so decoding happens in
+DataLoader workers with `image_data.read_image`, and unreadable files are skipped rather than crashing a
+worker) and `label` (a `ClassLabel`). Input that cannot be fine-tuned on (a missing folder or column, one
+class, no images, more examples per class requested than a class has) raises `FinetuneInputError` (a
+`ValueError`) saying what was expected, before any image is decoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import logging
 import os
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 
 import datasets
 import numpy as np
 from PIL import Image
+
+import image_data
+from image_data import IMAGE_EXTENSIONS, VALIDATION_SPLIT_NAMES, image_area, image_name, image_source
 
 from .errors import FinetuneInputError
 from .hyperrule import IMAGE_SIZE_SAMPLE
 
 logger = logging.getLogger(__name__)
 
+__all__ = [  # re-exported from image_data, where they are defined once
+    "IMAGE_EXTENSIONS",
+    "VALIDATION_SPLIT_NAMES",
+    "image_area",
+    "image_name",
+    "image_source",
+]
+
 # Held-out share of the training set when a dataset has no validation split (the HF image-classification
 # example's `train_val_split` default).
 DEFAULT_VALIDATION_FRACTION = 0.15
-# Split names tried, in order, as the evaluation split of a Hub dataset.
-VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
-# File extensions `datasets`' imagefolder builder reads as images.
-IMAGE_EXTENSIONS = frozenset(
-    extension.lower() for extension in datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS
-)
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
+
+
+def _finetune_input_errors(function):
+    """The data layer's `image_data.InputError` as the `FinetuneInputError` bit-finetune reports."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except image_data.InputError as error:
+            raise FinetuneInputError(str(error)) from error
+
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -73,36 +92,7 @@ def label_array(dataset: datasets.Dataset) -> np.ndarray:
 # --- Image folders ---------------------------------------------------------------------------------
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, skipping hidden files and folders inside it (as `datasets` does); the
-    folder's own location may be hidden (e.g. ~/.cache/...)."""
-    return [
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
-
-
-def _check_image_folder(folder: str | os.PathLike, flag: str) -> Path:
-    """The folder, if it holds images in at least two class subfolders; else a clear error."""
-    layout = f"{flag} must be a folder with one subfolder of images per class (e.g. DIR/cat/1.jpg, DIR/dog/2.jpg)"
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FinetuneInputError(f"{layout}; {folder} is not a folder.")
-    files = _image_files(folder)
-    if not files:
-        raise FinetuneInputError(
-            f"{layout}; no image files in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, ...)."
-        )
-    classes = sorted({path.relative_to(folder).parts[0] for path in files if len(path.relative_to(folder).parts) > 1})
-    if len(classes) < 2:
-        found = f"one class ({classes[0]!r})" if classes else "images but no class subfolders"
-        raise FinetuneInputError(f"{layout}; found {found} in {folder}. Classification needs at least two classes.")
-    return folder
-
-
+@_finetune_input_errors
 def load_image_folders(
     train_dir: str | os.PathLike,
     validation_dir: str | os.PathLike | None = None,
@@ -111,16 +101,14 @@ def load_image_folders(
     seed: int = 0,
 ) -> ImageClassificationData:
     """Image-folder layout (class = subfolder name) through `datasets`' imagefolder builder."""
-    train_dir = _check_image_folder(train_dir, "--train-dir")
-    train = datasets.load_dataset("imagefolder", data_dir=str(train_dir), split="train")
+    train = image_data.load_image_folder(train_dir, flag="--train-dir").split("train")
     train = _standardize_columns(train, IMAGE_COLUMN, LABEL_COLUMN, where=str(train_dir))
     label_names = train.features[LABEL_COLUMN].names
     source = {"train_dir": str(train_dir)}
     if validation_dir is None:
         data = ImageClassificationData(train, train, label_names, source)
         return split_off_validation(data, validation_fraction, seed)
-    validation_dir = _check_image_folder(validation_dir, "--validation-dir")
-    evaluation = datasets.load_dataset("imagefolder", data_dir=str(validation_dir), split="train")
+    evaluation = image_data.load_image_folder(validation_dir, flag="--validation-dir").split("train")
     evaluation = _standardize_columns(evaluation, IMAGE_COLUMN, LABEL_COLUMN, where=str(validation_dir))
     evaluation = _align_labels(evaluation, label_names, where=str(validation_dir))
     source["validation_dir"] = str(validation_dir)
@@ -130,12 +118,13 @@ def load_image_folders(
 # --- Hub (or local) datasets with image and label columns ----------------------------------------
 
 
+@_finetune_input_errors
 def load_hub_dataset(
     name: str,
     config: str | None = None,
     *,
-    image_column: str = IMAGE_COLUMN,
-    label_column: str = LABEL_COLUMN,
+    image_column: str | None = IMAGE_COLUMN,
+    label_column: str | None = LABEL_COLUMN,
     train_split: str = "train",
     validation_split: str | None = None,
     streaming: bool = False,
@@ -144,40 +133,26 @@ def load_hub_dataset(
 ) -> ImageClassificationData:
     """A dataset `datasets.load_dataset(name, config)` reads: a Hub name or a local dataset folder.
 
-    The evaluation split is `validation_split`, else the first of "validation", "valid", "val", "test"
-    that exists, else a stratified held-out part of the training split (not possible when streaming).
+    The evaluation split is `validation_split`, else the first of `VALIDATION_SPLIT_NAMES` ("validation",
+    "valid", "val", "test") that exists, else a stratified held-out part of the training split (not possible
+    when streaming). A column given as None is detected (`image_data.find_image_column`/`find_label_column`).
     """
-    try:
-        splits = datasets.load_dataset(name, config, streaming=streaming)
-    except (ConnectionError, OSError, ValueError) as error:  # ValueError: e.g. an unknown --dataset-config
-        shown = repr(name) if config is None else f"{name!r} --dataset-config {config!r}"
-        raise FinetuneInputError(
-            f"--dataset {shown}: could not load it with datasets.load_dataset ({error})."
-        ) from error
-    if train_split not in splits:
-        raise FinetuneInputError(f"--dataset {name!r} has no split {train_split!r}; its splits are {list(splits)}.")
+    loaded = image_data.load_image_dataset(name, config, streaming=streaming)
     where = f"--dataset {name!r} split {train_split!r}"
-    train = _standardize_columns(splits[train_split], image_column, label_column, where=where)
+    train = _standardize_columns(loaded.split(train_split), image_column, label_column, where=where)
     label_names = train.features[LABEL_COLUMN].names
     source = {"name": name, "config": config}
-    if validation_split is None:
-        validation_split = next(
-            (split for split in VALIDATION_SPLIT_NAMES if split in splits and split != train_split), None
-        )
-    elif validation_split not in splits:
-        raise FinetuneInputError(
-            f"--dataset {name!r} has no split {validation_split!r}; its splits are {list(splits)}."
-        )
+    validation_split = loaded.validation_split_name(validation_split, train_split)
     if validation_split is None:
         if streaming:
             raise FinetuneInputError(
-                f"--dataset {name!r} has only the splits {list(splits)}; a held-out split cannot be stratified over a "
-                "stream. Pass --validation-split or drop --streaming."
+                f"--dataset {name!r} has only the splits {list(loaded.splits)}; a held-out split cannot be stratified "
+                "over a stream. Pass --validation-split or drop --streaming."
             )
         data = ImageClassificationData(train, train, label_names, source)
         return split_off_validation(data, validation_fraction, seed)
     where = f"--dataset {name!r} split {validation_split!r}"
-    evaluation = _standardize_columns(splits[validation_split], image_column, label_column, where=where)
+    evaluation = _standardize_columns(loaded.splits[validation_split], image_column, label_column, where=where)
     evaluation = _align_labels(evaluation, label_names, where=where)
     source["validation_split"] = validation_split
     data = ImageClassificationData(train, evaluation, label_names, source)
@@ -185,25 +160,15 @@ def load_hub_dataset(
     return data
 
 
-def _standardize_columns(dataset, image_column: str, label_column: str, *, where: str):
+def _standardize_columns(dataset, image_column: str | None, label_column: str | None, *, where: str):
     """Rename to `image`/`label`, keep only those, `image` undecoded, `label` a ClassLabel."""
-    features = dataset.features
-    if features is None:
-        raise FinetuneInputError(
-            f"{where}: the dataset declares no features, so its image and label columns are unknown."
-        )
-    for flag, column in (("--image-column", image_column), ("--label-column", label_column)):
-        if column not in features:
-            raise FinetuneInputError(f"{where}: no column {column!r} ({flag}); the columns are {list(features)}.")
+    features = image_data.declared_features(dataset, where)
+    image_column = image_data.find_image_column(features, image_column, where)
+    label_column = image_data.find_label_column(features, label_column, where)
     dataset = dataset.select_columns([image_column, label_column])
     if image_column != IMAGE_COLUMN or label_column != LABEL_COLUMN:
         dataset = dataset.rename_columns({image_column: IMAGE_COLUMN, label_column: LABEL_COLUMN})
-    image_feature = dataset.features[IMAGE_COLUMN]
-    if not isinstance(image_feature, datasets.Image) and getattr(image_feature, "dtype", None) != "string":
-        raise FinetuneInputError(
-            f"{where}: column {image_column!r} is {image_feature}, expected images (or image file paths)."
-        )
-    dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    dataset = image_data.undecoded(dataset, IMAGE_COLUMN)
     label_feature = dataset.features[LABEL_COLUMN]
     if isinstance(label_feature, (datasets.Sequence, datasets.List, list)):
         raise FinetuneInputError(
@@ -328,30 +293,6 @@ def check_classes(data: ImageClassificationData) -> None:
 
 
 # --- Image sizes, read from headers --------------------------------------------------------------
-
-
-def image_source(entry) -> str | bytes:
-    """The path or encoded bytes of an undecoded `datasets.Image` value."""
-    if isinstance(entry, str):
-        return entry
-    return entry["bytes"] if entry.get("bytes") is not None else entry["path"]
-
-
-def image_name(entry, index: int) -> str:
-    if isinstance(entry, str):
-        return entry
-    return entry.get("path") or f"example {index}"
-
-
-def image_area(entry) -> int | None:
-    """width x height from the file header (no pixel decoded), or None if it is not a readable image."""
-    source = image_source(entry)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            width, height = image.size
-    except Exception:  # unreadable files are counted when decoded; here they just do not vote
-        return None
-    return width * height
 
 
 def median_image_area(dataset, sample_size: int = IMAGE_SIZE_SAMPLE, seed: int = 0) -> tuple[float, int]:

@@ -2,35 +2,36 @@
 
 Evaluation resizes to the crop size with `modeling_bit.bit_image_processor(crop)` — the processor that
 is saved as `preprocessor_config.json`. Training resizes with `bit_image_processor(precrop)` and then
-takes a random `crop` x `crop` square and a random horizontal flip of that tensor (BIT_RECIPE.md,
-"Train: resize to a square, random square crop, random horizontal flip"); without random cropping it
-resizes straight to the crop size, as evaluation does.
+takes a random `crop` x `crop` square and a random horizontal flip of that tensor (docs/recipe.md,
+"BiT-HyperRule": "Training: resize to a square, random square crop, random horizontal flip"); without
+random cropping it resizes straight to the crop size, as evaluation does.
 
-Images are decoded with `modeling_bit.load_rgb_image` in DataLoader worker processes. An unreadable
-file never crashes a worker: the example comes back as `{"unreadable": name}`, `ImageBatchCollator`
-drops it from the batch and lists it under `unreadable_images`, and `BitTrainer` counts it.
+Images are decoded with `image_data.read_image` in DataLoader worker processes, under the one policy for
+unreadable images (`image_data.unreadable`): an unreadable file never crashes a worker; the example comes
+back as `{"unreadable": name}`, `ImageBatchCollator` drops it from the batch and lists it under
+`unreadable_images`, and `BitTrainer` records each distinct name once.
 
 Small training sets are decoded and resized once (`preprocess`) and kept in memory: a few-shot run
 reads each image hundreds of times otherwise. `HyperRuleTrainingStream` then serves the whole run as
 one sequence of `steps x batch` positions: each epoch a seeded permutation of the examples, each
-position its own seeded crop and flip. The data order and augmentation are a function of the position,
-so a resumed run sees exactly what the uninterrupted run would have seen, with any number of workers.
+position its own seeded crop and flip (`image_data.EpochOrder`). The data order and augmentation are a
+function of the position, so a resumed run sees exactly what the uninterrupted run would have seen, with
+any number of workers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modeling_bit import bit_image_processor, load_rgb_image
-from modeling_bit.image_processing_bit import UnreadableImageError
+from image_data import EpochOrder, UnreadableImage, UnreadableImages, read_image
+from modeling_bit import bit_image_processor
 
-from .data import IMAGE_COLUMN, LABEL_COLUMN, image_name, image_source
+from .data import IMAGE_COLUMN, LABEL_COLUMN
 from .errors import FinetuneInputError
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,18 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def decode_example(example: dict, index: int, resolution: int, processor) -> dict:
-    entry = example[IMAGE_COLUMN]
+    """`{"pixel_values", "labels"}` of example `index`, or `{"unreadable": name}` (`image_data.image_name`)."""
     try:
-        image = load_rgb_image(image_source(entry))
-    except UnreadableImageError as error:
+        image = read_image(example[IMAGE_COLUMN], index)
+    except UnreadableImage as error:
         logger.debug("Skipping unreadable image: %s", error)
-        return {"unreadable": image_name(entry, index)}
+        return {"unreadable": error.name}
     return {"pixel_values": resize_to_square(image, resolution, processor), "labels": example[LABEL_COLUMN]}
 
 
 class PreprocessedImages(torch.utils.data.Dataset):
-    """Images already resized to `resolution`, in memory, with their labels; the unreadable ones left out."""
+    """Images already resized to `resolution`, in memory, with their labels; the unreadable ones left out
+    (`unreadable`: their distinct names)."""
 
     def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, unreadable: list[str]):
         self.pixel_values = pixel_values
@@ -120,16 +122,16 @@ def preprocess(
     # Filled in place (no second copy while concatenating); unreadable images leave the tail unused.
     pixel_values = torch.empty(len(dataset), 3, resolution, resolution)
     labels = torch.empty(len(dataset), dtype=torch.long)
-    readable, unreadable = 0, []
+    readable, unreadable = 0, UnreadableImages()
     with tqdm(total=len(dataset), desc=description, unit="img", leave=False) as progress:
         for batch in loader:
             count = len(batch["labels"])
             pixel_values[readable : readable + count] = batch["pixel_values"]
             labels[readable : readable + count] = batch["labels"]
             readable += count
-            unreadable.extend(batch["unreadable_images"])
+            unreadable.add(batch["unreadable_images"])
             progress.update(count + len(batch["unreadable_images"]))
-    return PreprocessedImages(pixel_values[:readable], labels[:readable], unreadable)
+    return PreprocessedImages(pixel_values[:readable], labels[:readable], unreadable.names())
 
 
 class ImageBatchCollator:
@@ -155,8 +157,8 @@ class ImageBatchCollator:
 class HyperRuleTrainingStream(torch.utils.data.Dataset):
     """Position p of a training run of `length` images, as BiT's input pipeline repeats and shuffles.
 
-    Epoch e = p // n visits the n examples in the order of a permutation seeded by (seed, e); the crop
-    offset and flip of position p are drawn from a generator seeded by (seed, p). `source` yields
+    Epoch e = p // n visits the n examples in the order of a permutation seeded by (seed, 0, e); the crop
+    offset and flip of position p are drawn from a generator seeded by (seed, 1, p). `source` yields
     examples at the pre-crop resolution (in memory or decoded on access).
     """
 
@@ -178,23 +180,16 @@ class HyperRuleTrainingStream(torch.utils.data.Dataset):
         self.seed = seed
         self.flip = flip
         self.random_crop = random_crop
-        self._permutations: OrderedDict[int, np.ndarray] = OrderedDict()
+        # Salt 0 for the order, 1 for the crops: two generators of the same seed, never the same draws.
+        self.order = EpochOrder(len(source), seed, salt=(0,))
 
     def __len__(self) -> int:
         return self.length
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            self._permutations[epoch] = np.random.default_rng((self.seed, 0, epoch)).permutation(len(self.source))
-            if len(self._permutations) > 2:  # a worker reads within one or two epochs at a time
-                self._permutations.popitem(last=False)
-        return self._permutations[epoch]
-
     def __getitem__(self, position: int) -> dict:
         if not 0 <= position < self.length:
             raise IndexError(position)
-        epoch, offset = divmod(int(position), len(self.source))
-        example = self.source[int(self._permutation(epoch)[offset])]
+        example = self.source[self.order.index_of(position)]
         if "unreadable" in example:
             return example
         rng = np.random.default_rng((self.seed, 1, int(position)))

@@ -14,22 +14,24 @@ The data position of a run is a pure function of its optimizer step, which is wh
   ceil((n - w) / W) of them. A checkpoint records, per worker, the `datasets` state_dict at the start of the
   window of the last example trained on; a resume loads it and re-reads (undecoded) at most one window.
 
+Loading, split and column detection, the reading of image cells, the epoch order and the stream's shards per
+process are the shared data layer's (`image_data`); what is pre-training's own is here: the label space (single-
+or multi-label), the hold-out, the inception crop, multi-label batches and the step-addressed samplers.
+
 Decoding and augmentation run in the DataLoader workers (`BatchBuilder` is the collate function). The
 random crop and flip of an example are drawn from a generator seeded by (seed, the example's position), so
 they do not depend on the number of processes or workers, nor on where a run was resumed. Unreadable images
-(`modeling_bit.load_rgb_image` raises `UnreadableImageError`) are replaced by a blank image with weight 0
-in the loss and counted; batch shapes stay fixed.
+follow `image_data.unreadable`: a blank stands in with weight 0 in the loss (batch shapes stay fixed), and
+the batch names it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import itertools
 import logging
 import math
-import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,19 +40,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets.distributed import split_dataset_by_node
+from accelerate.data_loader import prepare_data_loader
 from PIL import Image
 
-from modeling_bit import bit_image_processor, load_rgb_image
-from modeling_bit.image_processing_bit import UnreadableImageError
+import image_data
+from image_data import EpochOrder, InputError, UnreadableImage, image_fingerprint, read_image
+from modeling_bit import bit_image_processor
 
-from .errors import InputError
 from .recipe import CROP_AREA_RANGE, CROP_ASPECT_RATIO_RANGE, CROP_ATTEMPTS, HORIZONTAL_FLIP_PROBABILITY
-
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp")
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target")
-VALIDATION_SPLIT_CANDIDATES = ("validation", "val", "valid")
-UNREADABLE_NAMES_KEPT = 20  # names of unreadable files reported per run; the count is exact
 
 
 @dataclasses.dataclass
@@ -99,41 +96,24 @@ def load_upstream_data(
     if (train_dir is None) == (dataset is None):
         raise InputError("Give exactly one of --train-dir (an image folder) and --dataset (a dataset name or path).")
     if train_dir is not None:
-        if not Path(train_dir).is_dir():
-            raise InputError(
-                f"--train-dir {train_dir}: not a folder (expected an image folder, one subfolder per class)."
-            )
-        with _explained_load_errors(
-            f"--train-dir {train_dir}", "an image folder, one subfolder of image files per class"
-        ):
-            splits = datasets.load_dataset("imagefolder", data_dir=train_dir, streaming=streaming, cache_dir=cache_dir)
+        source = image_data.load_image_folder(train_dir, streaming=streaming, cache_dir=cache_dir)
         description = {"train_dir": str(Path(train_dir).resolve())}
     else:
-        expected = (
-            "a Hub dataset id, a local folder of parquet/webdataset shards, or a datasets builder with --data-files"
+        source = image_data.load_image_dataset(
+            dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
         )
-        with _explained_load_errors(f"--dataset {dataset}", expected):
-            splits = datasets.load_dataset(
-                dataset, dataset_config, data_files=data_files, streaming=streaming, cache_dir=cache_dir
-            )
         description = {"name": dataset, **({"config": dataset_config} if dataset_config else {})}
 
-    if train_split not in splits:
-        raise InputError(f"The data has no split {train_split!r} (it has {', '.join(splits)}): pass --train-split.")
-    train = splits[train_split]
-    if validation_split is None:
-        validation_split = next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
-    elif validation_split not in splits:
-        raise InputError(f"The data has no split {validation_split!r} (it has {', '.join(splits)}).")
-    validation = splits[validation_split] if validation_split else None
+    train = source.split(train_split)
+    validation_split = source.validation_split_name(validation_split, train_split)
+    validation = source.splits[validation_split] if validation_split else None
 
-    features = train.features
-    if features is None:
-        raise InputError("The dataset does not declare its features; pass --image-column and --label-column.")
-    image_column = _pick_column(features, image_column, IMAGE_COLUMN_CANDIDATES, "image", datasets.Image)
-    label_column = _pick_column(features, label_column, LABEL_COLUMN_CANDIDATES, "label", datasets.ClassLabel)
-    _check_column_types(features, image_column, label_column)
-    is_list = isinstance(features[label_column], (datasets.List, datasets.Sequence, datasets.LargeList))
+    where = f"{source.given} split {train_split!r}"
+    features = image_data.declared_features(train, where)
+    image_column = image_data.find_image_column(features, image_column, where)
+    label_column = image_data.find_label_column(features, label_column, where)
+    _check_label_type(features, label_column, where)
+    is_list = isinstance(features[label_column], image_data.sources.LIST_FEATURES)
     if multi_label and not is_list:
         raise InputError(
             f"--multi-label needs a label column holding lists of class ids; {label_column!r} holds single labels "
@@ -145,10 +125,10 @@ def load_upstream_data(
             "per-class sigmoid loss."
         )
     if isinstance(features[image_column], datasets.Image):
-        # Decoding happens in the DataLoader workers with load_rgb_image, which skips and counts bad files.
-        train = train.cast_column(image_column, datasets.Image(decode=False))
+        # Decoding happens in the DataLoader workers (`BatchBuilder`), where unreadable files are skipped and named.
+        train = image_data.undecoded(train, image_column)
         if validation is not None:
-            validation = validation.cast_column(image_column, datasets.Image(decode=False))
+            validation = image_data.undecoded(validation, image_column)
 
     if streaming:
         if validation is None and validation_examples > 0:
@@ -181,15 +161,25 @@ def load_upstream_data(
     return UpstreamData(train, validation, image_column, label_column, labels, size, description)
 
 
-@contextlib.contextmanager
-def _explained_load_errors(given: str, expected: str):
-    """Turn `datasets.load_dataset`'s failures on unusable input into an InputError saying what was expected."""
-    try:
-        yield
-    except (OSError, ValueError) as error:  # datasets' not-found, empty and offline errors are OSErrors
-        raise InputError(
-            f"{given}: cannot be loaded with datasets ({type(error).__name__}: {error}). Expected {expected}."
-        ) from error
+def load_for_run(data_args, multi_label: bool, seed: int) -> UpstreamData:
+    """`load_upstream_data` with the values of `pretrain.py`'s data flags (`arguments.DataArguments`)."""
+    return load_upstream_data(
+        train_dir=data_args.train_dir,
+        dataset=data_args.dataset,
+        dataset_config=data_args.dataset_config,
+        data_files=data_args.data_files,
+        streaming=data_args.streaming,
+        train_split=data_args.train_split,
+        validation_split=data_args.validation_split,
+        validation_examples=data_args.validation_examples,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        multi_label=multi_label,
+        num_labels=data_args.num_labels,
+        num_train_examples=data_args.num_train_examples,
+        seed=seed,
+        cache_dir=data_args.cache_dir,
+    )
 
 
 class WithoutExamples:
@@ -197,61 +187,23 @@ class WithoutExamples:
 
     def __init__(self, image_column: str, held_out):
         self.image_column = image_column
-        fingerprints = [self.fingerprint(example) for example in held_out]
+        fingerprints = [image_fingerprint(example[image_column]) for example in held_out]
         self.count, self.fingerprints = len(fingerprints), set(fingerprints)
 
-    def fingerprint(self, example) -> str:
-        source, name = _image_source(example[self.image_column])
-        data = source if isinstance(source, (bytes, bytearray)) else name.encode()
-        return hashlib.blake2b(data, digest_size=16).hexdigest()
-
     def __call__(self, example) -> bool:
-        return self.fingerprint(example) not in self.fingerprints
+        return image_fingerprint(example[self.image_column]) not in self.fingerprints
 
 
-def _pick_column(features, given: str | None, candidates, role: str, preferred_type) -> str:
-    if given is not None:
-        if given not in features:
-            raise InputError(f"No {role} column {given!r}: the data has {', '.join(features)}.")
-        return given
-    typed = [name for name, feature in features.items() if isinstance(_element(feature), preferred_type)]
-    named = [name for name in candidates if name in features]
-    found = typed or named
-    if not found:
-        raise InputError(
-            f"Cannot tell which column holds the {role}s among {', '.join(features)}: pass --{role}-column."
-        )
-    return found[0]
-
-
-def _element(feature):
-    return feature.feature if isinstance(feature, (datasets.List, datasets.Sequence, datasets.LargeList)) else feature
-
-
-IMAGE_VALUE_TYPES = ("string", "large_string", "binary", "large_binary")  # file paths or encoded image bytes
-
-
-def _check_column_types(features, image_column: str, label_column: str) -> None:
-    """Refuse columns that cannot hold images or class ids, before anything is decoded."""
-    image = features[image_column]
-    is_image = (
-        isinstance(image, datasets.Image)
-        or (isinstance(image, datasets.Value) and image.dtype in IMAGE_VALUE_TYPES)
-        or (isinstance(image, dict) and {"bytes", "path"} & set(image))
-    )
-    if not is_image:
-        raise InputError(
-            f"The image column {image_column!r} holds {image}: expected images (an Image feature, file paths or "
-            "encoded image bytes). Pass --image-column."
-        )
-    label = _element(features[label_column])
+def _check_label_type(features, label_column: str, where: str) -> None:
+    """Refuse a label column that cannot hold class ids, before anything is decoded."""
+    label = image_data.element_feature(features[label_column])
     is_class_id = isinstance(label, datasets.ClassLabel) or (
         isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint"))
     )
     if not is_class_id:
         raise InputError(
-            f"The label column {label_column!r} holds {features[label_column]}: labels must be integer class ids "
-            "(0..C-1) or a ClassLabel; encode string labels first (datasets' `class_encode_column`), or pass "
+            f"{where}: the label column {label_column!r} holds {features[label_column]}: labels must be integer class "
+            "ids (0..C-1) or a ClassLabel; encode string labels first (datasets' `class_encode_column`), or pass "
             "--label-column."
         )
 
@@ -276,7 +228,7 @@ def _check_label_range(dataset: datasets.Dataset, label_column: str, num_classes
 
 
 def _label_space(train, label_column: str, multi_label: bool, num_labels: int | None) -> LabelSpace:
-    element = _element(train.features[label_column])
+    element = image_data.element_feature(train.features[label_column])
     if isinstance(element, datasets.ClassLabel):
         names = list(element.names)
     elif num_labels is not None:
@@ -329,19 +281,6 @@ def inception_crop_box(
     return left, top, left + crop_width, top + crop_height
 
 
-def _image_source(value):
-    """What load_rgb_image takes, and a name for reports, from a datasets image cell."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"], value.get("path") or "<image bytes>"
-        if value.get("path"):
-            return value["path"], value["path"]
-        return b"", "<empty image cell>"
-    if isinstance(value, (str, os.PathLike)):
-        return value, str(value)
-    return value, "<image>"
-
-
 class BatchBuilder:
     """Collate function: decode, augment (training) or resize (evaluation), and batch examples.
 
@@ -370,6 +309,21 @@ class BatchBuilder:
         # The project's preprocessing does the resize to the training size and the scaling to [-1, 1].
         self.processor = bit_image_processor(self.image_size)
 
+    @classmethod
+    def for_recipe(cls, source: UpstreamData, recipe, seed: int, train: bool) -> BatchBuilder:
+        """Training batches with the recipe's inception crop and flip, or evaluation batches (a plain resize)."""
+        augmentation = (
+            {
+                "crop_area_range": recipe.crop_area_range,
+                "crop_aspect_ratio_range": recipe.crop_aspect_ratio_range,
+                "flip_probability": recipe.horizontal_flip_probability,
+            }
+            if train
+            else {}
+        )
+        columns = (source.image_column, source.label_column, source.labels, recipe.image_size, seed)
+        return cls(*columns, train=train, **augmentation)
+
     def augment(self, image: Image.Image, key: tuple[int, ...]) -> Image.Image:
         rng = np.random.default_rng([self.seed, *key])
         box = inception_crop_box(
@@ -383,11 +337,10 @@ class BatchBuilder:
     def __call__(self, items: list) -> dict:
         images, weights, unreadable = [], [], []
         for example, key in items:
-            source, name = _image_source(example[self.image_column])
             try:
-                image = load_rgb_image(source)
-            except UnreadableImageError:
-                unreadable.append(name)
+                image = read_image(example[self.image_column])
+            except UnreadableImage as error:
+                unreadable.append(error.name)
                 image, weight = Image.new("RGB", (self.image_size, self.image_size), (128, 128, 128)), 0.0
             else:
                 weight = 1.0
@@ -424,21 +377,15 @@ class BatchBuilder:
 
 
 class EpochStream(torch.utils.data.Dataset):
-    """Position p -> (example `perm_e[p mod N]` of epoch e = p div N, key (p,)); perm_e seeded by (seed, e)."""
+    """Position p -> (example `index_of(p)` of the dataset, key (p,)): epochs in the seeded order of
+    `image_data.EpochOrder`, each epoch a permutation seeded by (seed, epoch)."""
 
     def __init__(self, dataset: datasets.Dataset, seed: int):
-        self.dataset, self.seed, self.size = dataset, int(seed), len(dataset)
-        self._epoch, self._permutation = None, None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-            self._epoch = epoch
-        return self._permutation
+        self.dataset = dataset
+        self.order = EpochOrder(len(dataset), seed)
 
     def index_of(self, position: int) -> int:
-        epoch, offset = divmod(int(position), self.size)
-        return int(self.permutation(epoch)[offset])
+        return self.order.index_of(position)
 
     def __getitem__(self, position: int):
         return self.dataset[self.index_of(position)], (int(position),)
@@ -596,18 +543,65 @@ def _quiet_empty_shuffle_buffer_warning() -> None:
         iterable_logger.addFilter(_EmptyShuffleBufferFilter())
 
 
-def shard_stream(
-    stream: datasets.IterableDataset, seed: int, process_index: int, num_processes: int
-) -> datasets.IterableDataset:
-    """Shuffle the shard order (seeded, the same on every process, re-drawn each epoch), keep this process's share.
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C (SIGINT, which the terminal or the launcher sends to the whole process
+    group) is the training process's to handle: it finishes the step, saves and says how to resume. SIGTERM
+    still ends a worker (that is how its DataLoader stops it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    A one-example buffer: `datasets` shuffles shard order only through `shuffle`, and `ResumableStream`
-    shuffles the examples, in windows whose state a checkpoint can hold.
+
+def build_train_loader(
+    source: UpstreamData,
+    builder: BatchBuilder,
+    accelerator,
+    *,
+    seed: int,
+    per_device_batch_size: int,
+    accumulation: int,
+    start_step: int,
+    total_steps: int,
+    num_workers: int,
+    shuffle_buffer_size: int,
+    stream_positions: dict[int, dict],
+):
+    """This process's micro-batches from `start_step` on (a stream's workers restart at `stream_positions`).
+
+    Sharding is ours (the data position is a function of the step); accelerate only moves batches to the
+    device (and wraps the loader for TPU). The loader's own generator seeds its workers, so creating it does
+    not consume the global RNG that checkpoints restore.
     """
-    stream = stream.shuffle(seed=seed, buffer_size=1)
-    return split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
-
-
-def max_stream_workers(stream: datasets.IterableDataset, requested: int) -> int:
-    """`datasets` gives each DataLoader worker whole shards: more workers than shards would idle or hang."""
-    return max(0, min(requested, stream.num_shards))
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(seed)
+    if source.streaming:
+        stream = image_data.shard_stream(source.train, seed, rank, processes)
+        examples = ResumableStream(
+            stream,
+            per_device_batch_size,
+            start_step * accumulation,
+            total_steps * accumulation,
+            rank,
+            seed,
+            shuffle_buffer_size,
+            stream_positions,
+        )
+        loader = torch.utils.data.DataLoader(
+            examples,
+            batch_size=per_device_batch_size,
+            num_workers=image_data.max_stream_workers(stream, num_workers),
+            collate_fn=StreamBatchBuilder(builder),
+            generator=generator,
+            worker_init_fn=ignore_interrupts,
+        )
+    else:
+        sampler = StepBatchSampler(per_device_batch_size, processes, rank, accumulation, start_step, total_steps)
+        loader = torch.utils.data.DataLoader(
+            EpochStream(source.train, seed),
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=builder,
+            generator=generator,
+            worker_init_fn=ignore_interrupts,
+        )
+    return prepare_data_loader(
+        loader, device=accelerator.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False
+    )

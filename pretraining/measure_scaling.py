@@ -29,9 +29,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import torch
 from accelerate import Accelerator
 from transformers import HfArgumentParser

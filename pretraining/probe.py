@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .recipe import FEW_SHOT_EXAMPLES_PER_CLASS, FEW_SHOT_TRIALS, PROBE_RIDGE
+from .recipe import FEW_SHOT_EXAMPLES_PER_CLASS, FEW_SHOT_TRIALS, PROBE_MIN_TEST_EXAMPLES, PROBE_RIDGE
 
 
 def fit_ridge_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int, ridge: float = PROBE_RIDGE):
@@ -82,17 +82,28 @@ def few_shot_accuracy(
     }
 
 
-def few_shot_probe(features, labels, examples_per_class=FEW_SHOT_EXAMPLES_PER_CLASS, seed: int = 0) -> list[dict]:
+def few_shot_probe(
+    features,
+    labels,
+    examples_per_class=FEW_SHOT_EXAMPLES_PER_CLASS,
+    seed: int = 0,
+    min_test_examples: int = PROBE_MIN_TEST_EXAMPLES,
+) -> list[dict]:
     """`few_shot_accuracy` for each k on one set of classes, so that the accuracies of different k compare.
 
-    The set is the classes with more than the largest k examples (each needs a test example). If fewer than
-    two classes have that many, the largest k is left out and the set chosen again for the next.
+    The set is the classes with more than the largest k examples (each needs a test example). A k whose
+    fits would be tested on fewer than two classes or fewer than `min_test_examples` images is not a
+    result: the largest k is left out and the set chosen again for the next (smaller k leave more test
+    images). Every entry carries its `num_test_examples`.
     """
     features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     labels = np.asarray(labels, dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
     shots = sorted(examples_per_class)
-    while shots and np.sum(counts > shots[-1]) < 2:
+    while shots:
+        qualifying = counts > shots[-1]
+        if qualifying.sum() >= 2 and (counts[qualifying] - shots[-1]).sum() >= min_test_examples:
+            break
         shots.pop()
     if not shots:
         return []

@@ -1,6 +1,6 @@
 """The BiT upstream pre-training recipe: every number in one place, named and sourced.
 
-Sources: BIT_RECIPE.md "Upstream pretraining" and the BiT paper (Kolesnikov et al., "Big Transfer (BiT):
+Sources: docs/recipe.md "Upstream pre-training" and the BiT paper (Kolesnikov et al., "Big Transfer (BiT):
 General Visual Representation Learning"), section 3.3 "Upstream Pre-Training" and section 4.2. Every
 value here is a default of `pretrain.py` and can be overridden from its command line; the script prints
 which values of a run differ from the paper's.
@@ -11,14 +11,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .errors import InputError
+from image_data import InputError
 
-# --- Optimisation (paper §3.3; BIT_RECIPE.md "Upstream pretraining") -------------------------------
+# --- Optimisation (paper §3.3; docs/recipe.md "Upstream pre-training") -----------------------------
 GLOBAL_BATCH_SIZE = 4096  # §3.3: "We use a global batch size of 4096" (8 images per TPUv3 chip on 512 chips)
 BASE_LEARNING_RATE = 0.03  # §3.3: initial learning rate 0.03 ...
 BASE_LEARNING_RATE_BATCH_SIZE = 256  # ... scaled "multiplicatively by batch size / 256"
 WARMUP_STEPS = 5000  # §3.3: "linear learning rate warmup for 5000 optimization steps"
-MOMENTUM = 0.9  # BIT_RECIPE.md: SGD with momentum 0.9, no adaptive optimizer
+# BiT-M's run, which that warmup belongs to: 90 epochs (§3.3) of ImageNet-21k's 14,197,122 images (§3.1: "14.2M
+# images", the fall 2011 release) at the global batch of 4096.
+IMAGENET_21K_EXAMPLES = 14_197_122
+BIT_M_STEPS = round(90 * IMAGENET_21K_EXAMPLES / GLOBAL_BATCH_SIZE)  # 311,948
+# A shorter run keeps the warmup's share of BiT-M's run (5,000 of 311,948 steps, 1.6 %), as it keeps the decays'.
+WARMUP_FRACTION = WARMUP_STEPS / BIT_M_STEPS
+MOMENTUM = 0.9  # docs/recipe.md "Upstream pre-training": SGD with momentum 0.9, no adaptive optimizer
 WEIGHT_DECAY = 1e-4  # §4.2: "we use the standard weight decay of 1e-4"; lower looks faster, ends worse
 LEARNING_RATE_DECAY_FACTOR = 0.1  # §3.3: "decay the learning rate by a factor of 10"
 
@@ -41,7 +47,9 @@ SCHEDULES = {
 DEFAULT_SCHEDULE = "bit-m"
 
 # --- Input pipeline ---------------------------------------------------------------------------------
-IMAGE_SIZE = 224  # BIT_RECIPE.md: inception-style random crop 224 + flip, input in [-1, 1]
+# §3.3: the standard upstream input pipeline, an inception-style random crop at 224 + flip; input in [-1, 1]
+# (docs/recipe.md "Architecture").
+IMAGE_SIZE = 224
 # "Inception-style" crop (Szegedy et al., "Going deeper with convolutions", 2015 — the standard ImageNet
 # training crop the BiT upstream pipeline uses): a random box covering 8%-100% of the image area with
 # aspect ratio between 3/4 and 4/3, resized to the training resolution.
@@ -51,8 +59,8 @@ CROP_ATTEMPTS = 10  # tries at sampling a box that fits before falling back to t
 HORIZONTAL_FLIP_PROBABILITY = 0.5
 
 # --- Loss -------------------------------------------------------------------------------------------
-# BIT_RECIPE.md: JFT-300M is multi-label, trained with a per-class sigmoid loss; public successors start the
-# head bias negative (-10) so that with thousands of classes every class starts at p ~ 4.5e-5 and the initial
+# docs/recipe.md "Upstream pre-training": JFT-300M is multi-label, trained with a per-class sigmoid loss; public
+# successors start the head bias negative (-10) so that with thousands of classes every class starts at p ~ 4.5e-5 and the initial
 # loss is about the number of positive labels per image times 10, not thousands times log 2.
 MULTI_LABEL_HEAD_BIAS = -10.0
 
@@ -188,6 +196,66 @@ def build_schedule(recipe: Recipe, num_examples: int | None, max_steps: int | No
     )
 
 
+def scaled_warmup_steps(total_steps: int) -> int:
+    """The paper's warmup at the share of this run it has of BiT-M's: round(5000 x min(1, steps / 311,948))."""
+    return round(WARMUP_STEPS * min(1.0, total_steps / BIT_M_STEPS))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSchedule:
+    """A run's recipe (with the warmup it uses), its learning rate by step, and why the warmup is what it is."""
+
+    recipe: Recipe
+    schedule: LearningRateSchedule
+    warmup_note: str | None  # set when the warmup was scaled with the run
+
+    def warmup_record(self) -> dict:
+        """For bit_pretraining.json: the warmup, the paper's, and whether (and why) it was scaled."""
+        return {
+            "steps": self.recipe.warmup_steps,
+            "paper_steps": WARMUP_STEPS,
+            "scaled_with_the_run": self.warmup_note is not None,
+            "why": self.warmup_note,
+        }
+
+
+def schedule_for_run(
+    recipe: Recipe, num_examples: int | None, max_steps: int | None, *, warmup_given: bool, length_given: bool
+) -> RunSchedule:
+    """The run's schedule (`build_schedule`) with its warmup decided.
+
+    A run whose length is given (`--max-steps`, `--epochs`) without `--warmup-steps` keeps the warmup's share
+    of BiT-M's run, as it keeps the decays' (BiT-M warms up for 5,000 of its 311,948 steps: a 400-step run
+    for 6), so a short run reaches its peak learning rate. A warmup at least as long as the run (which would
+    never reach the peak) is refused.
+    """
+    schedule = build_schedule(recipe, num_examples, max_steps)
+    total, note = schedule.total_steps, None
+    if length_given and not warmup_given:
+        warmup = scaled_warmup_steps(total)
+        if warmup != recipe.warmup_steps:
+            recipe = dataclasses.replace(recipe, warmup_steps=warmup)
+            schedule = dataclasses.replace(schedule, warmup_steps=warmup)
+            note = (
+                f"warmup: {warmup} steps, the paper's {WARMUP_STEPS} scaled with the run as the decays are (BiT-M "
+                f"warms up for {WARMUP_FRACTION:.1%} of its {BIT_M_STEPS:,} steps, and so does this run of {total:,}); "
+                "--warmup-steps sets it"
+            )
+    if 0 < recipe.warmup_steps >= total:
+        if warmup_given:
+            raise InputError(
+                f"--warmup-steps {recipe.warmup_steps} is at least the run's {total} steps: the learning rate would "
+                f"never reach its peak. Give fewer (BiT-M's share, {WARMUP_FRACTION:.1%}, is "
+                f"{scaled_warmup_steps(total)} here) or a longer run."
+            )
+        raise InputError(
+            f"The paper's {recipe.warmup_steps}-step warmup is at least this run's {total} steps "
+            f"({recipe.epochs:g} epochs of {num_examples} examples at a global batch of {recipe.global_batch_size}): "
+            "pass --max-steps or --epochs (the warmup then scales with the run), or --warmup-steps."
+        )
+    return RunSchedule(recipe, schedule, note)
+
+
 def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, num_processes: int) -> int:
     """global batch = per-device batch x processes x accumulation; raise if that has no integer solution."""
     per_step = per_device_batch_size * num_processes
@@ -206,10 +274,14 @@ def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: i
     return global_batch_size // per_step
 
 
-# --- Few-shot linear probe (evaluation while pre-training; BIT_RECIPE.md "Few-shot", paper §4.2) ---------
-# The paper's few-shot protocol: k examples per class drawn at random, balanced; 5 random subsets, median.
+# --- Few-shot linear probe (evaluation while pre-training; paper §3.5 and §4.2) ------------------------------
+# The paper's few-shot protocol (docs/recipe.md, "Few-shot"): k examples per class drawn at random, balanced;
+# 5 random subsets, median.
 FEW_SHOT_EXAMPLES_PER_CLASS = (1, 5, 10)
 FEW_SHOT_TRIALS = 5
 # Closed-form ridge regression on L2-normalised, centred pre-logits onto +-1 one-hot targets. The strength
 # is ours (not from the paper): with unit-norm features it is a mild prior that keeps 1-shot fits stable.
 PROBE_RIDGE = 1e-2
+# Ours: a k-shot figure is reported only when its fits are tested on at least this many held-out images; with
+# fewer, one image moves the accuracy by more than ten points and the figure says nothing about the weights.
+PROBE_MIN_TEST_EXAMPLES = 10

@@ -1,53 +1,41 @@
-"""Does an upstream checkpoint transfer? Digits, pre-trained vs the same network from random init.
+"""Does an upstream checkpoint's representation transfer? A linear probe on digits, pre-trained vs random init.
 
-    python pretraining/transfer_check.py [--checkpoint FOLDER] [--image-size 64] [--finetune-steps 150]
+    python pretraining/transfer_check.py [--checkpoint FOLDER] [--image-size 64]
+    python -m pretraining.transfer_check ...
 
 scikit-learn's digits (1,797 handwritten 8x8 digits; needs the `dev` extra) upscaled to --image-size,
-600 held out for testing. Two protocols, each for the checkpoint and for the same architecture from
-random initialisation:
+600 held out for testing: ridge regression on the frozen pre-logits of the checkpoint and of the same
+architecture from random initialisation, with 1, 5 and 10 examples per class (median of 5 draws) and with
+the whole training set.
 
-- linear probe: ridge regression on the frozen pre-logits with 1, 5, 10 examples per class (median of 5
-  draws) and with the whole training set;
-- fine-tuning: --finetune-steps SGD steps (the BiT-HyperRule's lr, momentum and staircase decays from
-  `finetune.hyperrule`, batch 64, zero head, random crop of a 1.25x resize + flip: the HyperRule's shape,
-  shortened) on 10 per class and all.
-
-A quick check of an upstream run; the fine-tuning package's main job is the full BiT-HyperRule comparison.
+A quick check of an upstream run's features, the same closed-form probe pre-training runs on its held-out
+images. Fine-tuning is the fine-tuning package's: its main job (`bit-finetune` with no data arguments) is
+the BiT-HyperRule comparison, transfer vs. from scratch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import HfArgumentParser
 
-from finetune.hyperrule import DECAY_FACTOR, DECAY_FRACTIONS, LEARNING_RATE, SGD_MOMENTUM
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from pretraining import embedded_checkpoint_path
 from pretraining.probe import fit_ridge_classifier
 from pretraining.recipe import FEW_SHOT_EXAMPLES_PER_CLASS, FEW_SHOT_TRIALS
 
 TEST_EXAMPLES = 600
-FINETUNE_BATCH_SIZE = 64
-FINETUNE_WARMUP_STEPS = 10
-PRECROP_FACTOR = 1.25  # resize to 1.25x, then a random crop at the input size (160 -> 128 in the HyperRule)
 
 
 @dataclasses.dataclass
 class TransferCheckArguments:
     checkpoint: str | None = dataclasses.field(default=None, metadata={"help": "Default: the embedded checkpoint."})
-    image_size: int = 64
-    finetune_steps: int = 150
+    image_size: int = dataclasses.field(default=64, metadata={"help": "Resolution the digits are upscaled to."})
     seed: int = 0
 
 
@@ -91,63 +79,32 @@ class DigitsTransfer:
     def probe(self, model) -> dict:
         train_features = self.features(model, self.pixels(self.train, self.image_size))
         test_features = self.features(model, self.test_pixels)
+        train_labels = self.labels[self.train]
         results = {}
         for k in FEW_SHOT_EXAMPLES_PER_CLASS:
             accuracies = []
             for trial in range(FEW_SHOT_TRIALS):
-                chosen = balanced_subset(
-                    self.labels, np.arange(len(self.train)), k, np.random.default_rng([self.seed, k, trial])
-                )
-                predict = fit_ridge_classifier(train_features[chosen], self.labels[self.train][chosen], 10)
+                rng = np.random.default_rng([self.seed, k, trial])
+                chosen = balanced_subset(train_labels, np.arange(len(self.train)), k, rng)  # positions in train
+                predict = fit_ridge_classifier(train_features[chosen], train_labels[chosen], 10)
                 accuracies.append(float(np.mean(predict(test_features) == self.labels[self.test])))
             results[f"probe_{k}_shot"] = float(np.median(accuracies))
-        predict = fit_ridge_classifier(train_features, self.labels[self.train], 10)
+        predict = fit_ridge_classifier(train_features, train_labels, 10)
         results["probe_full"] = float(np.mean(predict(test_features) == self.labels[self.test]))
         return results
 
-    def finetune(self, model, per_class: int | None, steps: int) -> float:
-        rng = np.random.default_rng([self.seed, per_class or 0])
-        pool = self.train if per_class is None else balanced_subset(self.labels, self.train, per_class, rng)
-        precrop = round(self.image_size * PRECROP_FACTOR)
-        pixels, labels = self.pixels(pool, precrop), torch.tensor(self.labels[pool])
-        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=SGD_MOMENTUM)
-        model.train()
-        for step in range(steps):
-            decays = sum(step >= fraction * steps for fraction in DECAY_FRACTIONS)
-            warmup = min(1.0, (step + 1) / FINETUNE_WARMUP_STEPS)
-            for group in optimizer.param_groups:
-                group["lr"] = LEARNING_RATE * warmup * DECAY_FACTOR**decays
-            batch = torch.from_numpy(rng.integers(0, len(pool), FINETUNE_BATCH_SIZE))
-            top, left = rng.integers(0, precrop - self.image_size + 1, 2)
-            inputs = pixels[batch][:, :, top : top + self.image_size, left : left + self.image_size]
-            if rng.random() < 0.5:
-                inputs = inputs.flip(3)
-            F.cross_entropy(model(pixel_values=inputs).logits, labels[batch]).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
-        with torch.no_grad():
-            predicted = torch.cat(
-                [model(pixel_values=chunk).logits.argmax(1) for chunk in self.test_pixels.split(256)]
-            )
-        return float((predicted.numpy() == self.labels[self.test]).mean())
-
-    def run(self, steps: int) -> dict:
+    def run(self) -> dict:
         results = {}
         for name, pretrained in (("upstream", True), ("random_init", False)):
             torch.manual_seed(self.seed)
-            row = self.probe(self.model(pretrained))
-            for per_class in (10, None):
-                torch.manual_seed(self.seed)
-                row[f"finetune_{per_class or 'full'}"] = self.finetune(self.model(pretrained), per_class, steps)
-            results[name] = row
+            results[name] = self.probe(self.model(pretrained))
         return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(TransferCheckArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else embedded_checkpoint_path()
-    results = DigitsTransfer(checkpoint, args.image_size, args.seed).run(args.finetune_steps)
+    results = DigitsTransfer(checkpoint, args.image_size, args.seed).run()
     print(f"digits at {args.image_size} px, {TEST_EXAMPLES} test images; {checkpoint}")
     print(f"{'':18s} {'upstream':>9s} {'random':>9s} {'margin':>8s}")
     for key, value in results["upstream"].items():

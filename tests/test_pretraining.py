@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,24 +28,22 @@ from conftest import REPO_ROOT, run_clean_python
 from PIL import Image
 from safetensors.torch import load_file
 
+import image_data
+from image_data import InputError
 from pretraining import data as upstream_data
 from pretraining import embedded_checkpoint_path
-from pretraining.errors import InputError
+from pretraining.arguments import make_recipe, parse_arguments, validate_arguments
+from pretraining.checkpoints import RESUME_KEYS, check_resumable, completed_checkpoints, read_progress
 from pretraining.probe import few_shot_accuracy, few_shot_probe, fit_ridge_classifier
 from pretraining.recipe import (
     Recipe,
     build_schedule,
     gradient_accumulation_steps,
     recipe_for_schedule,
+    schedule_for_run,
 )
-from pretraining.training import (
-    append_training_log,
-    completed_checkpoints,
-    read_progress,
-    read_training_log,
-    truncate_training_log,
-    upstream_loss,
-)
+from pretraining.reporting import append_training_log, read_training_log, truncate_training_log
+from pretraining.training import upstream_loss
 
 SCRIPT = REPO_ROOT / "pretraining" / "pretrain.py"
 TINY_RUN = [
@@ -53,7 +52,7 @@ TINY_RUN = [
     "--image-size",
     "32",
     "--warmup-steps",
-    "2",
+    "0",
     "--base-learning-rate",
     "1.0",
     "--logging-steps",
@@ -160,6 +159,45 @@ def test_short_runs_keep_the_schedule_shape_and_report_what_differs():
         build_schedule(recipe, None, max_steps=None)
 
 
+def test_a_short_run_scales_the_warmup_as_it_scales_the_decays_unless_it_is_given():
+    batch_64 = recipe_for_schedule("bit-m", global_batch_size=64)
+    short = schedule_for_run(batch_64, None, 400, warmup_given=False, length_given=True)
+    assert short.schedule.warmup_steps == short.recipe.warmup_steps == round(5000 * 400 / 311_948) == 6
+    peak = short.schedule.peak_learning_rate
+    assert math.isclose(short.schedule.learning_rate(5), peak)  # the peak is reached (it used to be 8 % of it)
+    assert math.isclose(short.schedule.learning_rate(399), peak * 0.1**3)
+    assert (
+        "the paper's 5000 scaled with the run" in short.warmup_note
+        and "1.6% of its 311,948 steps" in short.warmup_note
+    )
+    assert short.warmup_record() == {
+        "steps": 6,
+        "paper_steps": 5000,
+        "scaled_with_the_run": True,
+        "why": short.warmup_note,
+    }
+    # The paper's own run keeps 5,000; nine epochs of it warm up for a tenth of that.
+    paper = schedule_for_run(recipe_for_schedule("bit-m"), 14_197_122, None, warmup_given=False, length_given=False)
+    assert paper.schedule.warmup_steps == 5000 and paper.warmup_note is None and paper.schedule.total_steps == 311_948
+    nine = schedule_for_run(
+        recipe_for_schedule("bit-m", epochs=9), 14_197_122, None, warmup_given=False, length_given=True
+    )
+    assert nine.schedule.warmup_steps == 500
+    # --warmup-steps is kept as given (the embedded checkpoint's command passes 100), unless it fills the run.
+    given = schedule_for_run(
+        recipe_for_schedule("bit-m", warmup_steps=100), None, 3000, warmup_given=True, length_given=True
+    )
+    assert given.schedule.warmup_steps == 100 and given.warmup_note is None
+    with pytest.raises(InputError, match=r"--warmup-steps 400 is at least the run's 400 steps: .* is 6 here\)"):
+        schedule_for_run(
+            recipe_for_schedule("bit-m", warmup_steps=400), None, 400, warmup_given=True, length_given=True
+        )
+    with pytest.raises(
+        InputError, match=r"The paper's 5000-step warmup is at least this run's 220 steps \(90 epochs of "
+    ):
+        schedule_for_run(recipe_for_schedule("bit-m"), 10_000, None, warmup_given=False, length_given=False)
+
+
 def test_gradient_accumulation_is_derived_or_refused():
     assert gradient_accumulation_steps(4096, 8, 512) == 1  # the paper: 8 images per chip on 512 chips
     assert gradient_accumulation_steps(4096, 32, 8) == 16
@@ -168,8 +206,6 @@ def test_gradient_accumulation_is_derived_or_refused():
 
 
 def test_every_recipe_value_has_a_flag():
-    from pretraining import pretrain
-
     values = {
         "global_batch_size": 512,
         "base_learning_rate": 0.1,
@@ -191,10 +227,9 @@ def test_every_recipe_value_has_a_flag():
     argv = ["--model-preset", "bit-tiny", "--output-dir", "o", "--train-dir", "d"]
     for name, value in values.items():
         argv += [f"--{name.replace('_', '-')}", *(str(v) for v in (value if isinstance(value, tuple) else [value]))]
-    model_args, _, args = pretrain.parse_arguments(argv)
-    assert dataclasses.asdict(pretrain.make_recipe(model_args, args)) == values
+    assert dataclasses.asdict(make_recipe(parse_arguments(argv))) == values
     with pytest.raises(InputError, match="--horizontal-flip-probability 1.5"):
-        pretrain.validate_arguments(*pretrain.parse_arguments([*argv, "--horizontal-flip-probability", "1.5"]))
+        validate_arguments(parse_arguments([*argv, "--horizontal-flip-probability", "1.5"]))
 
 
 def test_upstream_losses_against_their_definitions():
@@ -260,15 +295,24 @@ def test_few_shot_accuracy_separates_informative_from_random_features():
     assert few_shot_accuracy(informative, labels, examples_per_class=12) is None  # no class has a test example
 
 
-def test_all_shots_of_the_probe_use_the_same_classes():
+def test_all_shots_of_the_probe_use_the_same_classes_and_a_figure_needs_enough_test_images():
     rng = np.random.default_rng(2)
-    labels = np.repeat(np.arange(4), [12, 12, 6, 6])  # only two classes have more than 10 examples
-    features = np.eye(4)[labels] + rng.normal(scale=0.5, size=(36, 4))
+    labels = np.repeat(np.arange(4), [20, 20, 6, 6])  # only two classes have more than 10 examples
+    features = np.eye(4)[labels] + rng.normal(scale=0.5, size=(52, 4))
     results = few_shot_probe(features, labels, (1, 5, 10))
     assert [r["examples_per_class"] for r in results] == [1, 5, 10]
-    assert [r["num_classes"] for r in results] == [2, 2, 2]
+    assert [(r["num_classes"], r["num_test_examples"]) for r in results] == [(2, 38), (2, 30), (2, 20)]
     assert [r["num_classes"] for r in few_shot_probe(features, labels, (1, 5))] == [4, 4]
-    assert few_shot_probe(features, labels, (1, 12)) == [few_shot_accuracy(features, labels, 1)]  # 12 cannot be tested
+    assert few_shot_probe(features, labels, (1, 20)) == [few_shot_accuracy(features, labels, 1)]  # 20 cannot be tested
+    # 10-shot over two classes of 12 would be tested on 4 images: not a result. The probe falls back to the
+    # shots that have enough test images (5-shot: 7 + 7 + 1 + 1 = 16 over all four classes).
+    small = np.repeat(np.arange(4), [12, 12, 6, 6])
+    results = few_shot_probe(features[: len(small)], small, (1, 5, 10))
+    assert [(r["examples_per_class"], r["num_classes"], r["num_test_examples"]) for r in results] == [
+        (1, 4, 32),
+        (5, 4, 16),
+    ]
+    assert few_shot_probe(features[:8], np.repeat([0, 1], 4), (1, 5, 10)) == []  # 6 test images at best
 
 
 # --- sharding: the data position is a function of the step ----------------------------------------------
@@ -299,9 +343,7 @@ def test_worker_batch_counts_follow_the_dataloader_round_robin():
 def test_a_streams_held_out_slice_never_reaches_any_process(identity_shards):
     source = upstream_data.load_upstream_data(dataset=str(identity_shards), streaming=True, validation_examples=5)
     held_out = {example["label"] for example in source.validation}
-    trained = [
-        [example["label"] for example in upstream_data.shard_stream(source.train, 0, rank, 2)] for rank in (0, 1)
-    ]
+    trained = [[example["label"] for example in image_data.shard_stream(source.train, 0, rank, 2)] for rank in (0, 1)]
     assert held_out == {0, 1, 2, 3, 4}  # the first examples of the stream
     assert not held_out & (set(trained[0]) | set(trained[1]))
     assert sorted(trained[0] + trained[1]) == list(range(5, 32))  # everything else, once
@@ -318,7 +360,7 @@ def test_streaming_resume_rereads_at_most_one_window_not_the_stream(identity_sha
         reads.append(example["label"])
         return example
 
-    stream = upstream_data.shard_stream(source.train, 0, 0, 1).map(counted)
+    stream = image_data.shard_stream(source.train, 0, 0, 1).map(counted)
     batch, window = 2, 4
     full = list(upstream_data.ResumableStream(stream, batch, 0, 32, 0, seed=0, window_size=window))
     assert sorted(example["label"] for example, _, _ in full[:32]) == list(range(32))  # an epoch, shuffled
@@ -372,8 +414,25 @@ def run_driver(tmp_path: Path, name: str, launcher: list[str], arguments: list[s
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def test_two_processes_split_the_batch_and_match_one_process_with_the_whole_batch(tmp_path, identity_shards):
-    common = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "2", "--global-batch-size", "8"]
+@pytest.fixture(scope="module")
+def identity_shards_with_held_out(tmp_path_factory, identity_shards) -> Path:
+    """The identity shards plus a validation split of 12 images for each of classes 0-3 (a probe's worth)."""
+    folder = tmp_path_factory.mktemp("held-out") / "data"
+    shutil.copytree(identity_shards, folder)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(32)])}
+    )
+    labels = [index % 4 for index in range(48)]
+    rows = {"image": [{"bytes": _png(1000 + index), "path": None} for index in range(48)], "label": labels}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "validation-00000.parquet"))
+    return folder
+
+
+def test_two_processes_split_the_batch_and_match_one_process_with_the_whole_batch(
+    tmp_path, identity_shards_with_held_out
+):
+    data = identity_shards_with_held_out
+    common = [*TINY_RUN, "--dataset", str(data), "--max-steps", "2", "--global-batch-size", "8"]
     two = run_driver(tmp_path, "two", TORCHRUN, [*common, "--per-device-batch-size", "4"])
     one = run_driver(tmp_path, "one", [sys.executable], [*common, "--per-device-batch-size", "8"])
     accumulated = run_driver(tmp_path, "accumulated", [sys.executable], [*common, "--per-device-batch-size", "4"])
@@ -399,6 +458,27 @@ def test_two_processes_split_the_batch_and_match_one_process_with_the_whole_batc
         torch.testing.assert_close(with_accumulation[name], single[name], rtol=1e-4, atol=1e-6)
         moved += int(not torch.equal(tensor, initial[name]))
     assert moved > len(rank0) // 2  # the updates were real
+
+    # The probe is a function of the weights and the seed: the two processes' probe of their final weights is the
+    # probe one process computes of the same weights (it used to differ, by the order the processes gathered rows).
+    probed = json.loads((two / "run" / "final" / "probe_results.json").read_text())
+    assert [(entry["examples_per_class"], entry["num_test_examples"]) for entry in probed] == [(1, 44), (5, 28)]
+    from accelerate import Accelerator
+
+    from modeling_bit import BitForImageClassification
+    from pretraining.heldout import HeldOutSet
+    from pretraining.probe import few_shot_probe
+
+    source = upstream_data.load_upstream_data(dataset=str(data))
+    builder = upstream_data.BatchBuilder("image", "label", source.labels, 32, 0, train=False)
+    held_out = HeldOutSet(source, builder, Accelerator(cpu=True), 20, 100, batch_size=4, scan_limit=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs above (OMP_NUM_THREADS=1)
+    try:
+        result = held_out.evaluate(BitForImageClassification.from_pretrained(two / "run" / "final"), False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [{"step": 2, **entry} for entry in few_shot_probe(result["features"], result["labels"])] == probed
 
 
 def initial_weights(tmp_path: Path) -> Path:
@@ -440,6 +520,51 @@ def test_two_processes_stream_disjoint_shards(tmp_path, identity_shards):
     second = [label for step in ranks[1].values() for label in step]
     assert len(first) == len(second) == 12
     assert len(set(first + second)) == 24  # split_dataset_by_node: each process streams its own shards
+
+
+def test_ctrl_c_under_accelerate_launch_stops_both_processes_with_one_message_and_a_checkpoint(
+    tmp_path, identity_shards
+):
+    # `accelerate launch --num_processes 2` alone would run one process on this CPU machine; --multi_gpu runs two.
+    output = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    arguments = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "1000", "--global-batch-size", "8"]
+    arguments += ["--per-device-batch-size", "4", "--dataloader-num-workers", "1", "--output-dir", str(output)]
+    process = subprocess.Popen(
+        [*launcher, str(SCRIPT), *arguments],
+        env=subprocess_env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        log = output / "training_log.jsonl"
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher; it passes SIGINT on to the processes
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert "4 per device x 2 process(es)" in stdout  # two processes really ran
+    stops = re.findall(
+        r"^pretrain: stopped by SIGINT after step (\d+) of 1000; saved (\S+)\. Continue with:\n  (.*)$", stderr, re.M
+    )
+    assert len(stops) == 1, stderr[-4000:]  # one message, from the main process
+    step, checkpoint, command = stops[0]
+    assert command.startswith("accelerate launch --multi_gpu --num_processes 2 ") and command.endswith(
+        f"--output-dir {output} --resume-from-checkpoint latest"
+    )
+    assert (
+        read_progress(Path(checkpoint))["step"] == int(step) and read_progress(Path(checkpoint))["num_processes"] == 2
+    )
+    # Neither process printed a traceback; the launcher reports the signal it got itself, in one traceback at most.
+    assert not re.search(r"KeyboardInterrupt|Connection closed|ChildFailedError", stderr), stderr[-4000:]
+    tracebacks = stderr.split("Traceback (most recent call last)")[1:]
+    assert len(tracebacks) <= 1 and all("SignalException: Process" in text for text in tracebacks), stderr[-4000:]
 
 
 # --- exact resume after SIGKILL ----------------------------------------------------------------------------
@@ -522,7 +647,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, identity_sha
     assert len(list((interrupted / "checkpoints").iterdir())) == 2  # the newest two kept, no half-written ones
 
 
-def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_path, identity_shards):
+def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_path, identity_shards, capsys):
     from pretraining import pretrain
 
     common = [
@@ -557,15 +682,44 @@ def test_a_resume_that_would_not_be_exact_is_refused_naming_what_changed(tmp_pat
 
     checkpoint = completed_checkpoints(tmp_path / "run")[-1][1]
     progress = read_progress(checkpoint)
-    signature = {key: progress[key] for key in pretrain.RESUME_KEYS if key in progress}
-    pretrain.check_resumable(progress, signature, checkpoint)  # the same run: accepted
+    signature = {key: progress[key] for key in RESUME_KEYS if key in progress}
+    check_resumable(progress, signature, checkpoint)  # the same run: accepted
     with pytest.raises(
         InputError, match=r"num_processes \(the launcher's number of processes\) is 2 now, the checkpoint used 1"
     ):
-        pretrain.check_resumable(progress, {**signature, "num_processes": 2}, checkpoint)
+        check_resumable(progress, {**signature, "num_processes": 2}, checkpoint)
+    # The refusal names the launcher line that restores the checkpoint's processes (accelerate needs --multi_gpu).
+    with pytest.raises(InputError, match=r"used 2 \(relaunch with accelerate launch --multi_gpu --num_processes 2 "):
+        check_resumable({**progress, "num_processes": 2}, signature, checkpoint)
+
+    # A run given a length before the warmup scaled with it (5,000 steps then): the flag that continues it is named.
+    older = {**progress, "recipe": {**progress["recipe"], "warmup_steps": 5000}}
+    with pytest.raises(InputError, match=r"warmup_steps is 0 now, the checkpoint used 5000 \(--warmup-steps 5000 "):
+        check_resumable(older, signature, checkpoint)
+
+    # Another intra-op thread count only changes the last bits: the resume runs, and says so.
+    reset_accelerate()
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        pretrain.train([*common, "--per-device-batch-size", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert (
+        "Resumed from" in printed
+        and (
+            f"Warning: Resuming with intra-op threads (OMP_NUM_THREADS, torch.set_num_threads) is {threads + 1} now, the "
+            f"checkpoint's run used {threads}. The run continues, but its weights will differ"
+        )
+        in printed
+    )
 
 
-def test_a_fresh_run_refuses_another_runs_checkpoints_and_damaged_checkpoints_are_explained(tmp_path, identity_shards):
+def test_a_fresh_run_refuses_another_runs_checkpoints_and_damaged_checkpoints_are_explained(
+    tmp_path, identity_shards, capsys
+):
     from pretraining import pretrain
 
     run = tmp_path / "run"
@@ -605,16 +759,67 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_damaged_checkpoints_ar
         path.name: (path / "model.safetensors").read_bytes() for _, path in completed_checkpoints(run)
     } != first_run
 
+    def refused(resume: str, message: str) -> None:
+        reset_accelerate()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            pretrain.main([*fresh, "--seed", "1", "--resume-from-checkpoint", resume])
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and "Traceback" not in error, error
+        assert re.search(f"^pretrain: error: .*{message}", error, re.M), error
+
     newest, older = completed_checkpoints(run)[-1][1], completed_checkpoints(run)[0][1]
     (newest / "progress.json").write_text('{"step": 2, "se')
+    refused("latest", r"progress.json cannot be read as JSON .*: the checkpoint is damaged")
+
+    damaged = {
+        name: run / "checkpoints" / f"step-0000001{index}" for index, name in enumerate(("pickle", "rng", "bad"))
+    }
+    for copy in damaged.values():
+        shutil.copytree(older, copy)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):  # what a malicious optimizer.bin would run when unpickled
+            return os.mkdir, (str(marker),)
+
+    torch.save({"state": Payload()}, damaged["pickle"] / "optimizer.bin")
+    (damaged["rng"] / "random_states_0.pkl").unlink()
+    (damaged["bad"] / "random_states_0.pkl").write_bytes(b"not a pickle")
     (older / "model.safetensors").unlink()
-    for resume, message in (
-        ("latest", r"progress.json cannot be read as JSON .*: the checkpoint is damaged"),
-        (str(older), r"step-00000001 is incomplete .*: expected the model, optimizer and RNG files"),
+    refused(
+        str(older), r"step-00000001 is incomplete: the model weights .* are missing; expected the model, optimizer"
+    )
+    refused(
+        str(damaged["pickle"]),
+        r"optimizer.bin cannot be loaded as a checkpoint file \(UnpicklingError: .*never executed",
+    )
+    refused(str(damaged["rng"]), r"random_states_0.pkl, process 0's RNG state, is missing")
+    refused(str(damaged["bad"]), r"random_states_0.pkl cannot be loaded as a checkpoint file")
+    assert not marker.exists()  # refused, never executed
+
+
+def test_an_output_dir_that_is_not_pretrainings_to_write_is_refused_before_anything_is_written(
+    tmp_path, identity_shards
+):
+    from pretraining import pretrain
+
+    run = [*TINY_RUN, "--dataset", str(identity_shards), "--max-steps", "1", "--global-batch-size", "8"]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("someone's notes")
+    (tmp_path / "a-file").write_text("")
+    for output, extra, message in (
+        ("/", [], r"--output-dir / is a filesystem root"),
+        (str(home), [], r"holds files pre-training did not write \(notes.txt\); expected a new or empty folder"),
+        (str(home), ["--overwrite-output-dir"], r"holds files pre-training did not write"),
+        (str(tmp_path / "a-file" / "run"), [], r"a-file is a file; expected a folder"),
     ):
         reset_accelerate()
         with pytest.raises(InputError, match=message):
-            pretrain.train([*fresh, "--seed", "1", "--resume-from-checkpoint", resume])
+            pretrain.train([*run, "--output-dir", output, *extra])
+    assert [path.name for path in home.iterdir()] == ["notes.txt"]
+    assert not any(Path("/", name).exists() for name in ("checkpoints", "final", "training_log.jsonl"))
 
 
 def test_a_torn_last_log_line_is_dropped_and_a_resume_truncates_the_log(tmp_path):
@@ -638,11 +843,11 @@ def test_bad_input_to_the_script_exits_with_a_message_not_a_traceback(tmp_path):
     cases = [
         (
             ["--dataset", str(tmp_path / "missing")],
-            "--dataset .*missing: cannot be loaded .* Expected a Hub dataset id",
+            "--dataset .*missing': could not load it with datasets.load_dataset .* Expected a Hub dataset id",
         ),
         (
             ["--train-dir", str(tmp_path / "empty")],
-            "--train-dir .*empty: cannot be loaded .* Expected an image folder",
+            "--train-dir must be a folder with one subfolder of images per class .*; no image files in .*empty",
         ),
     ]
     for arguments, message in cases:
@@ -765,9 +970,9 @@ def test_multi_label_path_starts_at_the_negative_bias_loss(tmp_path):
     assert json.loads((result.final / "bit_pretraining.json").read_text())["dataset"]["multi_label"] is True
 
 
-def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp_path):
+def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp_path, capsys):
     folder = tmp_path / "images"
-    for split, per_class in (("train", 3), ("validation", 4)):
+    for split, per_class in (("train", 3), ("validation", 8)):
         for name in ("ant", "bee"):
             (folder / split / name).mkdir(parents=True)
             for index in range(per_class):
@@ -777,10 +982,13 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
 
     from pretraining import pretrain
 
-    # 8 files, global batch 8, one step: every file is drawn exactly once.
+    # 8 files, global batch 8, one step: every file is drawn exactly once. No --warmup-steps: the paper's 5,000
+    # scaled with the run, to 0 of its 1 step.
+    warmup = TINY_RUN.index("--warmup-steps")
+    tiny_run = TINY_RUN[:warmup] + TINY_RUN[warmup + 2 :]
     result = pretrain.train(
         [
-            *TINY_RUN,
+            *tiny_run,
             "--train-dir",
             str(folder),
             "--max-steps",
@@ -809,13 +1017,23 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
         "bit_transfer_version",
     }
     assert metadata["dataset"] == {**metadata["dataset"], "num_examples": 8, "num_classes": 2, "multi_label": False}
-    assert metadata["recipe"]["warmup_steps"] == 2 and metadata["recipe"]["momentum"] == 0.9
+    assert metadata["recipe"]["warmup_steps"] == 0 and metadata["recipe"]["momentum"] == 0.9
+    assert metadata["warmup"]["steps"] == 0 and metadata["warmup"]["scaled_with_the_run"] is True
+    assert (
+        metadata["warmup"]["why"] in metadata["differences_from_paper"]
+        and "--warmup-steps sets it" in metadata["warmup"]["why"]
+    )
+    assert "  - warmup: 0 steps, the paper's 5000 scaled with the run" in capsys.readouterr().out
     assert math.isfinite(metadata["final_loss"])
     log = [json.loads(line) for line in (final / "training_log.jsonl").read_text().splitlines()]
     assert {"step", "loss", "learning_rate", "images_per_second", "eta_seconds"} <= set(log[-1])
     assert log[-1]["eta_seconds"] == 0  # the last step: nothing remains
     probe = json.loads((final / "probe_results.json").read_text())
-    assert [(entry["step"], entry["examples_per_class"]) for entry in probe] == [(1, 1)]  # 4 held out per class
+    # 8 held out per class: 1-shot is tested on 14 images; 5-shot's 6 are too few to be a result.
+    assert [(entry["step"], entry["examples_per_class"], entry["num_test_examples"]) for entry in probe] == [
+        (1, 1, 14)
+    ]
+    assert log[-1]["probe_1shot_test_examples"] == 14 and "probe_5shot_accuracy" not in log[-1]
     assert 0.0 <= probe[0]["accuracy"] <= 1.0
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
         p.name for p in final.iterdir()
@@ -842,13 +1060,23 @@ def test_image_folder_run_skips_bad_files_and_writes_a_complete_final_folder(tmp
     np.testing.assert_allclose(logits.numpy(), stock["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_the_script_runs_by_path_from_anywhere(tmp_path):
-    env = {key: value for key, value in subprocess_env(tmp_path).items() if key != "PYTHONPATH"}
+def test_the_script_runs_by_path_from_anywhere_with_readable_help(tmp_path):
+    # By path the script's own folder is sys.path[0]; its imports resolve through the installed package (here: the
+    # PYTHONPATH the tests run with), not through that folder, and it edits no sys.path.
+    assert "sys.path" not in SCRIPT.read_text()
+    env = {**subprocess_env(tmp_path), "COLUMNS": "120"}
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "--resume-from-checkpoint" in completed.stdout and "--per-device-batch-size" in completed.stdout
+    text = completed.stdout
+    assert "--resume-from-checkpoint latest|PATH" in text and "--per-device-batch-size N" in text
+    assert "_" not in "".join(re.findall(r"--[\w-]+", text.split("options:")[1])), "underscore spellings in the help"
+    assert not re.search(r"\(default: [^)]*\)[^\n]*\(default", text), "a default shown twice"
+    for group in ("model:", "data (give --train-dir or --dataset):", "output, checkpoints, logs and probes:"):
+        assert f"\n{group}\n" in text
+    # The examples keep their lines (they used to be reflowed into one paragraph).
+    assert "\n  torchrun --nproc_per_node 2 pretraining/pretrain.py" in text and len(text.splitlines()) < 110
 
 
 @pytest.mark.parametrize(
@@ -962,7 +1190,7 @@ def test_unusable_data_is_refused_before_training(tmp_path, columns, arguments, 
 
 
 def test_bad_labels_found_by_a_streams_worker_and_unreadable_steps_stop_the_script_with_a_message(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     from pretraining import pretrain
 
@@ -1000,11 +1228,12 @@ def test_bad_labels_found_by_a_streams_worker_and_unreadable_steps_stop_the_scri
                     "--per-device-batch-size",
                     "4",
                     "--output-dir",
-                    str(tmp_path / folder.name),
+                    str(tmp_path / f"{folder.name}-out"),
                     *arguments,
                 ]
             )
-        assert re.search(message, str(exited.value)) and "Traceback" not in str(exited.value), str(exited.value)
+        error = capsys.readouterr().err
+        assert exited.value.code == 2 and re.search(message, error, re.M) and "Traceback" not in error, error
 
 
 def test_synthetic_glyphs_are_deterministic_many_class_data_pretrain_reads(tmp_path):
@@ -1062,7 +1291,6 @@ def test_embedded_checkpoint_is_a_small_complete_bit_tiny_folder():
 
 
 def test_embedded_checkpoint_card_is_what_write_model_card_writes_today(tmp_path):
-    import shutil
 
     from model_cards import write_model_card
 
