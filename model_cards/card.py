@@ -239,9 +239,13 @@ PRETRAIN_SCRIPT = "pretraining/pretrain.py"
 PRETRAIN_CONSOLE_SCRIPT = "bit-pretrain"
 
 
-def pretraining_command(argv: list, num_processes) -> list[str]:
+def pretraining_command(argv: list, num_processes, launcher: list | None = None) -> list[str]:
     """Pre-training's recorded `sys.argv` as the user reruns it: `sys.argv[0]` is the script's path as Python saw it
     (absolute under `python -m` or `accelerate launch`), so the launcher and the repository path are put back.
+
+    `launcher` is the launcher line the run recorded (`bit_pretraining.json`, `launch.launcher`: one that really
+    starts the recorded number of processes); folders written before it was recorded get accelerate's, with
+    `--multi_gpu`, without which `accelerate launch --num_processes N` runs one process on a CPU machine.
     Empty when the recorded program is neither (pre-training started from other Python code records that program's
     argv, which would not rerun anything)."""
     program = Path(str(argv[0])).name if argv else ""
@@ -249,10 +253,11 @@ def pretraining_command(argv: list, num_processes) -> list[str]:
         return []
     arguments = [str(part) for part in argv[1:]]
     processes = int(num_processes) if finite(num_processes) and num_processes > 1 else 1
-    if program == PRETRAIN_CONSOLE_SCRIPT and processes == 1:
+    if program == PRETRAIN_CONSOLE_SCRIPT and processes == 1 and not launcher:
         return [PRETRAIN_CONSOLE_SCRIPT, *arguments]
-    launcher = ["accelerate", "launch", *(["--num_processes", str(processes)] if processes > 1 else [])]
-    return [*launcher, PRETRAIN_SCRIPT, *arguments]
+    if not launcher:
+        launcher = ["accelerate", "launch", *(["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else [])]
+    return [*(str(part) for part in launcher), PRETRAIN_SCRIPT, *arguments]
 
 
 @dataclass(frozen=True)
@@ -652,7 +657,8 @@ class _CardValues:
             return shell_command(self.finetune_args.get("command") or [])
         if self.facts.kind is FolderKind.PRETRAINED:
             argv = self.pretraining.get("command") or []
-            return shell_command(pretraining_command(argv, self.pretraining.get("num_processes")))
+            launcher = (self.pretraining.get("launch") or {}).get("launcher")
+            return shell_command(pretraining_command(argv, self.pretraining.get("num_processes"), launcher))
         return ""
 
     def results_tables(self) -> list[Table]:

@@ -318,7 +318,7 @@ def test_card_sections_are_filled_from_the_records_and_say_nothing_missing(folde
     pretrained = (folders["pretrained"] / "README.md").read_text()
     # As the user reruns it: the launcher (two processes recorded) and the script's path in the repository.
     assert (
-        "```bash\naccelerate launch --num_processes 2 pretraining/pretrain.py --model-preset bit-tiny "
+        "```bash\naccelerate launch --multi_gpu --num_processes 2 pretraining/pretrain.py --model-preset bit-tiny "
         "--train-dir hymenoptera/train --output-dir O --max-steps 8\n```"
     ) in pretrained
     assert "\n# bit-tiny pre-trained on hymenoptera\n" in pretrained
@@ -478,27 +478,39 @@ def test_recorded_commands_are_shown_as_the_user_reruns_them():
 
     arguments = ["--train-dir", "/home/someone/data/birds/train", "--output-dir=/scratch/runs/r1", "--max-steps", "8"]
     rerun = "--train-dir birds/train --output-dir=r1 --max-steps 8"
-    for argv, processes, expected in (
+    for argv, processes, launcher, expected in (
         (
             ["/home/someone/bit-transfer/pretraining/pretrain.py", *arguments],
             1,
+            None,
             f"accelerate launch pretraining/pretrain.py {rerun}",
         ),
+        # Folders from before the launcher was recorded: accelerate needs --multi_gpu to start N processes.
         (
             ["pretraining/pretrain.py", *arguments],
             4,
-            f"accelerate launch --num_processes 4 pretraining/pretrain.py {rerun}",
+            None,
+            f"accelerate launch --multi_gpu --num_processes 4 pretraining/pretrain.py {rerun}",
         ),
-        (["/usr/local/bin/bit-pretrain", *arguments], None, f"bit-pretrain {rerun}"),
+        (["/usr/local/bin/bit-pretrain", *arguments], None, None, f"bit-pretrain {rerun}"),
         (
             ["/usr/local/bin/bit-pretrain", *arguments],
             2,
-            f"accelerate launch --num_processes 2 pretraining/pretrain.py {rerun}",
+            None,
+            f"accelerate launch --multi_gpu --num_processes 2 pretraining/pretrain.py {rerun}",
         ),
-        (["/usr/lib/python3/site-packages/pytest/__main__.py", "-q"], 1, ""),
-        ([], 1, ""),
+        # The launcher line the run recorded wins (pretraining.launching.launch_prefix wrote it).
+        (
+            ["/abs/pretraining/pretrain.py", *arguments],
+            2,
+            ["torchrun", "--nproc_per_node", "2"],
+            f"torchrun --nproc_per_node 2 pretraining/pretrain.py {rerun}",
+        ),
+        (["pretraining/pretrain.py", *arguments], 1, ["python"], f"python pretraining/pretrain.py {rerun}"),
+        (["/usr/lib/python3/site-packages/pytest/__main__.py", "-q"], 1, ["python"], ""),
+        ([], 1, None, ""),
     ):
-        assert shell_command(pretraining_command(argv, processes)) == expected, argv
+        assert shell_command(pretraining_command(argv, processes, launcher)) == expected, argv
     assert (
         shell_command(["bit-finetune", "--dataset", "C:\\data\\beans", "--model", "google/bit-50", "--name", "a b"])
         == "bit-finetune --dataset beans --model google/bit-50 --name 'a b'"
