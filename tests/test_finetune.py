@@ -400,6 +400,25 @@ def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
     assert all(offsets) and len({found[0] for found in offsets}) > 1
 
 
+
+@pytest.mark.parametrize("flip, random_crop", [(True, True), (False, True), (True, False)])
+def test_the_dataloaders_batched_fetch_sees_what_position_by_position_reads_see(tmp_path, flip, random_crop):
+    folder = write_image_folder(tmp_path, {"a": 3, "b": 3}, size=(30, 20))
+    data = load_image_folders(folder, validation_fraction=0.34)
+    rule = BitHyperRule.from_dataset(len(data.train), 600, precrop=40, crop=32, steps=6, batch_size=4)
+    augmented = dataclasses.replace(rule, horizontal_flip=flip, random_crop=random_crop)
+    stream, _ = training_inputs(data.train, augmented, seed=3, num_workers=0)
+    collate = ImageBatchCollator(32)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, collate_fn=collate)  # fetches by __getitems__
+    batches = list(loader)
+    assert len(batches) == 6 and batches[0]["pixel_values"].shape[1:] == (3, 32, 32)
+    for number, batch in enumerate(batches):  # several epochs of the 4 training images, in their seeded orders
+        one_by_one = collate([stream[position] for position in range(4 * number, 4 * number + 4)])
+        assert torch.equal(batch["pixel_values"], one_by_one["pixel_values"]), number
+        assert torch.equal(batch["labels"], one_by_one["labels"]), number
+    with pytest.raises(IndexError):
+        stream.__getitems__([0, len(stream)])
+
 # --- Bad images and bad input ------------------------------------------------------------------------
 
 
