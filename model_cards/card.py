@@ -256,7 +256,11 @@ def pretraining_command(argv: list, num_processes, launcher: list | None = None)
     if program == PRETRAIN_CONSOLE_SCRIPT and processes == 1 and not launcher:
         return [PRETRAIN_CONSOLE_SCRIPT, *arguments]
     if not launcher:
-        launcher = ["accelerate", "launch", *(["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else [])]
+        launcher = [
+            "accelerate",
+            "launch",
+            *(["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else []),
+        ]
     return [*(str(part) for part in launcher), PRETRAIN_SCRIPT, *arguments]
 
 

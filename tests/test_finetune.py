@@ -400,7 +400,6 @@ def test_training_augmentation_crops_flips_and_can_be_turned_off(tmp_path):
     assert all(offsets) and len({found[0] for found in offsets}) > 1
 
 
-
 @pytest.mark.parametrize("flip, random_crop", [(True, True), (False, True), (True, False)])
 def test_the_dataloaders_batched_fetch_sees_what_position_by_position_reads_see(tmp_path, flip, random_crop):
     folder = write_image_folder(tmp_path, {"a": 3, "b": 3}, size=(30, 20))
@@ -418,6 +417,7 @@ def test_the_dataloaders_batched_fetch_sees_what_position_by_position_reads_see(
         assert torch.equal(batch["labels"], one_by_one["labels"]), number
     with pytest.raises(IndexError):
         stream.__getitems__([0, len(stream)])
+
 
 # --- Bad images and bad input ------------------------------------------------------------------------
 
