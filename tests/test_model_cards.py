@@ -1215,8 +1215,7 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     # pretrain.train(argv) records the job's own arguments (not pytest's), rerunnable as the card shows them, with
     # the launcher line the run recorded (one plain process here).
     assert (
-        "python pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
-        "--train-dir photos"
+        "python pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 --train-dir photos"
     ) in text and "__main__.py" not in text
     assert pretrained.model_name == "bit-tiny pre-trained on photos"
 
