@@ -20,7 +20,7 @@ Images per second count the steps after the first `--warmup-steps`; ours also re
 the training set into memory, which a run of the rule's 500 steps pays once. Peak memory is the training
 process's peak resident set size; the DataLoader workers' largest is shown beside it.
 
-Target (the fine-tuning issue, on a 2-core CPU): ours >= 1.15x stock's images/s, peak memory <= stock's.
+Target (on a 2-core CPU): ours >= 1.15x stock's images/s, peak memory <= stock's.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ gradients equal stock transformers' on the same input (relative to the largest m
 if they do not. Peak memory of a training step is the peak resident set size of a fresh process per
 model that builds it and runs three training steps.
 
-Scenarios (targets from the modeling issue, on a 2-core CPU):
+Scenarios (the project's CPU targets, on a 2-core CPU):
   inference  batch 1  @224  eval mode       target ratio >= 1.8
   inference  batch 16 @128  eval mode       target ratio >= 1.2
   train step batch 8  @128  forward+backward target ratio >= 1.1, peak memory <= stock

@@ -121,7 +121,7 @@ def learning_rate_multiplier(
     return decay_factor ** sum(step >= boundary for boundary in decay_steps)
 
 
-# Fields of the record, in the order `bit_hyperrule.json` lists them (the fine-tuning issue names them).
+# Fields of the record, in the order `bit_hyperrule.json` lists them.
 RECORD_FIELDS = (
     "dataset_size",
     "median_image_area",

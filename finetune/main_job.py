@@ -74,7 +74,7 @@ class MainJobResult:
 
 
 def embedded_checkpoint() -> Path:
-    """The small upstream checkpoint shipped in the package (pretraining issue), or a clear error."""
+    """The small upstream checkpoint shipped in the package (`pretraining/embedded`), or a clear error."""
     try:
         from pretraining import embedded_checkpoint_path
 

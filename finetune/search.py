@@ -560,6 +560,7 @@ def _test_accuracy(
         data_collator=ImageBatchCollator(resolution),
         compute_metrics=ClassificationMetrics(label_names),
     )
+    trainer.remove_callback(PrinterCallback)  # the search reports the test accuracy itself, as a number
     with transformers_quiet():
         return float(trainer.evaluate()["eval_accuracy"])
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import HfArgumentParser
+from transformers.utils import logging as transformers_logging
 
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from pretraining import embedded_checkpoint_path
@@ -66,9 +67,18 @@ class DigitsTransfer:
         """The checkpoint with a new zero head for the 10 digits, or its architecture from random init."""
         digit_names = {"id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
         if pretrained:
-            return BitForImageClassification.from_pretrained(
-                self.checkpoint, ignore_mismatched_sizes=True, **digit_names
-            )
+            # The head's replacement is the point (a new 10-digit head), not news: transformers' load report of it
+            # and its loading bar are kept quiet.
+            verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+            try:
+                return BitForImageClassification.from_pretrained(
+                    self.checkpoint, ignore_mismatched_sizes=True, **digit_names
+                )
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+                transformers_logging.enable_progress_bar()
         return BitForImageClassification(BitConfig.from_pretrained(self.checkpoint, **digit_names))
 
     @torch.no_grad()

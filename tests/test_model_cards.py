@@ -60,7 +60,7 @@ def save_tiny(folder: Path, labels: list[str], resolution: int, seed: int, **con
 
 
 def write_finetuned_records(folder: Path, hymenoptera: Path, *, validation: bool = True, dataset: dict | None = None):
-    """The fine-tuning issue's output records (contracts.md "Fine-tuned"): 5-shot, 3 trials."""
+    """A fine-tuned folder's records, as bit-finetune writes them: 5-shot, 3 trials."""
     source = dataset or {
         "train_dir": str(hymenoptera / "train"),
         **({"validation_dir": str(hymenoptera / "val")} if validation else {}),
@@ -141,7 +141,7 @@ def write_finetuned_records(folder: Path, hymenoptera: Path, *, validation: bool
 
 
 def write_pretrained_records(folder: Path, train_dir: Path):
-    """The pretraining issue's output records (contracts.md "Pretrained"), multi-label."""
+    """A pre-trained folder's records, as pretrain.py writes them, multi-label."""
     write_json(
         folder / "bit_pretraining.json",
         {
@@ -1212,9 +1212,10 @@ def test_cards_of_the_producers_own_runs(produced, hymenoptera_dir):
     ]
     text = (produced["pretrain.py"] / "README.md").read_text()
     assert produced["pretrain.py"].name == "final" and "\n# bit-tiny pre-trained on photos\n" in text
-    # pretrain.train(argv) records the job's own arguments (not pytest's), rerunnable as the card shows them.
+    # pretrain.train(argv) records the job's own arguments (not pytest's), rerunnable as the card shows them, with
+    # the launcher line the run recorded (one plain process here).
     assert (
-        "accelerate launch pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
+        "python pretraining/pretrain.py --model-preset bit-tiny --image-size 32 --warmup-steps 1 "
         "--train-dir photos"
     ) in text and "__main__.py" not in text
     assert pretrained.model_name == "bit-tiny pre-trained on photos"

@@ -256,6 +256,10 @@ def test_search_runs_resumes_after_a_kill_and_runs_in_parallel(tmp_path, capsys,
     assert cli.main(command[3:]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli.main([*command[3:], "--resume"]) == 0
+    printed = capsys.readouterr()
+    # The test accuracy is reported by the search, as a number; no Trainer metrics dict with quoted numbers.
+    assert "Best of 4 trials" in printed.out + printed.err
+    assert "'eval_accuracy': '" not in printed.out + printed.err
     results = json.loads((output / "search_results.json").read_text())
     assert len(results["trials"]) == 4
     numbers = {trial["number"] for trial in results["trials"]}
