@@ -35,6 +35,7 @@ the bare training step. Compiled rows run last, as far as --budget-seconds allow
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -69,11 +70,16 @@ def missing_requirements(device: str, need_timm: bool, compile_backend: str) -> 
             continue
         if not requirement.specifier.contains(installed, prereleases=True):
             problems.append(f"{requirement.name} {installed} is installed; pyproject.toml needs {line}")
-    if need_timm:
+    # Installed is not enough: e.g. datasets with too old a pyarrow fails only when imported.
+    for name in ("transformers", "accelerate", "datasets", "evaluate", *(["timm"] if need_timm else [])):
+        if importlib.util.find_spec(name) is None:
+            if name == "timm":
+                problems.append("timm is not installed: pip install timm (it needs torchvision)")
+            continue  # listed above, from pyproject.toml
         try:
-            import timm  # noqa: F401
-        except ImportError as error:
-            problems.append(f"timm does not import ({error}): pip install timm (it needs torchvision)")
+            importlib.import_module(name)
+        except Exception as error:  # whatever a broken install raises, it is reported with the rest
+            problems.append(f"{name} does not import: {type(error).__name__}: {error}")
     spec = importlib.util.find_spec("modeling_bit")
     if spec is None or not Path(spec.origin).resolve().is_relative_to(REPO_ROOT):
         problems.append(
