@@ -219,6 +219,11 @@ class FinetuneTrainingArguments(TrainingArguments):
         # for that, which is all there is here anyway.
         if not self.use_cpu and not accelerator_available():
             self.use_cpu = True
+        if self.fp16 and self.use_cpu:
+            # accelerate runs fp16 on a CPU as plain float32, without a word: refuse rather than mislabel the run.
+            raise FinetuneInputError(
+                "--fp16 needs a GPU: on a CPU it would silently train in float32. Use --bf16 (CPU autocast)."
+            )
         super().__post_init__()
 
 
@@ -454,6 +459,8 @@ def parse_command_line(
         parsed = build_parser(argument_classes, hidden=hidden, **parser_options).parse_args_into_dataclasses(
             args=argv, look_for_args_file=False
         )
+    except FinetuneInputError:  # our own checks' messages, as they are
+        raise
     except (ValueError, ImportError) as error:
         raise FinetuneInputError(_trainer_error(error)) from error
     given_parser = build_parser(argument_classes, hidden=hidden, **parser_options)

@@ -425,6 +425,8 @@ def trial_training_arguments(job: FinetuneJob, rule: BitHyperRule, trial_dir: Pa
         # in the workers.
         "dataloader_num_workers": 0 if in_memory else job.num_workers,
         "dataloader_pin_memory": torch.cuda.is_available(),
+        # Batches in pinned memory are copied to the GPU without blocking the host, which goes on to queue the step.
+        "accelerator_config": {"non_blocking": torch.cuda.is_available()},
         "save_strategy": "steps" if job.save_checkpoints else "no",
         "disable_tqdm": True,  # TrialProgress draws the bar
         # Every parameter of a BiT classifier takes part in each forward pass; DDP need not look for unused ones.

@@ -315,9 +315,11 @@ class BitEncoder(nn.Module):
     def _training_layout(hidden_state: Tensor) -> Tensor:
         # Training on CPU (where the stem made the layout channels-last): oneDNN's convolutions, forward and
         # backward, are faster channels-last on large feature maps, but on small ones GroupNorm's backward is
-        # slower there than the gain. Inference stays channels-last throughout.
+        # slower there than the gain. Inference stays channels-last throughout. Elsewhere (CUDA) the layout stays
+        # the caller's: channels-last throughout is what cuDNN's reduced-precision kernels want.
         if (
-            torch.is_grad_enabled()
+            hidden_state.device.type == "cpu"
+            and torch.is_grad_enabled()
             and min(hidden_state.shape[-2:]) < CHANNELS_LAST_TRAINING_MIN_SIZE
             and hidden_state.is_contiguous(memory_format=torch.channels_last)
         ):

@@ -4,8 +4,9 @@
 `WeightStandardizedConv2d` keeps beside its weight: while the weight trains, standardization is part of the graph;
 otherwise the standardized kernel is computed once and reused until the weight changes (its version counter,
 storage, dtype or device tell), and on CPU without gradients it is also kept prepacked in oneDNN's blocked layout
-for the last input shape, so inference skips both the standardization and the reorder. How much that saves is
-measured by benchmarks/benchmark_model.py (README, "Speed").
+for the last input shape, so inference skips both the standardization and the reorder. Under autocast the cached
+kernel is kept in the autocast dtype, which is what the convolution would cast it to in every call. How much that
+saves is measured by benchmarks/benchmark_model.py (CPU) and benchmarks/benchmark_gpu.py (README, "Speed").
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ _ONEDNN_PREPACK_AVAILABLE = (
     and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
     and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 )
+# Devices whose autocast runs convolutions in its lower-precision dtype (so a kernel cached in that dtype is what
+# the convolution would have cast it to).
+_AUTOCAST_CONVOLUTION_DEVICES = ("cuda", "cpu")
 
 
 def standardize_weight(weight: Tensor, eps: float) -> Tensor:
@@ -48,8 +52,8 @@ class StandardizedWeights:
         return {"_kernel": None, "_key": None}
 
     def kernel(self, conv: nn.Conv2d, eps: float) -> Tensor:
-        """The standardized kernel of `conv`: computed in the graph while its weight trains, else cached (dense,
-        channels-last, which makes oneDNN run the layer channels-last)."""
+        """The standardized kernel of `conv`: computed in the graph while its weight trains, else cached (dense, in
+        the layout of `_cached_layout`, and in the autocast dtype under autocast)."""
         weight = conv.weight
         if torch.compiler.is_compiling():
             # Traced graphs (torch.compile, torch.export) have no version counters or data pointers to key a cache on;
@@ -75,15 +79,17 @@ class StandardizedWeights:
 
     def _cached(self, conv: nn.Conv2d, eps: float, packed_for_input: torch.Size | None) -> Tensor:
         weight = conv.weight
+        compute_dtype = None if packed_for_input is not None else _autocast_dtype(weight.device.type)
         # Any in-place update (optimizer step, load_state_dict, `with no_grad: w.mul_()`) bumps the version counter;
         # a move or dtype change replaces the storage.
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, packed_for_input)
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, packed_for_input, compute_dtype)
         if self._key != key:
             # A normal tensor even under inference_mode, so later autograd use of the cache stays legal.
             with torch.inference_mode(False), torch.no_grad():
                 standardized = standardize_weight(weight, eps)
                 if packed_for_input is None:
-                    self._kernel = standardized.contiguous(memory_format=torch.channels_last)
+                    kernel = standardized.contiguous(memory_format=_cached_layout(weight))
+                    self._kernel = kernel if compute_dtype is None else kernel.to(compute_dtype)
                 else:  # oneDNN's blocked layout for this input shape, reordered once instead of in every call
                     self._kernel = torch._C._nn.mkldnn_reorder_conv2d_weight(
                         standardized.to_mkldnn(),
@@ -103,12 +109,30 @@ class StandardizedWeights:
             _ONEDNN_PREPACK_AVAILABLE
             and not torch.compiler.is_compiling()
             and not torch.is_grad_enabled()
+            # Autocast asks for convolutions in its dtype, which oneDNN's prepacked float32 kernels would not honour.
+            and not torch.is_autocast_enabled("cpu")
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
             and hidden_state.dtype == torch.float32
             and not weight.is_meta
             and not weight.is_inference()
         )
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs convolutions in on this device type, or None outside autocast."""
+    if device_type in _AUTOCAST_CONVOLUTION_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cached_layout(weight: Tensor) -> torch.memory_format:
+    """Channels-last on CPU, where it makes oneDNN run the layer channels-last (README, "Speed"); elsewhere the
+    weight's own layout, so that a model the caller made channels-last (what cuDNN's reduced-precision kernels
+    want) runs channels-last and one left contiguous does not switch layouts at every convolution."""
+    if weight.device.type == "cpu" or weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 __all__ = ["StandardizedWeights", "standardize_weight"]

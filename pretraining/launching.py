@@ -114,6 +114,12 @@ def start_accelerator(
         log_with=trackers,
         project_dir=str(project_dir),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate runs fp16 on a CPU as plain float32, without a word: refuse rather than mislabel the run.
+        raise InputError(
+            "--mixed-precision fp16 (or the accelerate config's) needs a GPU: on a CPU it would silently train in "
+            "float32. Use --mixed-precision bf16 (CPU autocast) or no."
+        )
     return accelerator, accumulation, trackers
 
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -230,6 +231,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
                 group["lr"] = learning_rate
             readable, unreadable_here = 0, []
             for _ in range(accumulation):
+                waiting_since = time.perf_counter()
                 try:
                     batch = next(batches)
                 except RuntimeError:  # a DataLoader worker killed by the SIGTERM a launcher sends its process group
@@ -239,6 +241,7 @@ def train(argv: list[str] | None = None, on_batch=None) -> PretrainingResult:
                         checkpoint_here(step) if step > start_step else resolve_checkpoint(output_dir, "latest")
                     )
                     raise Stopped(stop.received, step, schedule.total_steps, checkpoint, continue_with()) from None
+                throughput.add_data_wait(time.perf_counter() - waiting_since)
                 if source.streaming:
                     position = batch.pop("stream_position")
                     stream_positions[position["worker"]] = position

@@ -65,21 +65,27 @@ def announcement(
 
 
 class Throughput:
-    """Images per second and seconds per optimizer step since the previous report."""
+    """Images per second, seconds per optimizer step and the share of the time spent waiting for batches, since
+    the previous report."""
 
     def __init__(self):
-        self.since, self.images, self.steps = time.perf_counter(), 0, 0
+        self.since, self.images, self.steps, self.waiting = time.perf_counter(), 0, 0, 0.0
 
     def add_step(self, images: int) -> None:
         self.images += images
         self.steps += 1
 
-    def report(self) -> tuple[float, float]:
-        """(images per second, seconds per step) over the steps since the previous report."""
+    def add_data_wait(self, seconds: float) -> None:
+        """Time the loop spent waiting for the DataLoader's next batch (workers behind, or the copy to the device)."""
+        self.waiting += seconds
+
+    def report(self) -> tuple[float, float, float]:
+        """(images per second, seconds per step, fraction of the time waiting for data) over the steps since the
+        previous report."""
         now = time.perf_counter()
         elapsed = max(now - self.since, 1e-9)
-        rates = self.images / elapsed, elapsed / max(self.steps, 1)
-        self.since, self.images, self.steps = now, 0, 0
+        rates = self.images / elapsed, elapsed / max(self.steps, 1), min(self.waiting / elapsed, 1.0)
+        self.since, self.images, self.steps, self.waiting = now, 0, 0, 0.0
         return rates
 
 
@@ -94,13 +100,15 @@ def log_entry(
     unreadable_images: int,
 ) -> dict:
     """One line of the training log (also what the trackers get)."""
-    images_per_second, seconds_per_step = throughput.report()
+    images_per_second, seconds_per_step, data_wait_fraction = throughput.report()
     return {
         "step": step,
         "loss": loss,
         "learning_rate": learning_rate,
         "images_per_second": images_per_second,
         "images_per_second_per_device": images_per_second / num_processes,
+        # A loader that keeps up hands over prepared batches at once; a large share means too few workers.
+        "data_wait_fraction": data_wait_fraction,
         # From the steps since the previous log entry (probes and checkpoints included), not the whole run.
         "eta_seconds": (total_steps - step) * seconds_per_step,
         "epoch": epoch,
