@@ -8,6 +8,7 @@ fingerprint), and names its cached features (`dedup.features`).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -28,32 +29,32 @@ class ImageItem:
     source: str | bytes  # a file path or the encoded image
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """A sequence of images in a fixed order; `record` says where it came from (for duplicates.json)."""
 
     record: dict
     flag: str
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
     def length(self) -> int | None:
         """The number of items when known without reading the source (not for a stream)."""
         return len(self)
 
-    def items(self, start: int = 0) -> Iterator[ImageItem]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def items(self, start: int = 0) -> Iterator[ImageItem]: ...
 
-    def fingerprint(self) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def fingerprint(self) -> str: ...
 
+    @abc.abstractmethod
     def item_at(self, index: int) -> ImageItem:
         """Item `index` (not for a stream)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fetch(self, names) -> dict[str, str | bytes]:
         """The encoded images of the named items (a stream is read up to the last of them)."""
-        raise NotImplementedError
 
     @property
     def display_name(self) -> str:

@@ -147,7 +147,7 @@ def _sampler(seed: int):
                 return float(rng.uniform(distribution.low, distribution.high))
             if isinstance(distribution, IntDistribution):
                 return int(rng.integers(distribution.low, distribution.high + 1))
-            raise NotImplementedError(f"TrialSeededSampler cannot draw {distribution}")
+            raise TypeError(f"TrialSeededSampler draws categorical, float and int distributions, not {distribution}")
 
     return TrialSeededSampler()
 
