@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from transformers import PrinterCallback, ProgressCallback
 
-from modeling_bit.file_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
-from modeling_bit.folder_layout import MODEL_CARD_FILE
+from modeling_bit.file_utils import atomic_directory, atomic_write_bytes, atomic_write_json
+from modeling_bit.folder_layout import SEARCH_CURVE_FILE, SEARCH_RESULTS_FILE
 
 from .data import split_off_validation
 from .distributed import process_state
@@ -100,8 +100,6 @@ STUDY_NAME = "bit-random-search"
 STORAGE_FILE = "search.sqlite"
 LOCK_FILE = "search.lock"
 HYPERRULE_RESULT_FILE = "hyperrule.json"
-SEARCH_RESULTS_FILE = "search_results.json"
-CURVE_FILE = "search_curve.png"
 TRIAL_MODEL = "model"
 
 
@@ -129,7 +127,9 @@ def _sampler(seed: int):
 
     class TrialSeededSampler(optuna.samplers.BaseSampler):
         """Random search whose draws for trial n depend only on (seed, n, parameter name): the same trials whatever
-        the number of processes, and a resumed search draws the rest as an uninterrupted one would."""
+        the number of processes, and a resumed search draws the rest as an uninterrupted one would. The rerun of
+        an interrupted trial draws as that trial did (`rerun_of`), so it has its settings even when the kill came
+        before all of them were drawn."""
 
         def infer_relative_search_space(self, study, trial):
             return {}
@@ -138,7 +138,8 @@ def _sampler(seed: int):
             return {}
 
         def sample_independent(self, study, trial, name, distribution):
-            rng = np.random.default_rng((seed, trial.number, zlib.crc32(name.encode())))
+            number = trial.user_attrs.get("rerun_of", trial.number)
+            rng = np.random.default_rng((seed, number, zlib.crc32(name.encode())))
             if isinstance(distribution, CategoricalDistribution):
                 return distribution.choices[int(rng.integers(len(distribution.choices)))]
             if isinstance(distribution, FloatDistribution):
@@ -430,8 +431,8 @@ def _rerun_interrupted(study) -> None:
 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+        original = trial.user_attrs.get("rerun_of", trial.number)
+        study.enqueue_trial({}, user_attrs={"rerun_of": original})
         logger.info("Trial %d was interrupted: it runs again with its settings.", trial.number)
 
 
@@ -660,6 +661,7 @@ def run_search(search: SearchJob) -> SearchResult:
         "selection": {"split": "validation (held out of the training set)", "examples": len(search_job.data.eval)},
         "test": {"examples": len(test)},
         "expected_best_curve": curve,
+        "expected_best_orderings": CURVE_ORDERINGS,
         "seconds": round(time.perf_counter() - started, 1),
     }
     folder = _write_folder(search, best, best_rule, model_dir, results, reference, curve)
@@ -716,54 +718,10 @@ def _write_folder(
         atomic_write_json(staging / SEARCH_RESULTS_FILE, results)
         plot = draw_curve(curve, reference["eval_accuracy"])
         if plot is not None:
-            atomic_write_bytes(staging / CURVE_FILE, plot)
+            atomic_write_bytes(staging / SEARCH_CURVE_FILE, plot)
+        # The card reads search_results.json: its search section comes back whenever the card is rendered again.
         write_model_card(staging, folder_name=output_dir.absolute().name)
-        card = (staging / MODEL_CARD_FILE).read_text()
-        atomic_write_text(
-            staging / MODEL_CARD_FILE, card.rstrip("\n") + "\n\n" + search_card_section(results, plot is not None)
-        )
     return output_dir
-
-
-def search_card_section(results: dict, with_plot: bool) -> str:
-    """The card's "Hyper-parameter search" section: the space, every trial, the choice and Fig. 6's plot."""
-    best = results["best_trial"]
-    reference = results["hyperrule"]
-    space = (
-        "the paper's Appendix A space"
-        if results["search_space_is_appendix_a"]
-        else "a reduced space (not Appendix A's)"
-    )
-    lines = [
-        "## Hyper-parameter search",
-        "",
-        f"This model is trial {best} of a random search of {len(results['trials'])} trials over {space} (BiT paper "
-        "§4.4): learning rate, steps, dropout on the pre-logits, weight decay toward the initial weights, MixUp "
-        f"alpha and resolution. Trials were selected on {results['selection']['examples']} validation images held "
-        f"out of the training set; the chosen trial's test accuracy is {100 * results['test_accuracy']:.1f}% on "
-        f"{results['test']['examples']} test images (BiT-HyperRule on the same split: "
-        f"{100 * reference['test_accuracy']:.1f}% test, {100 * reference['eval_accuracy']:.1f}% validation).",
-        "",
-        "| trial | learning rate | steps | dropout | decay to initial | MixUp alpha | resolution | validation accuracy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for trial in results["trials"]:
-        settings = trial["settings"]
-        marker = " (chosen)" if trial["number"] == best else ""
-        lines.append(
-            f"| {trial['number']}{marker} | {settings['learning_rate']:.2g} | {settings['steps']} | "
-            f"{settings['pre_logits_dropout']:.2f} | {settings['decay_to_initial_weights']:.2g} | "
-            f"{_shown(settings['mixup_alpha'])} | {settings['resolution']} | {100 * trial['eval_accuracy']:.1f}% |"
-        )
-    if with_plot:
-        lines += [
-            "",
-            f"![Expected best validation accuracy against the number of trials]({CURVE_FILE})",
-            "",
-            f"Expected best validation accuracy of N trials, averaged over {CURVE_ORDERINGS} random orderings of the "
-            "trials (shaded: standard error), as the paper's Fig. 6; dashed: BiT-HyperRule.",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 __all__ = [

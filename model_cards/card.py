@@ -29,6 +29,8 @@ from modeling_bit.folder_layout import (
     HYPERRULE_FILE,
     PREPROCESSOR_FILE,
     PRETRAINING_FILE,
+    SEARCH_CURVE_FILE,
+    SEARCH_RESULTS_FILE,
 )
 from modeling_bit.published import find_published_checkpoint
 
@@ -225,6 +227,79 @@ def _record_table(record: dict, labels: dict[str, str], title: str) -> Table | N
     return _table(["", "value"], rows, title=title)
 
 
+# The drawn settings of a random-search trial (finetune/search.py), as the card's trial table shows them.
+SEARCH_SETTING_COLUMNS = {
+    "learning_rate": "learning rate",
+    "steps": "steps",
+    "pre_logits_dropout": "dropout",
+    "decay_to_initial_weights": "decay to initial",
+    "mixup_alpha": "MixUp α",
+    "resolution": "resolution",
+}
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What a random search's best-trial folder records about the search (`search_results.json`)."""
+
+    trials: int
+    best_trial: int
+    appendix_a: bool
+    selection_examples: int | None
+    test_examples: int | None
+    test_accuracy: float | None
+    eval_accuracy: float | None
+    hyperrule_test_accuracy: float | None
+    hyperrule_eval_accuracy: float | None
+    table: Table | None
+    curve_file: str | None  # the Fig. 6 plot, when the folder has it
+    orderings: int | None
+
+
+def _search_setting(value) -> str:
+    if value is None:
+        return "none"
+    return f"{value:.2g}" if isinstance(value, float) else _value(value)
+
+
+def search_summary(facts: FolderFacts) -> SearchSummary | None:
+    record = facts.search_results
+    if record is None:
+        return None
+    trials = [trial for trial in record.get("trials") or [] if isinstance(trial.get("settings"), dict)]
+    best = record.get("best_trial")
+    rows = [
+        [
+            f"{trial.get('number')}{' (chosen)' if trial.get('number') == best else ''}",
+            *(_search_setting(trial["settings"].get(key)) for key in SEARCH_SETTING_COLUMNS),
+            _percent(trial["eval_accuracy"]) if finite(trial.get("eval_accuracy")) else "",
+        ]
+        for trial in trials
+    ]
+    hyperrule = record.get("hyperrule") or {}
+
+    def fraction(value) -> float | None:
+        return float(value) if finite(value) else None
+
+    def count(value) -> int | None:
+        return int(value) if finite(value) else None
+
+    return SearchSummary(
+        trials=len(record.get("trials") or []),
+        best_trial=best,
+        appendix_a=bool(record.get("search_space_is_appendix_a")),
+        selection_examples=count((record.get("selection") or {}).get("examples")),
+        test_examples=count((record.get("test") or {}).get("examples")),
+        test_accuracy=fraction(record.get("test_accuracy")),
+        eval_accuracy=fraction(record.get("eval_accuracy")),
+        hyperrule_test_accuracy=fraction(hyperrule.get("test_accuracy")),
+        hyperrule_eval_accuracy=fraction(hyperrule.get("eval_accuracy")),
+        table=_table(["trial", *SEARCH_SETTING_COLUMNS.values(), "validation accuracy"], rows),
+        curve_file=SEARCH_CURVE_FILE if (facts.folder / SEARCH_CURVE_FILE).is_file() else None,
+        orderings=count(record.get("expected_best_orderings")),
+    )
+
+
 # --- the card --------------------------------------------------------------------------------------------------
 
 
@@ -362,6 +437,7 @@ class _CardValues:
             else None
         )
         self.trials = few_shot_trials(facts)
+        self.search = search_summary(facts)
         if facts.kind is FolderKind.PRETRAINED:
             self.dataset_record = (facts.pretraining or {}).get("dataset") or {}
         else:
@@ -507,6 +583,10 @@ class _CardValues:
     # names -----------------------------------------------------------------------------------------------------
 
     def accuracy_label(self) -> str:
+        if self.search is not None:
+            return (
+                f"Accuracy (the best of {self.search.trials} random-search trials, chosen on held-out training images)"
+            )
         if self.trials is not None:
             shots = f", {self.trials.examples_per_class} examples per class" if self.trials.examples_per_class else ""
             return f"Accuracy (median of {len(self.trials.accuracies)} fine-tuning trials{shots})"
@@ -822,6 +902,7 @@ def build_model_card(
         "finetune_args": FINETUNE_ARGS_FILE,
         "pretraining": PRETRAINING_FILE,
         "preprocessor": PREPROCESSOR_FILE,
+        "search_results": SEARCH_RESULTS_FILE,
     }
     text = (
         _environment()

@@ -29,6 +29,7 @@ from modeling_bit.folder_layout import (
     PRETRAINING_FILE,
     PRETRAINING_LOG_FILE,
     PROBE_RESULTS_FILE,
+    SEARCH_RESULTS_FILE,
     WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
 )
@@ -129,6 +130,7 @@ class FolderFacts:
     # Logged training steps: HF Trainer's log_history (fine-tuned) or training_log.jsonl (pretrained).
     training_log: list[dict] = field(default_factory=list)
     probe_results: list[dict] = field(default_factory=list)
+    search_results: dict | None = None  # the best trial of a random search (`bit-finetune --search`)
 
     @property
     def label_names(self) -> list[str]:
@@ -176,6 +178,7 @@ def read_folder(folder) -> FolderFacts:
         pretraining=optional[PRETRAINING_FILE],
         training_log=training_log,
         probe_results=list(optional[PROBE_RESULTS_FILE] or []),
+        search_results=optional[SEARCH_RESULTS_FILE] if kind is FolderKind.FINE_TUNED else None,
     )
 
 
@@ -214,11 +217,18 @@ RECORD_SHAPES = {
     FINETUNE_LOG_FILE: Shape(dict, {"log_history": list}),
     PRETRAINING_FILE: Shape(dict, {"command": list, "recipe": dict, "dataset": dict, "differences_from_paper": list}),
     PROBE_RESULTS_FILE: Shape(list, items=dict),
+    SEARCH_RESULTS_FILE: Shape(
+        dict, {"trials": list, "best_trial": int, "hyperrule": dict, "selection": dict, "test": dict}
+    ),
 }
 # List fields and the type of their items.
-_LIST_ITEMS = {(FINETUNE_LOG_FILE, "log_history"): dict, (HYPERRULE_FILE, "overrides"): str}
+_LIST_ITEMS = {
+    (FINETUNE_LOG_FILE, "log_history"): dict,
+    (HYPERRULE_FILE, "overrides"): str,
+    (SEARCH_RESULTS_FILE, "trials"): dict,
+}
 # Accuracies are fractions; a percentage (or anything else) would print as 6000% in a table.
-_FRACTION_FILES = {EVAL_RESULTS_FILE, ALL_RESULTS_FILE, PROBE_RESULTS_FILE}
+_FRACTION_FILES = {EVAL_RESULTS_FILE, ALL_RESULTS_FILE, PROBE_RESULTS_FILE, SEARCH_RESULTS_FILE}
 
 
 def _read_record(folder: Path, name: str):

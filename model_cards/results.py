@@ -102,10 +102,15 @@ EVALUATION_KEYS = {"eval_accuracy": "accuracy", "eval_top_5_accuracy": "top_5_ac
 def evaluation_metrics(facts: FolderFacts) -> list[Metric]:
     """The recorded evaluation metrics of a fine-tuned folder (accuracy is the trials' median when there are trials).
 
-    Top-5 accuracy is left out for five classes or fewer, where it is 100% by construction.
+    Top-5 accuracy is left out for five classes or fewer, where it is 100% by construction. The best trial of a
+    random search was chosen on images held out of training, so its `eval_*` metrics are the choice's, not an
+    evaluation; its evaluation is the test accuracy the search measured afterwards on the run's evaluation data.
     """
     if facts.kind is not FolderKind.FINE_TUNED:
         return []
+    if facts.search_results is not None:
+        test = facts.search_results.get("test_accuracy")
+        return [Metric("accuracy", float(test))] if finite(test) else []
     results = facts.eval_results or {}
     return [
         Metric(name, float(results[key]))

@@ -5,7 +5,8 @@ how it was produced, written by its producer and read by the model cards:
 
 - `bit_conversion.json`: converted by `bit-convert`;
 - `bit_hyperrule.json` and `bit_finetune_args.json` (with `eval_results.json`, `all_results.json` and
-  `training_log.json`): fine-tuned by `bit-finetune`;
+  `training_log.json`): fine-tuned by `bit-finetune`; the best trial of `bit-finetune --search` adds
+  `search_results.json` and `search_curve.png`;
 - `bit_pretraining.json` (with `training_log.jsonl` and `probe_results.json`): pre-trained by `pretraining/`;
 - none: a plain `save_pretrained` folder.
 
@@ -35,6 +36,8 @@ FINETUNE_ARGS_FILE = "bit_finetune_args.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 ALL_RESULTS_FILE = "all_results.json"
 FINETUNE_LOG_FILE = "training_log.json"
+SEARCH_RESULTS_FILE = "search_results.json"
+SEARCH_CURVE_FILE = "search_curve.png"
 
 PRETRAINING_FILE = "bit_pretraining.json"
 PRETRAINING_LOG_FILE = "training_log.jsonl"

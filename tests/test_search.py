@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, randomize_, run_clean_python
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from finetune import cli
@@ -23,6 +24,7 @@ from finetune.preprocessing import HyperRuleTrainingStream, ImageBatchCollator, 
 from finetune.regularizers import InitialWeightDecay, PreLogitsDropout
 from finetune.search import STORAGE_FILE, STUDY_NAME, SearchSpace, _sampler, expected_best_curve, hp_space
 from finetune.trainer import BitTrainer, BitTrainingArguments
+from model_cards import write_model_card
 from modeling_bit import BitConfig, BitForImageClassification
 
 optuna = pytest.importorskip("optuna")
@@ -282,7 +284,15 @@ def test_search_runs_resumes_after_a_kill_and_runs_in_parallel(tmp_path, capsys,
     # The folder is the chosen trial's fine-tuned model, with its card section and Fig. 6's plot.
     card = (output / "README.md").read_text()
     assert "## Hyper-parameter search" in card and "search_curve.png" in card
+    assert f"{best['number']} (chosen)" in card
     assert (output / "search_curve.png").is_file() and not (output / "checkpoints").exists()
+    # The card is rendered from the folder's records, so rendering it again (as for the Hub) keeps the section;
+    # what it reports as the evaluation is the test accuracy, not the validation accuracy the trial was chosen on.
+    (output / "README.md").unlink()
+    write_model_card(output)
+    assert (output / "README.md").read_text() == card
+    metric = ModelCard.load(output / "README.md").data.eval_results[0]
+    assert metric.metric_value == pytest.approx(results["test_accuracy"]) and metric.dataset_type == "imagefolder"
     recorded = json.loads((output / "bit_hyperrule.json").read_text())
     assert recorded["steps"] == best["settings"]["steps"] and recorded["crop"] == best["settings"]["resolution"]
     assert recorded["learning_rate"] == pytest.approx(best["settings"]["learning_rate"])
