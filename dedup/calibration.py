@@ -4,9 +4,12 @@ The right threshold depends on the feature model (how far apart its features put
 measures it instead of assuming one: from a sample of the downstream images it takes the similarities between
 distinct images and sets the threshold just above the level that at most `FALSE_POSITIVE_IMAGE_RATE` of them reach
 with their nearest other image. Then it plants near-duplicates of every sampled image — each kind of
-`NEAR_DUPLICATE_KINDS`: resized, re-compressed, cropped, flipped, colour-shifted — and reports the share of each
-kind at or above the threshold (its recall). The threshold is chosen from the distinct pairs alone, so the
-recall measured on the planted copies is not fitted to them.
+`NEAR_DUPLICATE_KINDS`: resized, re-compressed, cropped (centrally, and off-centre), flipped, colour-shifted — and
+reports the share of each kind at or above the threshold (its recall). The threshold is chosen from the distinct
+pairs alone, so the recall measured on the planted copies is not fitted to them. Similarities are the search's:
+the highest over the two images' views (`dedup.features`), so the threshold accounts for the views too. The
+central crop is the same window as the default crop view: its recall shows that the views work, and the
+off-centre crop, a window no view has, shows what framing the features tolerate beyond them.
 
 The false-positive rate is per image (how many distinct images would be flagged against a set of the sample's
 size): against an upstream set far larger than the sample, more distinct images find a close neighbour, so the
@@ -25,13 +28,13 @@ from modeling_bit import load_rgb_image
 from modeling_bit.image_processing_bit import UnreadableImageError
 
 from .errors import DedupInputError
-from .features import FeatureModel
+from .features import FeatureModel, crop_window
 from .sources import ImageSource
 
 # The planted near-duplicates, each a common way an image is copied around the web.
 RESIZE_FACTOR = 0.5  # both sides halved
 JPEG_QUALITY = 30  # re-encoded as a low-quality JPEG
-CROP_SIDE_FRACTION = 0.8  # the central 80% of each side (64% of the area)
+CROP_SIDE_FRACTION = 0.8  # 80% of each side (64% of the area): centrally, or at the top-left corner
 COLOUR_GAINS = (1.15, 1.0, 0.85)  # warmer: red up, blue down ...
 COLOUR_OFFSET = 10  # ... and brighter
 
@@ -48,9 +51,11 @@ def recompressed(image: Image.Image) -> Image.Image:
 
 
 def cropped(image: Image.Image) -> Image.Image:
-    width, height = round(image.width * CROP_SIDE_FRACTION), round(image.height * CROP_SIDE_FRACTION)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    return crop_window(image, CROP_SIDE_FRACTION)
+
+
+def cropped_off_centre(image: Image.Image) -> Image.Image:
+    return crop_window(image, CROP_SIDE_FRACTION, left=0, top=0)
 
 
 def flipped(image: Image.Image) -> Image.Image:
@@ -66,6 +71,7 @@ NEAR_DUPLICATE_KINDS = {
     "resized": resized,
     "recompressed": recompressed,
     "cropped": cropped,
+    "cropped-off-centre": cropped_off_centre,
     "flipped": flipped,
     "colour-shifted": colour_shifted,
 }
@@ -116,15 +122,21 @@ def sample_images(source: ImageSource, count: int = CALIBRATION_IMAGES, seed: in
     return images
 
 
+def similarity_matrix(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(n, m) similarities of (n, views, d) and (m, views, d) features: the highest over their views, as the
+    search computes them."""
+    return np.einsum("ivd,jwd->ijvw", first, second).max(axis=(2, 3))
+
+
 def nearest_distinct(features: np.ndarray) -> np.ndarray:
-    """Each row's highest similarity to another row."""
-    similarities = features @ features.T
+    """Each image's highest similarity to another image."""
+    similarities = similarity_matrix(features, features)
     np.fill_diagonal(similarities, -np.inf)
     return similarities.max(axis=1)
 
 
 def threshold_from_distinct(features: np.ndarray, rate: float = FALSE_POSITIVE_IMAGE_RATE) -> float:
-    """The lowest threshold at which at most `rate` of the rows have another row at or above it."""
+    """The lowest threshold at which at most `rate` of the images have another image at or above it."""
     nearest = np.sort(nearest_distinct(features))[::-1]
     allowed = int(np.floor(rate * len(nearest)))
     return float(np.nextafter(np.float32(nearest[allowed]), np.float32(np.inf)))
@@ -137,8 +149,9 @@ def measure(model: FeatureModel, images: list, threshold: float, originals: np.n
     recall = {}
     for kind, plant in NEAR_DUPLICATE_KINDS.items():
         copies = model.features_of_images([plant(image) for image in images])
-        recall[kind] = float(np.mean(np.sum(originals * copies, axis=1) >= threshold))
-    similarities = originals @ originals.T
+        pair_similarities = np.einsum("ivd,iwd->ivw", originals, copies).max(axis=(1, 2))
+        recall[kind] = float(np.mean(pair_similarities >= threshold))
+    similarities = similarity_matrix(originals, originals)
     upper = similarities[np.triu_indices(len(originals), 1)]
     return Measurement(
         threshold=threshold,

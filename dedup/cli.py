@@ -22,7 +22,7 @@ from finetune.errors import FinetuneInputError
 
 from .calibration import CALIBRATION_IMAGES, FALSE_POSITIVE_IMAGE_RATE
 from .errors import DedupInputError
-from .features import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, load_feature_model
+from .features import DEFAULT_BATCH_SIZE, DEFAULT_CROP_VIEWS, DEFAULT_MODEL, load_feature_model
 from .job import DEFAULT_NEIGHBOURS, DedupJob, default_num_workers, run_dedup
 from .search import DEFAULT_MEMORY_BYTES
 from .sources import DatasetSource, FolderSource, ImageSource
@@ -80,7 +80,8 @@ class SearchArguments:
     threshold: float | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Cosine similarity at or above which a pair is a near-duplicate (default: calibrated on "
+            "help": "Cosine similarity (the highest over the two images' views) at or above which a pair is a "
+            "near-duplicate (default: calibrated on "
             f"{CALIBRATION_IMAGES} downstream images with planted near-duplicates, at most "
             f"{FALSE_POSITIVE_IMAGE_RATE:.0%} of distinct images flagged)."
         },
@@ -92,6 +93,16 @@ class SearchArguments:
     no_flip_invariant: bool = dataclasses.field(
         default=False,
         metadata={"help": "Features of the image alone (default: of the image and its mirror image: flips match)."},
+    )
+    crop_views: list[float] = dataclasses.field(
+        default_factory=lambda: list(DEFAULT_CROP_VIEWS),
+        metadata={
+            "help": "Central crops (side fractions) that are features too, besides the whole image, for every "
+            "image on both sides: a copy cropped to about such a window matches. Each costs one more feature pass."
+        },
+    )
+    no_crop_views: bool = dataclasses.field(
+        default=False, metadata={"help": "Features of the whole image only (cheapest; crops are then missed)."}
     )
     faiss: bool = dataclasses.field(
         default=False, metadata={"help": "Search with faiss's exact inner-product index (pip install faiss-cpu)."}
@@ -170,6 +181,8 @@ def make_job(argv: Sequence[str]) -> DedupJob:
         )
     if search.threshold is not None and not -1 <= search.threshold <= 1:
         raise DedupInputError(f"--threshold {search.threshold}: expected a cosine similarity in [-1, 1].")
+    if search.no_crop_views and search.crop_views != list(DEFAULT_CROP_VIEWS):
+        raise DedupInputError("--no-crop-views and --crop-views contradict each other; give one.")
     if search.faiss:
         try:
             import faiss  # noqa: F401
@@ -177,7 +190,11 @@ def make_job(argv: Sequence[str]) -> DedupJob:
             raise DedupInputError("--faiss needs the faiss package: pip install faiss-cpu (or faiss-gpu).") from error
     up, down = _source(upstream, "upstream"), _source(downstream, "downstream")
     model = load_feature_model(
-        search.model, resolution=search.resolution, flip_invariant=not search.no_flip_invariant, device=search.device
+        search.model,
+        resolution=search.resolution,
+        flip_invariant=not search.no_flip_invariant,
+        crop_views=() if search.no_crop_views else search.crop_views,
+        device=search.device,
     )
     return DedupJob(
         model=model,

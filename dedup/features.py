@@ -7,6 +7,13 @@ default) it is the normalised sum of the pre-logits of the image and of its mirr
 copy then has exactly the same feature, at twice the forward cost (decoding, which dominates on an accelerator,
 is paid once).
 
+A pre-logit feature changes with the framing (a copy cropped to 64% of the area is as far from its original as a
+distinct photo is, for the embedded bit-tiny; README "Measured on real photos"), so every image has views: the
+whole image and its central crops (`crop_views`, side fractions; default `DEFAULT_CROP_VIEWS`), each a feature.
+The similarity of two images is the highest over their views, so a copy cropped to about a view's window matches
+in either direction (a downstream image that is a crop of an upstream one, and the reverse). Each view costs one
+more feature of every image, upstream included.
+
 Images are decoded (`modeling_bit.load_rgb_image`) and resized in worker processes, in the source's order;
 unreadable ones are skipped and counted. Features are written in shards of `SHARD_SIZE` source items, each shard
 atomically (write, then rename) into a folder named by the model, the preprocessing and the source's
@@ -52,8 +59,11 @@ DEFAULT_RESOLUTION = 224
 # Source items per cached shard, and images per forward pass.
 SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 64
+# Central crops (side fractions) indexed besides the whole image: the central 80% of each side, the usual crop of a
+# web copy that keeps the subject (thumbnails, trimmed borders).
+DEFAULT_CROP_VIEWS = (0.8,)
 # Bump when the meaning of a cached feature changes, so old caches are not read.
-FEATURE_FORMAT_VERSION = 1
+FEATURE_FORMAT_VERSION = 2
 COMPLETE_FILE = "complete.json"
 
 
@@ -62,6 +72,20 @@ def default_cache_dir() -> Path:
     from huggingface_hub import cached_assets_path, constants
 
     return cached_assets_path("bit-transfer", "dedup", "features", assets_dir=constants.HF_ASSETS_CACHE)
+
+
+def crop_window(image: Image.Image, side_fraction: float, left: float = 0.5, top: float = 0.5) -> Image.Image:
+    """The window of `side_fraction` of each side of `image`, placed at `left` / `top` in [0, 1] of the room left
+    (0.5, 0.5: central; 0, 0: the top-left corner)."""
+    width = max(1, round(image.width * side_fraction))
+    height = max(1, round(image.height * side_fraction))
+    x, y = round((image.width - width) * left), round((image.height - height) * top)
+    return image.crop((x, y, x + width, y + height))
+
+
+def image_views(image: Image.Image, crop_views: Sequence[float]) -> list[Image.Image]:
+    """The whole image, then its central crops at each side fraction of `crop_views`."""
+    return [image, *(crop_window(image, fraction) for fraction in crop_views)]
 
 
 def default_device() -> torch.device:
@@ -78,13 +102,19 @@ class FeatureModel:
     resolution: int
     flip_invariant: bool
     device: torch.device
+    crop_views: tuple[float, ...] = DEFAULT_CROP_VIEWS
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_sizes[-1])
 
+    @property
+    def views(self) -> int:
+        """Features per image: the whole image and each crop view."""
+        return 1 + len(self.crop_views)
+
     def identity(self) -> dict:
-        """What the features depend on (names the cache): the weights, the resolution, the flip invariance."""
+        """What the features depend on (names the cache): the weights, the resolution, the views."""
         weights = Path(self.source) / WEIGHTS_FILE
         stat = weights.stat() if weights.is_file() else None
         return {
@@ -92,6 +122,7 @@ class FeatureModel:
             "weights": [stat.st_size, stat.st_mtime_ns] if stat else None,
             "resolution": self.resolution,
             "flip_invariant": self.flip_invariant,
+            "crop_views": list(self.crop_views),
             "version": FEATURE_FORMAT_VERSION,
         }
 
@@ -104,16 +135,35 @@ class FeatureModel:
             pooled = pooled + self.model(pixel_values=pixel_values.flip(-1)).pooler_output.flatten(1).float()
         return torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
 
+    def view_features(self, pixel_values: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """(images, views, 3, R, R) preprocessed views -> (images, views, dim) features, `batch_size` images per
+        forward pass."""
+        images, views = pixel_values.shape[:2]
+        rows = [
+            self.features(pixel_values[start : start + batch_size].flatten(0, 1))
+            for start in range(0, images, batch_size)
+        ]
+        features = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+        return features.reshape(images, views, self.dim)
+
     def features_of_images(self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """Features of decoded RGB images (the same preprocessing as files get)."""
+        """(images, views, dim) features of decoded RGB images (the same preprocessing and views as files get)."""
         processor = bit_image_processor(self.resolution)
         rows = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack(
-                [resize_to_square(image, self.resolution, processor) for image in images[start : start + batch_size]]
+                [
+                    view_pixels(image, self.resolution, processor, self.crop_views)
+                    for image in images[start : start + batch_size]
+                ]
             )
-            rows.append(self.features(batch))
-        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+            rows.append(self.view_features(batch, batch_size))
+        return np.concatenate(rows) if rows else np.zeros((0, self.views, self.dim), np.float32)
+
+
+def view_pixels(image: Image.Image, resolution: int, processor, crop_views: Sequence[float]) -> torch.Tensor:
+    """(views, 3, R, R): each view of `image` (`image_views`) preprocessed at the model's resolution."""
+    return torch.stack([resize_to_square(view, resolution, processor) for view in image_views(image, crop_views)])
 
 
 def load_feature_model(
@@ -121,10 +171,18 @@ def load_feature_model(
     *,
     resolution: int | None = None,
     flip_invariant: bool = True,
+    crop_views: Sequence[float] = DEFAULT_CROP_VIEWS,
     device: torch.device | str | None = None,
 ) -> FeatureModel:
-    """The backbone of the BiT checkpoint `name` (a folder, Hub id or published BiT name) as a feature model; a
-    checkpoint that is not BiT, or does not load, is a `DedupInputError`."""
+    """The backbone of the BiT checkpoint `name` (a folder, Hub id or published BiT name) as a feature model with
+    the given views; a checkpoint that is not BiT, or does not load, and a crop view that is not a fraction in
+    (0, 1), are a `DedupInputError`."""
+    bad_views = [fraction for fraction in crop_views if not 0 < fraction < 1]
+    if bad_views:
+        raise DedupInputError(
+            f"--crop-views {' '.join(map(str, crop_views))}: expected side fractions in (0, 1), e.g. 0.8 for the "
+            "central 80% of each side."
+        )
     try:
         source = str(resolve_model_name(str(name)))
     except FinetuneInputError:
@@ -145,23 +203,25 @@ def load_feature_model(
         resolution = folder_resolution(source) if Path(source).is_dir() else None
         resolution = resolution or DEFAULT_RESOLUTION
     device = torch.device(device) if device is not None else default_device()
-    return FeatureModel(str(name), source, model.eval().to(device), int(resolution), flip_invariant, device)
+    return FeatureModel(
+        str(name), source, model.eval().to(device), int(resolution), flip_invariant, device, tuple(crop_views)
+    )
 
 
 # --- Decoding, in worker processes -------------------------------------------------------------------------
 
-_WORKER_SETTINGS: tuple[int, bool] | None = None  # (resolution, with_digests), set in each worker
+_WORKER_SETTINGS: tuple[int, tuple[float, ...], bool] | None = None  # (resolution, crop_views, with_digests)
 
 
-def _init_worker(resolution: int, with_digests: bool) -> None:
+def _init_worker(resolution: int, crop_views: tuple[float, ...], with_digests: bool) -> None:
     global _WORKER_SETTINGS
-    _WORKER_SETTINGS = (resolution, with_digests)
+    _WORKER_SETTINGS = (resolution, crop_views, with_digests)
     torch.set_num_threads(1)
 
 
 def _decode(item: ImageItem) -> tuple[str, np.ndarray | None, str | None]:
-    """(name, (3, R, R) float32 pixels or None when unreadable, SHA-256 of the encoded image or None)."""
-    resolution, with_digests = _WORKER_SETTINGS
+    """(name, (views, 3, R, R) float32 pixels or None when unreadable, SHA-256 of the encoded image or None)."""
+    resolution, crop_views, with_digests = _WORKER_SETTINGS
     digest = None
     try:
         data = item.source
@@ -176,7 +236,7 @@ def _decode(item: ImageItem) -> tuple[str, np.ndarray | None, str | None]:
     except (UnreadableImageError, OSError) as error:
         logger.debug("Skipping unreadable image: %s", error)
         return item.name, None, digest
-    return item.name, resize_to_square(image, resolution, _processor(resolution)).numpy(), digest
+    return item.name, view_pixels(image, resolution, _processor(resolution), crop_views).numpy(), digest
 
 
 _PROCESSORS: dict = {}
@@ -189,16 +249,17 @@ def _processor(resolution: int):
 
 
 def decoded_images(
-    items: Iterator[ImageItem], resolution: int, *, num_workers: int, with_digests: bool
+    items: Iterator[ImageItem], model: FeatureModel, *, num_workers: int, with_digests: bool
 ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """`_decode` of every item, in order, in `num_workers` worker processes (0: in this process)."""
+    """`_decode` of every item for `model`, in order, in `num_workers` worker processes (0: in this process)."""
+    settings = (model.resolution, model.crop_views, with_digests)
     if num_workers < 1 or "fork" not in multiprocessing.get_all_start_methods():
-        _init_worker(resolution, with_digests)
+        _init_worker(*settings)
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         yield from map(_decode, items)
         return
     context = multiprocessing.get_context("fork")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(resolution, with_digests)) as pool:
+    with context.Pool(num_workers, initializer=_init_worker, initargs=settings) as pool:
         yield from pool.imap(_decode, items, chunksize=8)
 
 
@@ -210,7 +271,7 @@ class FeatureShard:
     """Features of `SHARD_SIZE` consecutive source items (fewer in the last shard); unreadable items have no row."""
 
     names: list[str]
-    features: np.ndarray  # (readable items, dim) float32, unit rows
+    features: np.ndarray  # (readable items, views, dim) float32, unit rows
     digests: list[str]  # SHA-256 per readable item, when computed
     unreadable: list[str]
 
@@ -301,9 +362,7 @@ def source_features(
         if total is not None and cached >= total:
             return
         start = cached * SHARD_SIZE
-        decoded = decoded_images(
-            source.items(start), model.resolution, num_workers=num_workers, with_digests=with_digests
-        )
+        decoded = decoded_images(source.items(start), model, num_workers=num_workers, with_digests=with_digests)
         index = cached
         while True:
             shard = _compute_shard(model, decoded, batch_size, progress)
@@ -332,7 +391,7 @@ def _compute_shard(model: FeatureModel, decoded: Iterator, batch_size: int, prog
             batch.append(pixels)
         if len(batch) == batch_size or seen == SHARD_SIZE:
             if batch:
-                rows.append(model.features(torch.from_numpy(np.stack(batch))))
+                rows.append(model.view_features(torch.from_numpy(np.stack(batch)), batch_size))
                 batch.clear()
             progress.update(pending)
             pending = 0
@@ -341,7 +400,7 @@ def _compute_shard(model: FeatureModel, decoded: Iterator, batch_size: int, prog
     if seen == 0:
         return None
     if batch:
-        rows.append(model.features(torch.from_numpy(np.stack(batch))))
+        rows.append(model.view_features(torch.from_numpy(np.stack(batch)), batch_size))
     progress.update(pending)
-    features = np.concatenate(rows) if rows else np.zeros((0, model.dim), np.float32)
+    features = np.concatenate(rows) if rows else np.zeros((0, model.views, model.dim), np.float32)
     return FeatureShard(names, features, digests, unreadable)

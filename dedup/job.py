@@ -149,10 +149,11 @@ def run_dedup(job: DedupJob) -> DedupResult:
         cache_dir = default_cache_dir()
     model = job.model
     logger.info(
-        "Features: %s at %d px (L2-normalised pre-logits%s), on %s.",
+        "Features: %s at %d px (L2-normalised pre-logits%s; views: the whole image%s), on %s.",
         model.name,
         model.resolution,
         ", flip-invariant" if model.flip_invariant else "",
+        "".join(f", central {fraction:.0%} of each side" for fraction in model.crop_views),
         model.device,
     )
     downstream_shards = list(
@@ -234,6 +235,7 @@ def run_dedup(job: DedupJob) -> DedupResult:
                 "model_source": model.source,
                 "resolution": model.resolution,
                 "flip_invariant": model.flip_invariant,
+                "crop_views": list(model.crop_views),
                 "dim": model.dim,
             },
             "threshold_source": "calibrated" if calibration is not None else "given",

@@ -15,6 +15,7 @@ from conftest import randomize_
 from PIL import Image
 
 from dedup import calibration, cli, features
+from dedup.errors import DedupInputError
 from dedup.search import ExactCosineSearch, FaissSearch
 from dedup.sources import FolderSource
 from finetune import cli as finetune_cli
@@ -24,7 +25,8 @@ from finetune.models import load_model_for_labels
 from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from pretraining import embedded_checkpoint_path
 
-CATCHABLE = ("resized", "recompressed", "flipped", "colour-shifted")
+# With the default views (the whole image and its central 80%); an off-centre crop is not caught (README).
+CATCHABLE = ("resized", "recompressed", "cropped", "flipped", "colour-shifted")
 
 
 def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
@@ -42,7 +44,7 @@ def test_chunked_search_equals_the_full_similarity_matrix():
     expected_top = np.argsort(-full, axis=1, kind="stable")[:, :k]
     expected_pairs = {(int(i), int(j)) for i, j in zip(*np.nonzero(full >= threshold))}
     searches = [ExactCosineSearch(queries, k=k, threshold=threshold, memory_bytes=4 * 37 * 50)]  # 50-row tiles
-    with contextlib.suppress(ValueError):  # faiss is optional (pip install faiss-cpu)
+    with contextlib.suppress(DedupInputError):  # faiss is optional (pip install faiss-cpu)
         searches.append(FaissSearch(queries, k=k, threshold=threshold))
     for search in searches:
         for start, stop in ((0, 333), (333, 334), (334, 1000)):  # uneven upstream chunks
@@ -52,6 +54,30 @@ def test_chunked_search_equals_the_full_similarity_matrix():
         np.testing.assert_allclose(result.similarities, np.take_along_axis(full, expected_top, 1), atol=1e-5)
         assert {(i, j) for i, j, _ in result.pairs} == expected_pairs
         assert (5, 123) in expected_pairs and (7, 900) in expected_pairs
+
+
+def test_search_over_views_takes_each_pair_of_items_at_its_best_views():
+    queries = unit_rows(30 * 2, 16, 2).reshape(30, 2, 16)
+    keys = unit_rows(400 * 3, 16, 3).reshape(400, 3, 16)
+    keys[17, 2] = queries[4, 1]  # a crop view of upstream item 17 is query 4's crop view
+    keys[250, 0] = queries[9, 1]  # upstream item 250, whole, is query 9's crop view
+    best = np.einsum("ivd,jwd->ijvw", queries, keys).max(axis=(2, 3))  # the definition, by brute force
+    threshold, k = 0.7, 5
+    expected_top = np.argsort(-best, axis=1, kind="stable")[:, :k]
+    expected_pairs = {(int(i), int(j)) for i, j in zip(*np.nonzero(best >= threshold))}
+    assert {(4, 17), (9, 250)} <= expected_pairs
+    searches = [ExactCosineSearch(queries, k=k, threshold=threshold, memory_bytes=4 * 6 * 60 * 7)]
+    with contextlib.suppress(DedupInputError):  # faiss is optional (pip install faiss-cpu)
+        searches.append(FaissSearch(queries, k=k, threshold=threshold))
+    for search in searches:
+        for start, stop in ((0, 101), (101, 102), (102, 400)):
+            search.add(keys[start:stop])
+        result = search.result()
+        np.testing.assert_array_equal(result.indices, expected_top)
+        np.testing.assert_allclose(result.similarities, np.take_along_axis(best, expected_top, 1), atol=1e-5)
+        assert {(i, j) for i, j, _ in result.pairs} == expected_pairs
+        for i, j, value in result.pairs:
+            assert value == pytest.approx(best[i, j], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +186,7 @@ def test_an_interrupted_feature_pass_continues_after_its_last_shard(tmp_path, hy
         return np.concatenate([shard.features for shard in shards]), [n for shard in shards for n in shard.names]
 
     full, names = compute(tmp_path / "full")
-    assert full.shape == (10, 256) and np.allclose(np.linalg.norm(full, axis=1), 1, atol=1e-5)
+    assert full.shape == (10, 2, 256) and np.allclose(np.linalg.norm(full, axis=-1), 1, atol=1e-5)  # whole, crop
     cache = tmp_path / "partial"
     shutil.copytree(tmp_path / "full", cache)
     (shard_folder,) = cache.iterdir()
@@ -172,10 +198,13 @@ def test_an_interrupted_feature_pass_continues_after_its_last_shard(tmp_path, hy
     assert (shard_folder / "shard-000000.npz").stat().st_mtime_ns == first  # kept, not recomputed
     np.testing.assert_allclose(resumed, full, atol=1e-6)
     assert resumed_names == names == source.files
-    # Flip invariance: a mirrored image has the same feature.
+    # Flip invariance: a mirrored image has the same feature; its central crop is the crop view.
     image = Image.open(folder / names[0]).convert("RGB")
     mirrored = model.features_of_images([image, image.transpose(Image.FLIP_LEFT_RIGHT)])
-    np.testing.assert_allclose(mirrored[0], mirrored[1], atol=1e-5)
+    np.testing.assert_allclose(mirrored[0, 0], mirrored[1, 0], atol=1e-5)
+    cropped = model.features_of_images([features.crop_window(image, 0.8)])
+    np.testing.assert_allclose(cropped[0, 0], mirrored[0, 1], atol=1e-6)
+    np.testing.assert_allclose(full[0], mirrored[0], atol=1e-5)  # decoded in the pass as in memory
 
 
 def test_table6_and_bit_finetune_exclude_duplicates(planted, tmp_path, capsys):
@@ -252,6 +281,8 @@ def test_a_record_of_another_test_set_is_refused_before_training(planted, tmp_pa
         ("not bit", "expected a BiT checkpoint"),
         ("both downstream", "Give one of --downstream-dir"),
         ("bad threshold", "expected a cosine similarity"),
+        ("bad crop view", "expected side fractions in (0, 1)"),
+        ("both crop flags", "--no-crop-views and --crop-views contradict"),
         ("no output", "--output-dir is required"),
         ("faiss", "faiss"),
     ],
@@ -276,6 +307,10 @@ def test_bad_input_is_refused_before_any_work(case, message, tmp_path, planted, 
         extra = ["--downstream-dataset", "x"]
     elif case == "bad threshold":
         extra = ["--threshold", "1.5"]
+    elif case == "bad crop view":
+        extra = ["--crop-views", "0.8", "1.2"]
+    elif case == "both crop flags":
+        extra = ["--crop-views", "0.7", "--no-crop-views"]
     elif case == "faiss":
         if importlib.util.find_spec("faiss") is not None:
             pytest.skip("faiss is installed: --faiss is accepted")
