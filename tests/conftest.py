@@ -51,6 +51,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A bit-tiny 'upstream' checkpoint: random weights, non-trivial norms and head (`randomize_`), the preset's
+    labels, a 32-px image processor. Tests copy it before changing it."""
+    from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(0)
+    randomize_(BitForImageClassification(BitConfig.from_preset("bit-tiny"))).save_pretrained(folder)
+    bit_image_processor(32).save_pretrained(folder)
+    return folder
+
+
 def run_clean_python(code: str, timeout: float = 300) -> dict:
     """Run `code` in a fresh interpreter that must never import our package; return its JSON result.
 

@@ -93,17 +93,6 @@ def assert_complete_folder(folder: Path) -> None:
 SMALL_RUN = ["--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32"]
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A bit-tiny 'upstream' checkpoint (random weights, non-trivial norms and head, 10 labels)."""
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    torch.manual_seed(0)
-    model = randomize_(BitForImageClassification(BitConfig.from_preset("bit-tiny")))
-    model.save_pretrained(folder)
-    bit_image_processor(32).save_pretrained(folder)
-    return folder
-
-
 def write_image_folder(root: Path, counts: dict[str, int], size=(20, 16), seed=0) -> Path:
     """Class subfolders of small PNGs whose colour depends on the class (so the task is learnable)."""
     rng = np.random.default_rng(seed)

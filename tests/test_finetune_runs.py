@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, randomize_, run_clean_python, serving
+from conftest import REPO_ROOT, run_clean_python, serving
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -33,19 +33,9 @@ from finetune.data import ImageClassificationData
 from finetune.engine import FinetuneJob, run_finetuning_jobs
 from finetune.hyperrule import BitHyperRule
 from finetune.preprocessing import PreprocessedImages
-from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SMALL_RUN = ["--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--resolution", "40", "32"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    torch.manual_seed(0)
-    randomize_(BitForImageClassification(BitConfig.from_preset("bit-tiny"))).save_pretrained(folder)
-    bit_image_processor(32).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

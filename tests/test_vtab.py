@@ -18,13 +18,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import TrainerCallback
 
 from finetune.hyperrule import NO_CROP_TASKS, NO_FLIP_TASKS
-from modeling_bit import BitConfig, BitForImageClassification, bit_image_processor
 from vtab import cli
 from vtab.data import FINAL, SELECTION, load_prepared
 from vtab.labels import (
@@ -254,15 +252,6 @@ def image_folder_task(name: str, group: str, folder: Path, classes: int, **field
         "label": {"derivation": "class", "column": "label", "classes": classes},
         **fields,
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    torch.manual_seed(0)
-    randomize_(BitForImageClassification(BitConfig.from_preset("bit-tiny"))).save_pretrained(folder)
-    bit_image_processor(32).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
