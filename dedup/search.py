@@ -185,20 +185,23 @@ class FaissSearch(ExactCosineSearch):
 
 def _best_distinct(values: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the `k` highest values of distinct items (an item's best), padded with -inf / -1."""
-    order = values.argsort(dim=1, descending=True)
+    # Highest first, then grouped by item (a stable sort keeps each group's best first): every later entry of a
+    # group is a worse view of the same item and drops out.
+    order = values.argsort(dim=1, descending=True, stable=True)
     values, items = values.gather(1, order), items.gather(1, order)
-    best_values = torch.full((len(values), k), -torch.inf)
-    best_items = torch.full((len(values), k), -1, dtype=torch.long)
-    for row in range(len(values)):
-        seen: set[int] = set()
-        for value, item in zip(values[row].tolist(), items[row].tolist()):
-            if item >= 0 and item not in seen:
-                best_values[row, len(seen)] = value
-                best_items[row, len(seen)] = item
-                seen.add(item)
-                if len(seen) == k:
-                    break
-    return best_values, best_items
+    order = items.argsort(dim=1, stable=True)
+    values, items = values.gather(1, order), items.gather(1, order)
+    repeated = torch.zeros_like(items, dtype=torch.bool)
+    repeated[:, 1:] = items[:, 1:] == items[:, :-1]
+    values = values.masked_fill(repeated | (items < 0), -torch.inf)
+    top = min(k, values.shape[1])
+    best_values, chosen = values.topk(top, dim=1)
+    best_items = items.gather(1, chosen).masked_fill(~torch.isfinite(best_values), -1)
+    padding = k - top
+    return (
+        torch.nn.functional.pad(best_values, (0, padding), value=-torch.inf),
+        torch.nn.functional.pad(best_items, (0, padding), value=-1),
+    )
 
 
 def make_search(queries: np.ndarray, *, k: int, threshold: float, device, use_faiss: bool = False, **options):
